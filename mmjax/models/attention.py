@@ -1,0 +1,183 @@
+"""Dot-product attention with one interface and several kernels.
+
+Axis legend: B batch, T query length, S key/value length, N query heads, K key/value heads,
+G query heads per key/value head (N = K * G), H head dim.
+
+Masking is described by data, not by a dense mask: `segment_ids` (int [B, T], 0 = padding)
+let tokens attend only within their own sample, so packed sequences (several samples in one
+row) and padded batches use the same call; `causal` adds the causal constraint and
+`sliding_window` a left window (Mistral). Every implementation computes the same function:
+
+- `reference`: einsum + softmax in float32; runs everywhere, the ground truth in tests.
+- `xla`: `jax.nn.dot_product_attention(implementation='xla')` with a boolean mask.
+- `cudnn`: cuDNN flash attention (NVIDIA GPUs). Rows with a single sample (padding on the
+  right only) use cuDNN's padding-causal mask; packed rows pass the segment mask as a bias.
+- `splash`: the Pallas splash-attention kernel for TPU, with segment ids handed to the
+  kernel; `splash_interpret` runs the same kernel in the Pallas interpreter (CPU tests).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def attention_mask(
+    q_segment_ids: jax.Array,  # [B, T]
+    kv_segment_ids: jax.Array,  # [B, S]
+    *,
+    causal: bool,
+    sliding_window: Optional[int] = None,
+    q_positions: Optional[jax.Array] = None,  # [B, T]
+    kv_positions: Optional[jax.Array] = None,  # [B, S]
+) -> jax.Array:
+    """Boolean mask [B, T, S]: same non-zero segment, causal and windowed if asked.
+
+    Causality and windows use the token order within the row (packed samples are laid out
+    one after another), or the given positions when both are passed.
+    """
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (
+        kv_segment_ids[:, None, :] != 0
+    )
+    if causal or sliding_window:
+        t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+        qi = jnp.arange(t)[None, :] if q_positions is None else q_positions
+        ki = jnp.arange(s)[None, :] if kv_positions is None else kv_positions
+        delta = qi[:, :, None] - ki[:, None, :]  # [B|1, T, S]
+        if causal:
+            mask &= delta >= 0
+        if sliding_window:
+            mask &= delta < sliding_window
+    return mask
+
+
+def reference_attention(q, k, v, mask, scale):
+    """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]; float32 softmax."""
+    num_kv = k.shape[2]
+    qg = einops.rearrange(q, "B T (K G) H -> B T K G H", K=num_kv)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return einops.rearrange(out, "B T K G H -> B T (K G) H")
+
+
+def _xla_attention(q, k, v, mask, scale):
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation="xla")
+
+
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal, sliding_window,
+                     packed):
+    window = (sliding_window - 1, 0) if sliding_window else None
+    if packed:
+        mask = attention_mask(q_segment_ids, kv_segment_ids, causal=False)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], scale=scale, is_causal=causal,
+            local_window_size=window, implementation="cudnn")
+    # One sample per row, padded on the right: lengths describe the mask exactly.
+    q_len = jnp.sum(q_segment_ids != 0, axis=1).astype(jnp.int32)
+    kv_len = jnp.sum(kv_segment_ids != 0, axis=1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, query_seq_lengths=q_len,
+        key_value_seq_lengths=kv_len, local_window_size=window, implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads_per_kv, t, s, causal, sliding_window, interpret, block):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if sliding_window:
+        head = sm.LocalMask((t, s), window_size=(sliding_window - 1, 0 if causal else None),
+                            offset=0)
+    elif causal:
+        head = sm.CausalMask((t, s))
+    else:
+        head = sm.FullMask((t, s))
+    mask = sm.MultiHeadMask([head] * num_heads_per_kv)
+    b = min(block, t, s)
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    # GQA: one MQA kernel per key/value head, over that head's group of query heads.
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal, sliding_window,
+                      interpret, block=512):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    num_kv = k.shape[2]
+    t, s = q.shape[1], k.shape[1]
+    kernel = _splash_kernel(q.shape[2] // num_kv, t, s, causal, sliding_window, interpret, block)
+    qg = einops.rearrange(q * jnp.asarray(scale, q.dtype), "B T (K G) H -> B K G T H", K=num_kv)
+    kk = einops.rearrange(k, "B S K H -> B K S H")
+    vv = einops.rearrange(v, "B S K H -> B K S H")
+
+    def one(qh, kh, vh, qs, ks):  # qh [G T H], kh/vh [S H]
+        return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over K
+    out = jax.vmap(per_head)(qg, kk, vv, q_segment_ids, kv_segment_ids)  # [B K G T H]
+    return einops.rearrange(out, "B K G T H -> B T (K G) H")
+
+
+def dot_product_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    *,
+    q_segment_ids: jax.Array,  # [B, T], 0 = padding
+    kv_segment_ids: Optional[jax.Array] = None,  # [B, S]; defaults to q_segment_ids
+    causal: bool = True,
+    sliding_window: Optional[int] = None,
+    scale: Optional[float] = None,
+    impl: str = "reference",
+    packed: bool = True,
+) -> jax.Array:
+    """Attention of q over k/v within segments; returns [B, T, N, H] in q's dtype.
+
+    `packed=False` promises one sample per row with padding only on the right, which lets
+    the cuDNN path use its cheaper length-based mask; other kernels ignore it.
+    """
+    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if impl == "reference":
+        mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
+                              sliding_window=sliding_window)
+        out = reference_attention(q, k, v, mask, scale)
+    elif impl == "xla":
+        mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
+                              sliding_window=sliding_window)
+        out = _xla_attention(q, k, v, mask, scale)
+    elif impl == "cudnn":
+        out = _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal,
+                               sliding_window, packed)
+    elif impl in ("splash", "splash_interpret"):
+        out = _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal,
+                                sliding_window, interpret=impl == "splash_interpret")
+    else:
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    # Padding queries (segment 0) attend to nothing; kernels differ on what they leave
+    # there (uniform average, undefined, padding-to-padding), so define it as zero.
+    return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def available_implementations() -> list[str]:
+    """The kernels this machine can run (reference and xla always)."""
+    impls = ["reference", "xla"]
+    device = jax.devices()[0]
+    if device.platform == "gpu" and "nvidia" in device.device_kind.lower():
+        impls.append("cudnn")
+    if device.platform == "tpu":
+        impls.append("splash")
+    return impls

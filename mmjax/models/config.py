@@ -1,0 +1,168 @@
+"""Typed model configurations: the vision tower, the projector, the decoder LLM and LLaVA.
+
+These are plain frozen dataclasses so that they can be hashed into `jax.jit` static
+arguments and compared in tests; `mmjax.models.presets` holds the named real and tiny sizes,
+and `mmjax.hf.config` builds them from a Hugging Face `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+VisionFamily = Literal["clip", "siglip"]
+AttentionImpl = Literal["reference", "cudnn", "xla", "splash", "splash_interpret"]
+RematPolicy = Literal["none", "full", "save_dots", "save_qkv", "save_qkv_context",
+                      "save_qkv_context_mlp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the networks run (not what they are): dtypes, attention kernel, remat, scan."""
+
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # dtype parameters are created / imported in
+    attention_impl: AttentionImpl = "reference"
+    remat_policy: RematPolicy = "none"
+    scan_layers: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image encoder (CLIP or SigLIP)."""
+
+    family: VisionFamily = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.family == "clip"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        _check(self.image_size % self.patch_size == 0,
+               f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check(self.family in ("clip", "siglip"), f"unknown vision family {self.family!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: theta and the optional scaling (HF `rope_parameters`)."""
+
+    theta: float = 10000.0
+    rope_type: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """A Llama-family decoder (Llama-2/Vicuna, Llama-3, Mistral, Qwen2)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        _check(self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _check(self.hidden_act == "silu", f"LLM hidden_act {self.hidden_act!r} (only 'silu')")
+        _check(self.head_size % 2 == 0, f"head_dim {self.head_size} must be even for RoPE")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """`linear` or `mlp{N}x_gelu` from vision features to LLM embeddings."""
+
+    kind: str = "mlp2x_gelu"
+    bias: bool = True
+
+    @property
+    def depth(self) -> int:
+        if self.kind == "linear":
+            return 1
+        if self.kind.startswith("mlp") and self.kind.endswith("x_gelu"):
+            return int(self.kind[3:-6])
+        raise ConfigError(f"unknown projector {self.kind!r}: use 'linear' or 'mlpNx_gelu'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """The composed model: vision tower -> projector -> LLM, spliced at image tokens."""
+
+    vision: VisionConfig = VisionConfig()
+    llm: LLMConfig = LLMConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    image_token_id: int = 32000
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select: Literal["default", "full"] = "default"
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return tuple(layer) if isinstance(layer, (tuple, list)) else (layer,)
+
+    @property
+    def image_tokens(self) -> int:
+        """How many LLM tokens one image becomes."""
+        drop_cls = self.vision_feature_select == "default" and self.vision.has_cls
+        return self.vision.num_patches + (0 if drop_cls or not self.vision.has_cls else 1)
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.llm.validate()
+        _ = self.projector.depth
+        _check(self.vision_feature_select in ("default", "full"),
+               f"vision_feature_select {self.vision_feature_select!r}")
+        n = self.vision.num_layers
+        for layer in self.feature_layers:
+            _check(-(n + 1) <= layer <= n,
+                   f"vision_feature_layer {layer} out of range for {n} layers")
+        _check(0 <= self.image_token_id, "image_token_id must be >= 0")
+
+
+class ConfigError(ValueError):
+    """A configuration the model cannot represent."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)

@@ -1,0 +1,108 @@
+"""Basic layers with logically named parameters: a linear map, RMSNorm, LayerNorm.
+
+Axis names on parameters are logical ('embed', 'heads', 'mlp', ...); `mmjax.sharding` maps
+them onto mesh axes from config.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Sequence[str]):
+    """Creates a parameter that carries logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b) contracting the trailing `len(in_shape)` axes of x.
+
+    `in_shape`/`out_shape` may hold several axes (e.g. out (N, H) for the query projection), so
+    head axes are real parameter axes that the tensor mesh axis can shard.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = param_with_axes(self, "kernel", self.kernel_init,
+                                 self.in_shape + self.out_shape, self.param_dtype,
+                                 self.in_axes + self.out_axes)
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
+                                   self.param_dtype, self.out_axes)
+            y = y + bias.astype(self.dtype)
+        assert y.ndim == x.ndim - n_in + n_out
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in float32, scale in the input dtype (as transformers does)."""
+
+    eps: float = 1e-6
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                                self.param_dtype, (self.axis_name,))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (ViT), statistics in float32."""
+
+    eps: float = 1e-5
+    axis_name: str = "embed"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype,
+                                (self.axis_name,))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype,
+                               (self.axis_name,))
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        from mmjax.models.config import ConfigError
+        raise ConfigError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")

@@ -1,0 +1,82 @@
+"""LLaVA: vision tower -> projector -> LLM, with image features spliced in at image tokens.
+
+Axis legend: B rows, M image slots per row, Y/X image size, C channels, P tokens per image,
+T text length, D LLM width, E vision feature width, V vocabulary.
+
+Images are laid out per row (`pixel_values` [B, M, Y, X, C]) so that a data-parallel shard of
+the batch holds its own images: the k-th image token of a row takes the k-th feature vector
+of that row's images, in order. Unused image slots (rows with fewer images, text-only rows)
+are simply never read.
+"""
+from __future__ import annotations
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.config import LlavaConfig, RuntimeConfig
+from mmjax.models.llm import LLM, default_positions
+from mmjax.models.projector import Projector
+from mmjax.models.vision import VisionTower
+
+
+def merge_embeddings(
+    text_embeds: jax.Array,  # [B, T, D]
+    image_embeds: jax.Array,  # [B, M*P, D]
+    image_mask: jax.Array,  # [B, T] bool, True at image tokens
+) -> jax.Array:
+    """Replaces the k-th image token of each row with the k-th image embedding of the row."""
+    index = jnp.cumsum(image_mask, axis=1) - 1  # [B, T]
+    index = jnp.clip(index, 0, image_embeds.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_embeds, index[..., None], axis=1)  # [B, T, D]
+    return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def normalized_feature_layers(cfg: LlavaConfig) -> tuple[int, ...]:
+    """Feature layers as indices into hidden states 0..num_layers (0 = embeddings)."""
+    n = cfg.vision.num_layers
+    return tuple(layer % (n + 1) for layer in cfg.feature_layers)
+
+
+class Llava(nn.Module):
+    cfg: LlavaConfig
+    rt: RuntimeConfig = RuntimeConfig()
+
+    def setup(self):
+        c = self.cfg
+        layers = normalized_feature_layers(c)
+        self.vision_tower = VisionTower(c.vision, self.rt, depth=max(layers))
+        self.projector = Projector(c.projector, c.vision.hidden_size * len(layers),
+                                   c.llm.hidden_size, self.rt)
+        self.language_model = LLM(c.llm, self.rt)
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [B, M, Y, X, C] -> projected image tokens [B, M*P, D]."""
+        b, m = pixel_values.shape[:2]
+        flat = einops.rearrange(pixel_values, "B M Y X C -> (B M) Y X C")
+        hidden = self.vision_tower(flat)  # [depth+1, (B M), L, E]
+        feats = jnp.concatenate([hidden[i] for i in normalized_feature_layers(self.cfg)],
+                                axis=-1)
+        if self.cfg.vision_feature_select == "default" and self.cfg.vision.has_cls:
+            feats = feats[:, 1:]
+        tokens = self.projector(feats)  # [(B M), P, D]
+        return einops.rearrange(tokens, "(B M) P D -> B (M P) D", B=b, M=m)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T]
+        pixel_values: jax.Array | None = None,  # [B, M, Y, X, C], normalised
+        positions: jax.Array | None = None,  # [B, T]
+        segment_ids: jax.Array | None = None,  # [B, T], 0 = padding
+        return_hidden: bool = False,
+    ):
+        """Logits [B, T, V] float32 (and the final hidden states [B, T, D])."""
+        positions, segment_ids = default_positions(input_ids, positions, segment_ids)
+        lm = self.language_model
+        is_image = input_ids == self.cfg.image_token_id
+        # The image token id may lie outside the text vocabulary: never look it up.
+        embeds = lm.embed(jnp.where(is_image, 0, input_ids))
+        if pixel_values is not None:
+            embeds = merge_embeddings(embeds, self.encode_images(pixel_values), is_image)
+        return lm.decode(embeds, positions, segment_ids, return_hidden)

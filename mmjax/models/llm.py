@@ -1,0 +1,161 @@
+"""Llama-family decoder: Llama-2/Vicuna, Llama-3/3.1, Mistral, Qwen2/2.5.
+
+Axis legend: B batch, T length, D d_model, N query heads, K key/value heads, H head dim,
+F MLP hidden, V vocabulary, L layers.
+
+Parameters mirror transformers' names (`layers_{i}/self_attn/q_proj/kernel`, ...), stacked
+along a leading 'layers' axis (`layers/...`) when `scan_layers` is set.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mmjax.models.attention import dot_product_attention
+from mmjax.models.config import LLMConfig, RuntimeConfig
+from mmjax.models.layers import Linear, RMSNorm, param_with_axes
+from mmjax.models.remat import remat_block
+from mmjax.models.rotary import apply_rope
+
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Attention(nn.Module):
+    cfg: LLMConfig
+    rt: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        """x [B, T, D], positions/segment_ids [B, T] -> [B, T, D]."""
+        c, dt, pdt = self.cfg, self.rt.dtype, self.rt.param_dtype
+        d, h = c.hidden_size, c.head_size
+        kw = dict(dtype=dt, param_dtype=pdt)
+        q = Linear((d,), (c.num_heads, h), ("embed",), ("heads", "head_dim"), c.qkv_bias,
+                   name="q_proj", **kw)(x)
+        k = Linear((d,), (c.num_kv_heads, h), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias,
+                   name="k_proj", **kw)(x)
+        v = Linear((d,), (c.num_kv_heads, h), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias,
+                   name="v_proj", **kw)(x)
+        q = checkpoint_name(apply_rope(q, positions, c.rope), "query_proj")
+        k = checkpoint_name(apply_rope(k, positions, c.rope), "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, causal=True,
+                                    sliding_window=c.sliding_window, impl=self.rt.attention_impl)
+        out = checkpoint_name(out, "context")
+        return Linear((c.num_heads, h), (d,), ("heads", "head_dim"), ("embed",),
+                      c.attention_out_bias, name="o_proj", **kw)(out)
+
+
+class MLP(nn.Module):
+    cfg: LLMConfig
+    rt: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """SwiGLU: x [B, T, D] -> [B, T, D]."""
+        c = self.cfg
+        kw = dict(dtype=self.rt.dtype, param_dtype=self.rt.param_dtype, use_bias=c.mlp_bias)
+        d, f = (c.hidden_size,), (c.intermediate_size,)
+        gate = Linear(d, f, ("embed",), ("mlp",), name="gate_proj", **kw)(x)
+        up = Linear(d, f, ("embed",), ("mlp",), name="up_proj", **kw)(x)
+        hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+        return Linear(f, d, ("mlp",), ("embed",), name="down_proj", **kw)(hidden)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LLMConfig
+    rt: RuntimeConfig
+    scanned: bool = False
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        norm = dict(eps=self.cfg.rms_norm_eps, dtype=self.rt.dtype, param_dtype=self.rt.param_dtype)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        h = x + Attention(self.cfg, self.rt, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), positions, segment_ids)
+        out = h + MLP(self.cfg, self.rt, name="mlp")(RMSNorm(name="post_attention_layernorm",
+                                                            **norm)(h))
+        out = nn.with_logical_constraint(checkpoint_name(out, "layer_out"), ACT_AXES)
+        return (out, out if self.collect else None) if self.scanned else out
+
+
+class LLM(nn.Module):
+    """The decoder: `embed` token ids, then `decode` embeddings into logits."""
+
+    cfg: LLMConfig
+    rt: RuntimeConfig = RuntimeConfig()
+
+    def setup(self):
+        c, rt = self.cfg, self.rt
+        self.embed_tokens = param_with_axes(
+            self, "embed_tokens", nn.initializers.normal(0.02),
+            (c.vocab_size, c.hidden_size), rt.param_dtype, ("vocab", "embed"))
+        self.layers = LayerStack(DecoderLayer, c.num_layers, rt, dict(cfg=c, rt=rt))
+        self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear((c.hidden_size,), (c.vocab_size,), ("embed",), ("vocab",),
+                                  dtype=rt.dtype, param_dtype=rt.param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """ids [B, T] -> [B, T, D] in the compute dtype."""
+        return jnp.take(self.embed_tokens, ids, axis=0).astype(self.rt.dtype)
+
+    def decode(self, x, positions, segment_ids, return_hidden: bool = False):
+        """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D])."""
+        x = self.layers(x, positions, segment_ids)
+        x = self.norm(x)
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens.astype(self.rt.dtype))
+        else:
+            logits = self.lm_head(x)
+        logits = nn.with_logical_constraint(
+            logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        return (logits, x) if return_hidden else logits
+
+    def __call__(self, ids, positions=None, segment_ids=None, return_hidden: bool = False):
+        """ids [B, T] -> logits [B, T, V]; positions default to 0..T-1, segments to one sample."""
+        positions, segment_ids = default_positions(ids, positions, segment_ids)
+        return self.decode(self.embed(ids), positions, segment_ids, return_hidden)
+
+
+def default_positions(ids, positions, segment_ids):
+    if segment_ids is None:
+        segment_ids = jnp.ones(ids.shape, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    return positions, segment_ids
+
+
+class LayerStack(nn.Module):
+    """`num_layers` copies of `layer_cls` under the configured remat policy, scanned or not.
+
+    Unscanned parameters live under `layers_{i}/...`; scanned ones under `layer/...` with a
+    leading 'layers' axis. Layer classes take `scanned` and `collect` flags and, scanned,
+    return (x, x if collect else None) as `nn.scan` wants. With `collect` the stack also
+    returns every layer's output, stacked [L, ...].
+    """
+
+    layer_cls: type
+    num_layers: int
+    rt: RuntimeConfig
+    kwargs: dict
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, x, *args):
+        block = remat_block(self.layer_cls, self.rt.remat_policy, scanned=self.rt.scan_layers)
+        if not self.rt.scan_layers:
+            outs = []
+            for i in range(self.num_layers):
+                x = block(**self.kwargs, name=f"layers_{i}")(x, *args)
+                outs.append(x)
+            return (x, jnp.stack(outs)) if self.collect else x
+        scanned = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, outs = scanned(**self.kwargs, scanned=True, collect=self.collect, name="layer")(x, *args)
+        return (x, outs) if self.collect else x

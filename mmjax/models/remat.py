@@ -1,0 +1,33 @@
+"""Rematerialisation policies by name, over the checkpoint names set in the model code.
+
+Names the model marks with `checkpoint_name`: 'query_proj', 'key_proj', 'value_proj',
+'context' (attention output before o_proj), 'mlp_hidden', 'layer_out'.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+_CP = jax.checkpoint_policies
+
+POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": _CP.nothing_saveable,  # recompute the whole layer in the backward pass
+    "save_dots": _CP.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "save_qkv": _CP.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_qkv_context": _CP.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "context"),
+    "save_qkv_context_mlp": _CP.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "context", "mlp_hidden"),
+}
+
+
+def remat_block(layer_cls: type, policy: str, scanned: bool) -> type:
+    """`layer_cls` wrapped in `nn.remat` with the named policy ('none' returns it as is)."""
+    if policy not in POLICIES:
+        from mmjax.models.config import ConfigError
+        raise ConfigError(f"unknown remat_policy {policy!r}; known: {sorted(POLICIES)}")
+    if policy == "none":
+        return layer_cls
+    # Under scan, CSE across iterations cannot happen, so prevent_cse only costs speed.
+    return nn.remat(layer_cls, policy=POLICIES[policy], prevent_cse=not scanned)

@@ -1,0 +1,129 @@
+"""ViT image encoders: CLIP (class token, pre-LayerNorm, quick-GELU) and SigLIP.
+
+Axis legend: B images, Y/X image height/width, C channels, p/q patch height/width,
+L patches (+1 with a class token), D width, N heads, H head dim, F MLP hidden.
+
+Parameter names mirror transformers' vision models (`layers_{i}/self_attn/q_proj`, `mlp/fc1`).
+Only `depth` encoder layers are built: LLaVA reads an inner layer (-2), so the layers above
+it (and the post-LayerNorm) need no memory and no compute.
+"""
+from __future__ import annotations
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mmjax.models.attention import dot_product_attention
+from mmjax.models.config import RuntimeConfig, VisionConfig
+from mmjax.models.layers import LayerNorm, Linear, activation, param_with_axes
+from mmjax.models.llm import LayerStack
+
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
+# The splash kernel wants block-aligned lengths (577, 729 are not); the tower is short and
+# non-causal, so it uses XLA's attention there.
+_VISION_IMPL = {"splash": "xla", "splash_interpret": "xla"}
+
+
+class VisionAttention(nn.Module):
+    cfg: VisionConfig
+    rt: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """Bidirectional attention: x [B, L, D] -> [B, L, D]."""
+        c = self.cfg
+        kw = dict(dtype=self.rt.dtype, param_dtype=self.rt.param_dtype, use_bias=True)
+        d, nh = (c.hidden_size,), (c.num_heads, c.head_dim)
+        q = Linear(d, nh, ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(x)
+        k = Linear(d, nh, ("embed",), ("heads", "head_dim"), name="k_proj", **kw)(x)
+        v = Linear(d, nh, ("embed",), ("heads", "head_dim"), name="v_proj", **kw)(x)
+        segments = jnp.ones(x.shape[:2], jnp.int32)
+        impl = _VISION_IMPL.get(self.rt.attention_impl, self.rt.attention_impl)
+        out = dot_product_attention(q, k, v, q_segment_ids=segments, causal=False, impl=impl,
+                                    packed=False)
+        return Linear(nh, d, ("heads", "head_dim"), ("embed",), name="out_proj", **kw)(out)
+
+
+class VisionMLP(nn.Module):
+    cfg: VisionConfig
+    rt: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(dtype=self.rt.dtype, param_dtype=self.rt.param_dtype, use_bias=True)
+        h = Linear((c.hidden_size,), (c.intermediate_size,), ("embed",), ("mlp",), name="fc1",
+                   **kw)(x)
+        h = checkpoint_name(activation(c.hidden_act)(h), "mlp_hidden")
+        return Linear((c.intermediate_size,), (c.hidden_size,), ("mlp",), ("embed",), name="fc2",
+                      **kw)(h)
+
+
+class EncoderLayer(nn.Module):
+    cfg: VisionConfig
+    rt: RuntimeConfig
+    scanned: bool = False
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        norm = dict(eps=self.cfg.layer_norm_eps, dtype=self.rt.dtype,
+                    param_dtype=self.rt.param_dtype)
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        x = x + VisionAttention(self.cfg, self.rt, name="self_attn")(
+            LayerNorm(name="layer_norm1", **norm)(x))
+        x = x + VisionMLP(self.cfg, self.rt, name="mlp")(LayerNorm(name="layer_norm2", **norm)(x))
+        x = nn.with_logical_constraint(checkpoint_name(x, "layer_out"), ACT_AXES)
+        return (x, x if self.collect else None) if self.scanned else x
+
+
+class VisionTower(nn.Module):
+    """Patchify + position embedding (+ class token) and `depth` encoder layers.
+
+    Returns every hidden state it computed, stacked: [depth + 1, B, L, D] (index 0 is the
+    embedding output, as transformers' `hidden_states`), and with `post_norm` the final
+    LayerNorm of the last one (transformers' `last_hidden_state`) as a second output.
+    """
+
+    cfg: VisionConfig
+    rt: RuntimeConfig = RuntimeConfig()
+    depth: int | None = None
+
+    @property
+    def num_layers_built(self) -> int:
+        return self.cfg.num_layers if self.depth is None else self.depth
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array, post_norm: bool = False):
+        """pixels [B, Y, X, C] normalised float -> hidden states [depth+1, B, L, D]."""
+        c, rt = self.cfg, self.rt
+        p = c.patch_size
+        patches = einops.rearrange(pixels.astype(rt.dtype), "B (y p) (x q) C -> B (y x) p q C",
+                                   p=p, q=p)
+        x = Linear((p, p, 3), (c.hidden_size,), ("patch", "patch", "channel"), ("embed",),
+                   use_bias=c.family == "siglip", dtype=rt.dtype, param_dtype=rt.param_dtype,
+                   name="patch_embedding")(patches)
+        init = nn.initializers.normal(0.02)
+        if c.has_cls:
+            cls = param_with_axes(self, "class_embedding", init, (c.hidden_size,),
+                                  rt.param_dtype, ("embed",))
+            cls = jnp.broadcast_to(cls.astype(rt.dtype), (x.shape[0], 1, c.hidden_size))
+            x = jnp.concatenate([cls, x], axis=1)
+        pos = param_with_axes(self, "position_embedding", init, (x.shape[1], c.hidden_size),
+                              rt.param_dtype, ("length", "embed"))
+        x = x + pos.astype(rt.dtype)[None]
+        norm = dict(eps=c.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
+        if c.family == "clip":
+            x = LayerNorm(name="pre_layernorm", **norm)(x)
+        if self.num_layers_built:
+            layers = LayerStack(EncoderLayer, self.num_layers_built, rt, dict(cfg=c, rt=rt),
+                                collect=True, name="layers")
+            _, states = layers(x)
+            hidden_states = jnp.concatenate([x[None], states], axis=0)
+        else:
+            hidden_states = x[None]
+        if post_norm:
+            return hidden_states, LayerNorm(name="post_layernorm", **norm)(hidden_states[-1])
+        return hidden_states
