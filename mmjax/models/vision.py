@@ -102,7 +102,7 @@ class VisionTower(nn.Module):
         p = c.patch_size
         patches = einops.rearrange(pixels.astype(rt.dtype), "B (y p) (x q) C -> B (y x) p q C",
                                    p=p, q=p)
-        x = Linear((p, p, 3), (c.hidden_size,), ("patch", "patch", "channel"), ("embed",),
+        x = Linear((p, p, 3), (c.hidden_size,), ("patch_y", "patch_x", "channel"), ("embed",),
                    use_bias=c.family == "siglip", dtype=rt.dtype, param_dtype=rt.param_dtype,
                    name="patch_embedding")(patches)
         init = nn.initializers.normal(0.02)

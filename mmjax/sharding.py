@@ -1,0 +1,104 @@
+"""Meshes and the mapping from logical axis names to mesh axes.
+
+Model code names axes logically ('embed', 'heads', 'activation_batch', ...); which mesh axis
+(data, fsdp, tensor, ...) shards each is data: a rules tuple that comes from config.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+Rules = Sequence[tuple[str, Any]]
+
+# FSDP shards weights over 'fsdp' on their model dimension; tensor parallelism splits heads,
+# the MLP hidden and the vocabulary; batch is split over every data-like axis.
+DEFAULT_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vision_out", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("patch_y", None),
+    ("patch_x", None),
+    ("channel", None),
+)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with the given axis sizes (one may be -1: the remaining devices), Auto axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = dict(axis_sizes)
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {free}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {axis_sizes}")
+        sizes[free[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
+                         f"have {len(devices)}")
+    names = tuple(sizes)
+    return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                         devices=devices)
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """Drops mesh axes that do not divide their dimension (logged), so any size loads."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for a in names:
+            if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+                kept.append(a)
+            else:
+                log.warning("%s: dim %d not divisible by mesh axis %r; not sharded on it",
+                            where, dim, a)
+        out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*out)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for a tree of logically partitioned (boxed) values or abstract values."""
+    specs = nn.get_partition_spec(boxed_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    shapes = nn.unbox(boxed_tree)
+    paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    flat_specs = jax.tree_util.tree_leaves(
+        mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = [NamedSharding(mesh, _fit(spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
+           for (path, leaf), spec in zip(paths, flat_specs)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding for a batch-major input array of rank `ndim`."""
+    spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, spec)
+
+
+def replicate_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
