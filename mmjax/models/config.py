@@ -55,8 +55,8 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
-        _check(self.image_size % self.patch_size == 0,
-               f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _check(self.image_size >= self.patch_size,
+               f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
                f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         _check(self.family in ("clip", "siglip"), f"unknown vision family {self.family!r}")

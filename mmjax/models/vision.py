@@ -100,6 +100,8 @@ class VisionTower(nn.Module):
         """pixels [B, Y, X, C] normalised float -> hidden states [depth+1, B, L, D]."""
         c, rt = self.cfg, self.rt
         p = c.patch_size
+        grid = (c.image_size // p) * p  # a strided conv ignores the remainder (384 -> 378)
+        pixels = pixels[:, :grid, :grid]
         patches = einops.rearrange(pixels.astype(rt.dtype), "B (y p) (x q) C -> B (y x) p q C",
                                    p=p, q=p)
         x = Linear((p, p, 3), (c.hidden_size,), ("patch_y", "patch_x", "channel"), ("embed",),

@@ -1,0 +1,5 @@
+import sys
+
+from mmjax.hf.verify import main
+
+sys.exit(main())

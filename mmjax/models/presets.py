@@ -1,0 +1,99 @@
+"""Named model sizes: the real towers and LLMs LLaVA recipes use, and tiny test sizes.
+
+`get(name)` returns the config; `NAMES` lists them. Real sizes are only ever built through
+`jax.eval_shape` in tests (no memory); weights for them come from local HF checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from mmjax.models.config import (LLMConfig, LlavaConfig, ProjectorConfig, RopeConfig,
+                                 VisionConfig)
+
+SIGLIP_MEAN_STD = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+VISION = {
+    "clip_vit_l14_224": VisionConfig(image_size=224),
+    "clip_vit_l14_336": VisionConfig(image_size=336),
+    "clip_vit_b16_224": VisionConfig(image_size=224, patch_size=16, hidden_size=768,
+                                     intermediate_size=3072, num_layers=12, num_heads=12),
+    "clip_vit_b32_224": VisionConfig(image_size=224, patch_size=32, hidden_size=768,
+                                     intermediate_size=3072, num_layers=12, num_heads=12),
+    "siglip_so400m_14_384": VisionConfig(
+        family="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+        num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+        **SIGLIP_MEAN_STD),
+    "siglip_base_16_224": VisionConfig(
+        family="siglip", image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+        num_layers=12, num_heads=12, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+        **SIGLIP_MEAN_STD),
+    "tiny_clip": VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                              num_layers=3, num_heads=4),
+    "tiny_siglip": VisionConfig(family="siglip", image_size=56, patch_size=14, hidden_size=64,
+                                intermediate_size=128, num_layers=3, num_heads=4,
+                                layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                **SIGLIP_MEAN_STD),
+}
+
+LLM = {
+    # Llama-2 7B / Vicuna-7B v1.5 (LLaVA-1.5's LLM; LLaVA-hf adds 64 vocab rows, see below).
+    "vicuna_7b": LLMConfig(rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "vicuna_13b": LLMConfig(hidden_size=5120, intermediate_size=13824, num_layers=40,
+                            num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5),
+    "llama3_8b": LLMConfig(vocab_size=128256, intermediate_size=14336, num_kv_heads=8,
+                           rope=RopeConfig(theta=500000.0), max_position_embeddings=8192),
+    "llama31_8b": LLMConfig(vocab_size=128256, intermediate_size=14336, num_kv_heads=8,
+                            rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0,
+                                            low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192),
+                            max_position_embeddings=131072),
+    "mistral_7b": LLMConfig(intermediate_size=14336, num_kv_heads=8,
+                            rope=RopeConfig(theta=1e6), max_position_embeddings=32768),
+    "qwen2_7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                          num_layers=28, num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6,
+                          rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
+                          qkv_bias=True),
+    "qwen25_0_5b": LLMConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                             num_layers=24, num_heads=14, num_kv_heads=2, rms_norm_eps=1e-6,
+                             rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
+                             qkv_bias=True, tie_word_embeddings=True),
+    "tinyllama_1_1b": LLMConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                num_layers=22, num_heads=32, num_kv_heads=4,
+                                max_position_embeddings=2048),
+    "tiny_llm": LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=1024),
+}
+# Which transformers class each LLM preset corresponds to (for parameter-count checks).
+LLM_FAMILY = {"mistral_7b": "mistral", "qwen2_7b": "qwen2", "qwen25_0_5b": "qwen2"}
+
+
+def _llava(vision: str, llm: str, image_token_id: int, extra_vocab: int = 0, **kw) -> LlavaConfig:
+    text = LLM[llm]
+    if extra_vocab:  # llava-hf checkpoints pad the vocabulary (image token + alignment)
+        text = dataclasses.replace(text, vocab_size=text.vocab_size + extra_vocab)
+    return LlavaConfig(vision=VISION[vision], llm=text, projector=ProjectorConfig("mlp2x_gelu"),
+                       image_token_id=image_token_id, **kw)
+
+
+LLAVA = {
+    "llava15_7b": _llava("clip_vit_l14_336", "vicuna_7b", 32000, extra_vocab=64),
+    "llava15_13b": _llava("clip_vit_l14_336", "vicuna_13b", 32000, extra_vocab=64),
+    # SigLIP so400m + Qwen2-7B; the image token is appended after Qwen2's vocabulary.
+    "siglip_qwen2_7b": _llava("siglip_so400m_14_384", "qwen2_7b", 151646,
+                              vision_feature_layer=-1, vision_feature_select="full"),
+    # 1B-class: CLIP-L/336 + TinyLlama-1.1B shapes (the GPU benchmark model).
+    "llava_1b": _llava("clip_vit_l14_336", "tinyllama_1_1b", 32000, extra_vocab=64),
+    "tiny": _llava("tiny_clip", "tiny_llm", 511),
+    "tiny_siglip": _llava("tiny_siglip", "tiny_llm", 511, vision_feature_layer=-1,
+                          vision_feature_select="full"),
+}
+
+PRESETS = {**VISION, **LLM, **LLAVA}
+NAMES = sorted(PRESETS)
+
+
+def get(name: str):
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(NAMES)}") from None
