@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -100,5 +99,20 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, spec)
 
 
-def replicate_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+class mesh_rules:
+    """Context: `mesh` as the current mesh and `rules` for the model's logical constraints."""
+
+    def __init__(self, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+        self.mesh, self.rules = mesh, rules
+        self._stack: list = []
+
+    def __enter__(self):
+        for ctx in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
+            ctx.__enter__()
+            self._stack.append(ctx)
+        return self
+
+    def __exit__(self, *exc):
+        while self._stack:
+            self._stack.pop().__exit__(*exc)
+        return False

@@ -42,8 +42,8 @@ class TensorInfo:
 
 CONVERT_HINT = (
     "Convert it to safetensors first, for example:\n"
-    "  python -c \"from transformers import AutoModel; "
-    "AutoModel.from_pretrained('{dir}').save_pretrained('{dir}-safetensors')\"\n"
+    "  python -c \"import transformers; transformers.{arch}.from_pretrained('{dir}')"
+    ".save_pretrained('{dir}-safetensors')\"\n"
     "(this unpickles the file: do it only for checkpoints you trust), or pass "
     "allow_pickle=True / --allow-pickle to load it here."
 )
@@ -74,8 +74,14 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{self.dir} holds only pickle weights ({', '.join(p.name for p in pickles)}), "
                     "which can run arbitrary code when loaded and are refused by default.\n"
-                    + CONVERT_HINT.format(dir=self.dir))
+                    + CONVERT_HINT.format(dir=self.dir, arch=self._arch_name()))
             self._load_pickles(pickles)
+
+    def _arch_name(self) -> str:
+        try:
+            return (self.config().get("architectures") or ["AutoModel"])[0]
+        except CheckpointError:
+            return "AutoModel"
 
     def config(self) -> dict:
         try:

@@ -100,7 +100,7 @@ def llm_from_hf(c: dict, family: str) -> LLMConfig:
                               "(use_sliding_window with max_window_layers) is not supported")
         sliding = c.get("sliding_window")
     cfg = LLMConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        family=family, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
         num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
         head_dim=c.get("head_dim"), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
@@ -157,7 +157,8 @@ def vision_to_hf(v: VisionConfig) -> dict[str, Any]:
                 layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, num_channels=3)
 
 
-def llm_to_hf(m: LLMConfig, family: str = "llama") -> dict[str, Any]:
+def llm_to_hf(m: LLMConfig) -> dict[str, Any]:
+    family = m.family
     rope: dict[str, Any] = {"rope_type": m.rope.rope_type, "rope_theta": m.rope.theta}
     if m.rope.rope_type == "linear":
         rope["factor"] = m.rope.factor
@@ -183,8 +184,8 @@ def llm_to_hf(m: LLMConfig, family: str = "llama") -> dict[str, Any]:
     return out
 
 
-def hf_config_object(cfg, family: str = "llama"):
-    """A transformers config object for an mmjax config (LLM family given for LLMConfig)."""
+def hf_config_object(cfg):
+    """A transformers config object for an mmjax config."""
     import transformers as tf
 
     if isinstance(cfg, VisionConfig):
@@ -193,15 +194,16 @@ def hf_config_object(cfg, family: str = "llama"):
         d.pop("model_type")
         return cls(**d)
     if isinstance(cfg, LLMConfig):
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        d = llm_to_hf(cfg, family)
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig,
+               "qwen2": tf.Qwen2Config}[cfg.family]
+        d = llm_to_hf(cfg)
         d.pop("model_type")
         return cls(**d)
     if cfg.projector.kind != "mlp2x_gelu":
         raise ConfigError("transformers' LLaVA has only the mlp2x_gelu projector")
     layer = cfg.vision_feature_layer
     return tf.LlavaConfig(
-        vision_config=hf_config_object(cfg.vision), text_config=hf_config_object(cfg.llm, family),
+        vision_config=hf_config_object(cfg.vision), text_config=hf_config_object(cfg.llm),
         image_token_id=cfg.image_token_id, projector_hidden_act="gelu",
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
         vision_feature_select_strategy=cfg.vision_feature_select,

@@ -160,6 +160,9 @@ def dot_product_attention(
                               sliding_window=sliding_window)
         out = _xla_attention(q, k, v, mask, scale)
     elif impl == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"cuDNN flash attention runs in bfloat16 or float16, got {q.dtype}: "
+                             "set dtype='bfloat16' or use attention_impl='xla'")
         out = _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal,
                                sliding_window, packed)
     elif impl in ("splash", "splash_interpret"):

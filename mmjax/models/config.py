@@ -78,6 +78,7 @@ class RopeConfig:
 class LLMConfig:
     """A Llama-family decoder (Llama-2/Vicuna, Llama-3, Mistral, Qwen2)."""
 
+    family: Literal["llama", "mistral", "qwen2"] = "llama"  # the transformers class it matches
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008

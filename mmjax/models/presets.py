@@ -47,13 +47,13 @@ LLM = {
                                             low_freq_factor=1.0, high_freq_factor=4.0,
                                             original_max_position_embeddings=8192),
                             max_position_embeddings=131072),
-    "mistral_7b": LLMConfig(intermediate_size=14336, num_kv_heads=8,
+    "mistral_7b": LLMConfig(family="mistral", intermediate_size=14336, num_kv_heads=8,
                             rope=RopeConfig(theta=1e6), max_position_embeddings=32768),
-    "qwen2_7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+    "qwen2_7b": LLMConfig(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                           num_layers=28, num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6,
                           rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
                           qkv_bias=True),
-    "qwen25_0_5b": LLMConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+    "qwen25_0_5b": LLMConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                              num_layers=24, num_heads=14, num_kv_heads=2, rms_norm_eps=1e-6,
                              rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
                              qkv_bias=True, tie_word_embeddings=True),
@@ -63,8 +63,6 @@ LLM = {
     "tiny_llm": LLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=2, max_position_embeddings=1024),
 }
-# Which transformers class each LLM preset corresponds to (for parameter-count checks).
-LLM_FAMILY = {"mistral_7b": "mistral", "qwen2_7b": "qwen2", "qwen25_0_5b": "qwen2"}
 
 
 def _llava(vision: str, llm: str, image_token_id: int, extra_vocab: int = 0, **kw) -> LlavaConfig:

@@ -1,0 +1,104 @@
+"""Model-level behaviour: kernels wired through the LLM, remat/scan options, the merge."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models import LLM, Llava, RuntimeConfig, merge_embeddings, presets
+
+
+def _llm_inputs(t=128):
+    ids = np.random.default_rng(0).integers(0, 512, (2, t))
+    seg = np.zeros((2, t), np.int32)
+    seg[0, :60], seg[0, 60:100] = 1, 2  # packed row
+    seg[1, :] = 1
+    pos = np.concatenate([np.arange(60), np.arange(40), np.zeros(t - 100, int)])
+    pos = np.stack([pos, np.arange(t)])
+    return jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    cfg = presets.get("tiny_llm")
+    ids, pos, seg = _llm_inputs()
+    params = nn.unbox(LLM(cfg).init(jax.random.key(0), ids, pos, seg))
+    return cfg, params
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
+def test_llm_with_each_cpu_kernel_matches_reference(tiny_llm, impl):
+    cfg, params = tiny_llm
+    ids, pos, seg = _llm_inputs()
+    ref = LLM(cfg).apply(params, ids, pos, seg)
+    out = LLM(cfg, RuntimeConfig(attention_impl=impl)).apply(params, ids, pos, seg)
+    m = np.asarray(seg != 0)
+    np.testing.assert_allclose(np.asarray(out)[m], np.asarray(ref)[m], atol=2e-5)
+
+
+def test_packed_row_equals_samples_alone(tiny_llm):
+    cfg, params = tiny_llm
+    ids, pos, seg = _llm_inputs()
+    packed = LLM(cfg).apply(params, ids, pos, seg)
+    first = LLM(cfg).apply(params, ids[:1, :60])
+    second = LLM(cfg).apply(params, ids[:1, 60:100])
+    np.testing.assert_allclose(packed[0, :60], first[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 60:100], second[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_qkv_context"])
+def test_remat_policies_keep_values_and_gradients(tiny_llm, policy):
+    cfg, params = tiny_llm
+    ids, pos, seg = _llm_inputs()
+
+    def loss(model):
+        return lambda p: jnp.mean(model.apply(p, ids, pos, seg) ** 2)
+
+    ref_val, ref_grad = jax.value_and_grad(loss(LLM(cfg)))(params)
+    val, grad = jax.jit(jax.value_and_grad(loss(LLM(cfg, RuntimeConfig(remat_policy=policy)))))(
+        params)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scanned_params_stack_layers():
+    cfg = presets.get("tiny")
+    rt = RuntimeConfig(scan_layers=True)
+    shapes = jax.eval_shape(lambda: Llava(cfg, rt).init(
+        jax.random.key(0), jnp.zeros((1, 4), int), jnp.zeros((1, 1, 56, 56, 3))))
+    boxed = shapes["params"]["language_model"]["layers"]["layer"]["self_attn"]["q_proj"]["kernel"]
+    assert boxed.value.shape == (cfg.llm.num_layers, 64, 4, 16)
+    assert boxed.names == ("layers", "embed", "heads", "head_dim")
+
+
+def test_merge_embeddings_takes_images_in_order_per_row():
+    text = jnp.zeros((2, 6, 1))
+    images = jnp.arange(1, 9, dtype=jnp.float32).reshape(2, 4, 1)  # 2 rows x 4 image tokens
+    mask = jnp.asarray([[0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0]], bool)
+    out = merge_embeddings(text, images, mask)[..., 0]
+    np.testing.assert_array_equal(out, [[0, 1, 2, 0, 3, 4], [5, 0, 0, 0, 0, 0]])
+
+
+def test_llava_without_images_is_the_llm():
+    cfg = presets.get("tiny")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 10)))
+    llava = Llava(cfg)
+    params = llava.init(jax.random.key(1), ids, jnp.zeros((2, 1, 56, 56, 3)))["params"]
+    a = llava.apply({"params": params}, ids)
+    b = LLM(cfg.llm).apply({"params": params["language_model"]}, ids)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = presets.get("tiny")
+    rt = RuntimeConfig(dtype="bfloat16")
+    ids = jnp.zeros((1, 20), int).at[0, 1:17].set(cfg.image_token_id)
+    llava = Llava(cfg, rt)
+    variables = llava.init(jax.random.key(0), ids, jnp.zeros((1, 1, 56, 56, 3)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(variables)))
+    logits = llava.apply(nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3)))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    assert dataclasses.asdict(rt)["dtype"] == "bfloat16"
