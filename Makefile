@@ -1,0 +1,33 @@
+# The two commands of the README, each self-contained on a fresh machine:
+#   make demo   - creates .venv, installs mmjax, runs the embedded demo
+#   make test   - creates .venv, installs mmjax with its test extra, runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_DEVICES ?= 8
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: demo test install install-test clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.base
+	$(PY) -m mmjax.demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

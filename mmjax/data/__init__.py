@@ -1,0 +1,1 @@
+"""The input side: image ops, tokenizers (and, with the data issue, the Grain pipeline)."""
