@@ -24,7 +24,7 @@ install: $(VENV)/.base
 install-test: $(VENV)/.test
 
 demo: $(VENV)/.base
-	$(PY) -m mmjax.demo
+	$(PY) -m mmjax.demo --config.mesh.tensor=2
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -1,6 +1,6 @@
 """The embedded demo (no downloads): a tiny LLaVA on a real photo, sharded over all devices.
 
-    python -m mmjax.demo [--preset tiny] [--steps 0]
+    python -m mmjax.demo [--config configs/model.py:tiny] [--config.mesh.tensor=2 ...]
 
 Until the training job exists this runs what the foundation has: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,
@@ -16,6 +16,7 @@ import dataclasses
 import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -23,31 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mmjax import configlib
 from mmjax.data.image import preprocess
 from mmjax.data.tokenizer import train_bpe_tokenizer
-from mmjax.models import Llava, RuntimeConfig, presets
+from mmjax.models import Llava
 from mmjax.models.factory import count_params
-from mmjax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh, mesh_rules
+from mmjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_rules
 
 PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
           "USER: <image>\nWhat animal is in the picture? Answer the question using a single "
           "word or phrase. ASSISTANT:")
 
 
-def demo_mesh():
-    n = jax.device_count()
-    tensor = 2 if n % 2 == 0 and n >= 4 else 1
-    return make_mesh({"data": 1, "fsdp": -1, "tensor": tensor})
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model.py"
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=sorted(presets.LLAVA))
+    parser.add_argument("--config", default=str(CONFIG), help="config file[:variant]")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
 
     t0 = time.time()
-    cfg = presets.get(args.preset)
+    config = configlib.load(args.config, overrides)
+    cfg, rt, rules = configlib.model(config), configlib.runtime(config), configlib.rules(config)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_bpe_tokenizer([PROMPT, "A cat.", "cat", "dog", "bird"] * 10,
                                   vocab_size=cfg.llm.vocab_size - 8, out_dir=tmp)
@@ -61,23 +61,23 @@ def main(argv=None) -> dict:
     v = cfg.vision
     pixels = preprocess(photo, v.image_size, v.image_mean, v.image_std, aspect="pad")
 
-    mesh = demo_mesh()
+    mesh = make_mesh(configlib.mesh_axes(config))
     batch = mesh.shape["data"] * mesh.shape["fsdp"]
     input_ids = np.tile(np.asarray(ids)[None], (batch, 1))
     pixel_values = np.tile(pixels[None, None], (batch, 1, 1, 1, 1))
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}")
-    print(f"model: {args.preset} (vision {v.family} {v.image_size}px/{v.patch_size}, "
+    print(f"model: {config.model} (vision {v.family} {v.image_size}px/{v.patch_size}, "
           f"{v.num_layers} layers; LLM {cfg.llm.num_layers} layers, d={cfg.llm.hidden_size}); "
           f"<image> is token {cfg.image_token_id}")
     print(f"photo {photo.size} -> pixels {pixels.shape}, mean {pixels.mean():+.3f}")
     print(f"prompt: {len(ids)} tokens ({cfg.image_tokens} of them image tokens)")
 
-    model = Llava(cfg, RuntimeConfig())
+    model = Llava(cfg, rt)
     init = lambda: model.init(jax.random.key(args.seed), jnp.asarray(input_ids[:1]),  # noqa
                               jnp.asarray(pixel_values[:1]))
     boxed = jax.eval_shape(init)["params"]
-    shardings = logical_shardings(boxed, mesh, DEFAULT_RULES)
-    with mesh_rules(mesh, DEFAULT_RULES):
+    shardings = logical_shardings(boxed, mesh, rules)
+    with mesh_rules(mesh, rules):
         params = jax.jit(lambda: nn.unbox(init())["params"], out_shardings=shardings)()
         inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim))
                   for x in (input_ids, pixel_values)]
@@ -90,7 +90,8 @@ def main(argv=None) -> dict:
     stats = {"params": count_params(params), "logits_shape": tuple(logits.shape),
              "logits_mean": float(logits.mean()), "logits_std": float(logits.std()),
              "sharded_vs_unsharded_max_abs_diff": err, "seconds": time.time() - t0}
-    print(f"parameters: {stats['params']:,} (sharded: {params['language_model']['embed_tokens'].sharding.spec})")
+    embed = params["language_model"]["embed_tokens"]
+    print(f"parameters: {stats['params']:,} (embedding sharded as {embed.sharding.spec})")
     print(f"logits {stats['logits_shape']}: mean {stats['logits_mean']:+.4f} std "
           f"{stats['logits_std']:.4f}; next-token argmax {int(last.argmax())} "
           f"({tok.decode([int(last.argmax())])!r}, an untrained model)")

@@ -71,7 +71,8 @@ def real_images(size: int, n: int = 3) -> np.ndarray:
 
 
 def normalise(images: np.ndarray, mean, std) -> np.ndarray:
-    return ((images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return ((images - mean) / std).astype(np.float32)
 
 
 def vision_config(family: str, **over):

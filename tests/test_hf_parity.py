@@ -9,8 +9,17 @@ import pytest
 import torch
 import transformers as tf
 
-from hf_fixtures import (llava_config, llm_config, make_model, normalise, real_images,
-                         rel_err, rewrite_llava_layout, save, vision_config)
+from hf_fixtures import (
+    llava_config,
+    llm_config,
+    make_model,
+    normalise,
+    real_images,
+    rel_err,
+    rewrite_llava_layout,
+    save,
+    vision_config,
+)
 from mmjax.hf import load
 from mmjax.models.config import RuntimeConfig
 

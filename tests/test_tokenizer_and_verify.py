@@ -53,7 +53,8 @@ def test_verify_without_torch_says_how_to_install(llava_dir, tmp_path):
     fake = tmp_path / "site" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
-    env = dict(os.environ, PYTHONPATH=f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, PYTHONPATH=path)
     res = _verify(llava_dir, env=env)
     assert res.returncode == 2 and "pip install torch" in res.stderr
 

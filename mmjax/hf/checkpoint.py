@@ -122,7 +122,8 @@ class Checkpoint:
             names = sorted(set(weight_map.values()))
             for name in names:
                 if not (self.dir / name).is_file():
-                    raise CheckpointError(f"{index.name} lists {name}, which is missing in {self.dir}")
+                    raise CheckpointError(
+                        f"{index.name} lists {name}, which is missing in {self.dir}")
             self._weight_map = weight_map
             return [self.dir / n for n in names]
         self._weight_map = None

@@ -10,8 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmjax.models.config import (ConfigError, LLMConfig, LlavaConfig, ProjectorConfig,
-                                 RopeConfig, VisionConfig)
+from mmjax.models.config import (
+    ConfigError,
+    LlavaConfig,
+    LLMConfig,
+    ProjectorConfig,
+    RopeConfig,
+    VisionConfig,
+)
 
 VISION_ARCHS = {"CLIPVisionModel": "clip", "CLIPModel": "clip",
                 "SiglipVisionModel": "siglip", "SiglipModel": "siglip"}
@@ -40,7 +46,8 @@ def from_hf(config: dict, directory: str | Path | None = None):
     """The mmjax config (VisionConfig, LLMConfig or LlavaConfig) for an HF config dict."""
     arch = architecture(config)
     if arch in VISION_ARCHS:
-        sub = config.get("vision_config", config) if arch in ("CLIPModel", "SiglipModel") else config
+        dual = arch in ("CLIPModel", "SiglipModel")
+        sub = config.get("vision_config", config) if dual else config
         return vision_from_hf(sub, VISION_ARCHS[arch], directory)
     if arch in LLM_ARCHS:
         return llm_from_hf(config, LLM_ARCHS[arch])
@@ -122,7 +129,8 @@ def llava_from_hf(c: dict, directory=None) -> LlavaConfig:
         raise ConfigError(f"LLaVA vision tower {vtype!r} is not supported (CLIP, SigLIP)")
     ttype = tc.get("model_type", "llama")
     if ttype not in LLM_ARCHS.values():
-        raise ConfigError(f"LLaVA language model {ttype!r} is not supported (llama, mistral, qwen2)")
+        raise ConfigError(
+            f"LLaVA language model {ttype!r} is not supported (llama, mistral, qwen2)")
     if "tie_word_embeddings" not in tc and "tie_word_embeddings" in c:
         tc["tie_word_embeddings"] = c["tie_word_embeddings"]
     if c.get("projector_hidden_act", "gelu") != "gelu":

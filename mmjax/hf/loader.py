@@ -20,7 +20,7 @@ import numpy as np
 from mmjax.hf import mapping
 from mmjax.hf.checkpoint import Checkpoint, CheckpointError
 from mmjax.hf.config import LLAVA_ARCHS, LLM_ARCHS, architecture, from_hf
-from mmjax.models.config import LLMConfig, LlavaConfig, RuntimeConfig
+from mmjax.models.config import LlavaConfig, LLMConfig, RuntimeConfig
 from mmjax.models.factory import abstract_variables, build
 from mmjax.models.llava import normalized_feature_layers
 from mmjax.sharding import DEFAULT_RULES, Rules, logical_shardings, single_device_mesh

@@ -1,6 +1,13 @@
 """The networks: vision towers, projector, Llama-family LLM and their LLaVA composition."""
-from mmjax.models.config import (ConfigError, LLMConfig, LlavaConfig, ProjectorConfig,
-                                 RopeConfig, RuntimeConfig, VisionConfig)
+from mmjax.models.config import (
+                                 ConfigError,
+                                 LlavaConfig,
+                                 LLMConfig,
+                                 ProjectorConfig,
+                                 RopeConfig,
+                                 RuntimeConfig,
+                                 VisionConfig,
+)
 from mmjax.models.llava import Llava, merge_embeddings
 from mmjax.models.llm import LLM
 from mmjax.models.projector import Projector

@@ -58,7 +58,8 @@ class VisionConfig:
         _check(self.image_size >= self.patch_size,
                f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
-               f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+               f"vision hidden_size {self.hidden_size} is not divisible by "
+               f"num_heads {self.num_heads}")
         _check(self.family in ("clip", "siglip"), f"unknown vision family {self.family!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.config import LLMConfig, LlavaConfig, RuntimeConfig, VisionConfig
+from mmjax.models.config import LlavaConfig, LLMConfig, RuntimeConfig, VisionConfig
 from mmjax.models.llava import Llava
 from mmjax.models.llm import LLM
 from mmjax.models.vision import VisionTower

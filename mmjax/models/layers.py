@@ -105,4 +105,5 @@ def activation(name: str):
         return ACTIVATIONS[name]
     except KeyError:
         from mmjax.models.config import ConfigError
-        raise ConfigError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+        raise ConfigError(
+            f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

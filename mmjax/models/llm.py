@@ -112,7 +112,8 @@ class LLM(nn.Module):
         else:
             logits = self.lm_head(x)
         logits = nn.with_logical_constraint(
-            logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+            logits.astype(jnp.float32),
+            ("activation_batch", "activation_length", "activation_vocab"))
         return (logits, x) if return_hidden else logits
 
     def __call__(self, ids, positions=None, segment_ids=None, return_hidden: bool = False):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmjax.models.config import (LLMConfig, LlavaConfig, ProjectorConfig, RopeConfig,
-                                 VisionConfig)
+from mmjax.models.config import LlavaConfig, LLMConfig, ProjectorConfig, RopeConfig, VisionConfig
 
 SIGLIP_MEAN_STD = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 
@@ -49,11 +48,13 @@ LLM = {
                             max_position_embeddings=131072),
     "mistral_7b": LLMConfig(family="mistral", intermediate_size=14336, num_kv_heads=8,
                             rope=RopeConfig(theta=1e6), max_position_embeddings=32768),
-    "qwen2_7b": LLMConfig(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+    "qwen2_7b": LLMConfig(family="qwen2", vocab_size=152064, hidden_size=3584,
+                          intermediate_size=18944,
                           num_layers=28, num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6,
                           rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
                           qkv_bias=True),
-    "qwen25_0_5b": LLMConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+    "qwen25_0_5b": LLMConfig(family="qwen2", vocab_size=151936, hidden_size=896,
+                             intermediate_size=4864,
                              num_layers=24, num_heads=14, num_kv_heads=2, rms_norm_eps=1e-6,
                              rope=RopeConfig(theta=1e6), max_position_embeddings=32768,
                              qkv_bias=True, tie_word_embeddings=True),
