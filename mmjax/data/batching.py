@@ -1,0 +1,214 @@
+"""Main-process stages: count and drop skipped samples, then pad or pack into fixed shapes.
+
+Axis legend: B rows, T sequence length, M image slots per row, S image size.
+
+Batches are `{"input_ids", "targets", "segment_ids", "positions": int32 [B, T],
+"pixel_values": uint8 [B, M, S, S, 3], "ids": [[sample id, ...] per row]}`. `targets` are
+next-token labels already shifted inside each sample (targets[t] = labels[t + 1], -100 at
+each sample's last token), so no label ever crosses a sample boundary in a packed row and
+the loss needs no shift. `segment_ids` number the samples of a row from 1 (0 = padding) and
+`positions` restart at 0 for each sample.
+
+Both stages are checkpointable Grain iterators. Batching works on windows of samples (one
+batch, or `window` samples for packing and length grouping): the state is the parent's state
+at the window start plus how many of its batches were emitted, and a restore re-reads and
+re-packs the window, which is deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from mmjax.data.quality import Skipped, SkipReport
+from mmjax.data.tokenize import IGNORE
+
+
+class SkipFilterDataset(grain.IterDataset):
+    """Counts `Skipped` markers per reason (and dropped turns), drops them."""
+
+    def __init__(self, parent: grain.IterDataset, report_factory):
+        super().__init__(parent)
+        self._report_factory = report_factory
+
+    def __iter__(self):
+        return _SkipFilterIterator(self._parent.__iter__(), self._report_factory())
+
+
+class _SkipFilterIterator(grain.DatasetIterator):
+    def __init__(self, parent, report: SkipReport):
+        super().__init__(parent)
+        self.report = report
+
+    def __next__(self):
+        while True:
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                self.report.check(final=True)
+                raise
+            if isinstance(item, Skipped):
+                self.report.bad(item)
+                continue
+            self.report.ok()
+            self.report.truncated_turns += int(item.get("dropped_turns", 0))
+            return item
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "report": self.report.state()}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.report.load_state(state["report"])
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    batch_size: int  # rows per batch (per process)
+    seq_len: int  # T
+    max_images: int  # M image slots per row
+    image_size: int  # S
+    mode: str = "pad"  # pad | first_fit | best_fit
+    window: int = 0  # samples per packing / grouping window (0: a sensible default)
+    group_by_length: bool = False  # pad mode: sort a window by length into batches
+    pad_id: int = 0
+    seed: int = 0
+
+    def window_size(self) -> int:
+        if self.window:
+            return self.window
+        if self.mode == "pad":
+            return self.batch_size * (16 if self.group_by_length else 1)
+        return self.batch_size * 32
+
+
+def pack(lengths: list[int], images: list[int], capacity: int, max_images: int,
+         mode: str) -> list[list[int]]:
+    """Bins (lists of sample indices) for samples of given lengths and image counts."""
+    order = list(range(len(lengths)))
+    if mode == "best_fit":
+        order.sort(key=lambda i: -lengths[i])  # best-fit decreasing
+    bins: list[list[int]] = []
+    room: list[int] = []
+    slots: list[int] = []
+    for i in order:
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]
+                and slots[b] >= images[i]]
+        if not fits:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+            slots.append(max_images - images[i])
+            continue
+        b = fits[0] if mode == "first_fit" else min(fits, key=lambda k: room[k])
+        bins[b].append(i)
+        room[b] -= lengths[i]
+        slots[b] -= images[i]
+    return bins
+
+
+class BatchDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, spec: BatchSpec):
+        super().__init__(parent)
+        if spec.mode not in ("pad", "first_fit", "best_fit"):
+            raise ValueError(f"unknown batching mode {spec.mode!r}: pad, first_fit, best_fit")
+        self.spec = spec
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), self.spec)
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, spec: BatchSpec):
+        super().__init__(parent)
+        self.spec = spec
+        self._pending: list[dict] = []
+        self._window_state: Any = None
+        self._window = 0  # index of the next window to read
+        self._emitted = 0
+
+    def __next__(self):
+        if not self._pending:
+            self._read_window()
+        self._emitted += 1
+        return self._pending.pop(0)
+
+    def _read_window(self):
+        self._window_state = self._parent.get_state()
+        samples = []
+        for _ in range(self.spec.window_size()):
+            try:
+                samples.append(next(self._parent))
+            except StopIteration:
+                break
+        if not samples:
+            raise StopIteration
+        self._pending = self._batches(samples, self._window)
+        self._window += 1
+        self._emitted = 0
+
+    def _batches(self, samples: list[dict], window: int) -> list[dict]:
+        s = self.spec
+        if s.mode == "pad":
+            order = list(range(len(samples)))
+            if s.group_by_length:
+                order.sort(key=lambda i: len(samples[i]["input_ids"]))
+            rows = [[i] for i in order]
+        else:
+            rows = pack([len(x["input_ids"]) for x in samples],
+                        [len(x["images"]) for x in samples], s.seq_len, s.max_images, s.mode)
+        chunks = [rows[i:i + s.batch_size] for i in range(0, len(rows), s.batch_size)]
+        if s.group_by_length and len(chunks) > 1:  # don't feed short-to-long in order
+            rng = np.random.default_rng([s.seed, window])
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        return [self._materialise(samples, chunk) for chunk in chunks]
+
+    def _materialise(self, samples, rows) -> dict:
+        s = self.spec
+        b, t = s.batch_size, s.seq_len
+        out = {"input_ids": np.full((b, t), s.pad_id, np.int32),
+               "targets": np.full((b, t), IGNORE, np.int32),
+               "segment_ids": np.zeros((b, t), np.int32),
+               "positions": np.zeros((b, t), np.int32),
+               "pixel_values": np.zeros((b, s.max_images, s.image_size, s.image_size, 3),
+                                        np.uint8),
+               "ids": []}
+        for r, row in enumerate(rows):
+            pos, slot, ids = 0, 0, []
+            for seg, i in enumerate(row, start=1):
+                x = samples[i]
+                n = len(x["input_ids"])
+                if pos + n > t:
+                    raise AssertionError("packing overflowed a row")  # cannot happen
+                out["input_ids"][r, pos:pos + n] = x["input_ids"]
+                out["targets"][r, pos:pos + n - 1] = x["labels"][1:]
+                out["segment_ids"][r, pos:pos + n] = seg
+                out["positions"][r, pos:pos + n] = np.arange(n)
+                k = len(x["images"])
+                out["pixel_values"][r, slot:slot + k] = x["images"]
+                pos, slot = pos + n, slot + k
+                ids.append(x["id"])
+            out["ids"].append(ids)
+        out["ids"] += [[] for _ in range(b - len(rows))]
+        return out
+
+    def get_state(self):
+        if not self._pending:
+            return {"parent": self._parent.get_state(), "emitted": 0, "window": self._window}
+        return {"parent": self._window_state, "emitted": self._emitted,
+                "window": self._window - 1}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._window = int(state["window"])
+        self._pending = []
+        if int(state["emitted"]):
+            self._read_window()
+            self._pending = self._pending[int(state["emitted"]):]
+            self._emitted = int(state["emitted"])
+
+
+def padding_fraction(batch: dict) -> float:
+    """Share of token slots in a batch that hold padding."""
+    return float(np.mean(batch["segment_ids"] == 0))

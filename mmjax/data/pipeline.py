@@ -1,0 +1,141 @@
+"""The Grain pipeline: sources -> mixture -> shuffle -> per-process shard -> process (workers)
+-> count/drop bad samples -> pad or pack -> batches; plus global-batch assembly on a mesh.
+
+    it = build_pipeline(DataConfig(...), tokenizer, model_cfg)
+    batch = next(it)                      # numpy, this process's rows
+    arrays = global_batch(batch, mesh)    # jax.Arrays sharded over the mesh's data axes
+    it.get_state() / it.set_state(...)    # or grain.checkpoint.CheckpointSave(it) with Orbax
+    skip_report(it)                       # skipped samples by reason, for logs and metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from mmjax.data.batching import BatchDataset, BatchSpec, SkipFilterDataset
+from mmjax.data.processing import ImageSpec, SampleProcessor
+from mmjax.data.quality import SkipReport
+from mmjax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsCaptionSource
+from mmjax.data.templates import get_template
+from mmjax.data.tokenize import ConversationEncoder
+from mmjax.models.config import LlavaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    kind: str  # llava_json | arrayrecord | tfds
+    path: str = ""  # JSON/JSONL file, ArrayRecord glob, or TFDS dataset name
+    image_root: str = ""  # for llava_json
+    weight: float = 1.0  # mixture weight
+    split: str = "train"  # tfds
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...]
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | llama_3 | chatml | chat_template
+    max_length: int = 2048  # tokens per sample, image tokens included
+    batch_size: int = 8  # rows per process
+    seq_len: int = 0  # row length; 0 = max_length
+    packing: str = "pad"  # pad | first_fit | best_fit
+    pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
+    group_by_length: bool = False
+    max_images_per_row: int = 0  # image slots per row; 0 = 1 when padding, 4 when packing
+    image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
+    max_image_pixels: int = 64_000_000
+    seed: int = 0
+    num_epochs: int | None = 1  # None: repeat forever
+    shuffle: bool = True
+    workers: int = 0  # Grain worker processes (0: in the main process)
+    worker_buffer: int = 2  # elements buffered per worker
+    max_bad_share: float = 0.05
+    min_samples_before_abort: int = 200
+    tfds_data_dir: str | None = None
+    index_cache_dir: str | None = None
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len or self.max_length
+
+    @property
+    def image_slots(self) -> int:
+        return self.max_images_per_row or (1 if self.packing == "pad" else 4)
+
+
+def open_source(src: SourceConfig, cfg: DataConfig):
+    if src.kind == "llava_json":
+        return LlavaJsonSource(src.path, src.image_root, src.name or None, cfg.index_cache_dir)
+    if src.kind == "arrayrecord":
+        return ArrayRecordSource(src.path, src.name or "arrayrecord")
+    if src.kind == "tfds":
+        return TfdsCaptionSource.from_tfds(src.path, src.split, cfg.tfds_data_dir)
+    raise ValueError(f"unknown source kind {src.kind!r}: llava_json, arrayrecord, tfds")
+
+
+def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> ConversationEncoder:
+    return ConversationEncoder(tokenizer, get_template(cfg.template, tokenizer),
+                               model.image_tokens, model.image_token_id, cfg.max_length)
+
+
+def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
+                   sources: Sequence | None = None, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """The per-process batch iterator. `sources` overrides opening `cfg.sources`."""
+    if cfg.row_len < cfg.max_length:
+        raise ValueError(f"seq_len {cfg.row_len} < max_length {cfg.max_length}")
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    sources = list(sources) if sources is not None else [open_source(s, cfg) for s in cfg.sources]
+    datasets = [grain.MapDataset.source(s) for s in sources]
+    if len(datasets) == 1:
+        ds = datasets[0]
+    else:
+        weights = [s.weight for s in cfg.sources] if cfg.sources else [1.0] * len(datasets)
+        ds = grain.MapDataset.mix(datasets, weights)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds[pi::pc]  # each process reads its own share
+    v = model.vision
+    processor = SampleProcessor(
+        make_encoder(cfg, tokenizer, model),
+        ImageSpec(v.image_size, v.image_mean, cfg.image_aspect, cfg.max_image_pixels),
+        cfg.image_slots)
+    it = ds.map(processor).to_iter_dataset()
+    if cfg.workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer))
+    it = SkipFilterDataset(it, lambda: SkipReport(cfg.max_bad_share,
+                                                  cfg.min_samples_before_abort))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,
+                     cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed)
+    return BatchDataset(it, spec).__iter__()
+
+
+def skip_report(iterator) -> SkipReport:
+    """The SkipReport inside a pipeline iterator (counts by reason, summary, metrics)."""
+    node = iterator
+    while node is not None:
+        if hasattr(node, "report"):
+            return node.report
+        node = node._parents[0] if node._parents else None
+    raise ValueError("not an mmjax data pipeline iterator")
+
+
+DEVICE_KEYS = ("input_ids", "targets", "segment_ids", "positions", "pixel_values")
+
+
+def global_batch(batch: dict, mesh, rules=None) -> dict:
+    """This process's rows -> global jax.Arrays split over the mesh's batch axes."""
+    from mmjax.sharding import DEFAULT_RULES, batch_sharding
+
+    rules = DEFAULT_RULES if rules is None else rules
+    return {k: jax.make_array_from_process_local_data(
+        batch_sharding(mesh, np.ndim(batch[k]), rules), np.asarray(batch[k]))
+        for k in DEVICE_KEYS}

@@ -1,0 +1,69 @@
+"""One raw sample -> token ids, labels and uint8 images (runs in the Grain workers).
+
+Anything wrong with a sample becomes a `quality.Skipped` marker with its reason; nothing in
+here raises on bad data.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from mmjax.data.image import DEFAULT_MAX_PIXELS, ImageError, decode_image, resize_uint8
+from mmjax.data.quality import Skipped
+from mmjax.data.templates import ConversationError, normalise_turns
+from mmjax.data.tokenize import ConversationEncoder
+
+
+@dataclasses.dataclass
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float]
+    aspect: str = "pad"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class SampleProcessor:
+    """Callable for `grain.MapDataset.map`: raw record -> processed sample or Skipped."""
+
+    def __init__(self, encoder: ConversationEncoder, images: ImageSpec, max_images: int):
+        self.encoder, self.images, self.max_images = encoder, images, max_images
+
+    def __call__(self, raw):
+        if isinstance(raw, Skipped):
+            return raw
+        sample_id = str(raw.get("id", "?"))
+        try:
+            system, pairs = normalise_turns(raw.get("conversations"))
+            images = raw.get("images") or []
+            if not isinstance(images, list):
+                raise ConversationError("malformed_record", "images is not a list")
+            encoded = self.encoder.encode(system, pairs, len(images))
+            if encoded.num_images > self.max_images:
+                raise ConversationError("too_long", f"{encoded.num_images} images > "
+                                        f"max_images_per_row {self.max_images}")
+            pixels = self._load(images[:encoded.num_images], raw.get("image_root", ""))
+        except (ConversationError, ImageError) as e:
+            return Skipped(e.reason, sample_id, e.detail)
+        return {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                "images": pixels, "dropped_turns": encoded.dropped_turns}
+
+    def _load(self, images, root) -> np.ndarray:
+        s = self.images.size
+        out = np.zeros((len(images), s, s, 3), np.uint8)
+        for k, image in enumerate(images):
+            out[k] = resize_uint8(self._open(image, root), s, self.images.mean, self.images.aspect)
+        return out
+
+    def _open(self, image, root) -> Image.Image:
+        from mmjax.data.image import resolve_image_path
+
+        if isinstance(image, np.ndarray):
+            if image.size == 0:
+                raise ImageError("empty_image", str(image.shape))
+            return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+        if isinstance(image, bytes):
+            return decode_image(image, self.images.max_pixels)
+        path = resolve_image_path(root, image)
+        return decode_image(path.read_bytes(), self.images.max_pixels)

@@ -1,0 +1,102 @@
+"""Bad samples: never a crash, never silent.
+
+A sample that cannot be used becomes a `Skipped(reason, id)` marker instead of an exception.
+`SkipCounter` counts the markers per reason, logs the first few with their sample ids, drops
+them from the stream, and aborts with a clear error when their share passes the configured
+maximum. The counts are part of the iterator state and of the metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+log = logging.getLogger("mmjax.data")
+
+REASONS = (
+    "missing_image",  # the image file does not exist
+    "corrupt_image",  # unreadable, truncated or not an image
+    "empty_image",  # zero width or height
+    "image_too_large",  # more pixels than the decompression-bomb limit
+    "unsafe_image_path",  # '..', absolute, or a symlink out of the image root
+    "malformed_record",  # a JSON line that does not parse, or a record of the wrong shape
+    "unknown_role",  # a turn whose 'from' is not human/gpt (or user/assistant/system)
+    "turns_not_alternating",  # human and gpt turns out of order
+    "image_count_mismatch",  # number of <image> placeholders != number of images
+    "empty_reply",  # an assistant turn with no text
+    "too_long",  # does not fit max_length even after dropping later turns
+    "tokenization_mismatch",  # rendered text and token/label layout disagree
+)
+
+
+class BadShareExceeded(RuntimeError):
+    """Raised when skipped samples pass the configured maximum share."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in the stream for a sample that was dropped, and says why."""
+
+    reason: str
+    sample_id: str
+    detail: str = ""
+
+
+class SkipReport:
+    """Counts per reason, with the number of samples seen; merges and serialises."""
+
+    def __init__(self, max_bad_share: float = 0.05, min_samples: int = 200, log_first: int = 5):
+        self.max_bad_share = max_bad_share
+        self.min_samples = min_samples
+        self.log_first = log_first
+        self.seen = 0
+        self.counts: dict[str, int] = {}
+        self.truncated_turns = 0
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def bad(self, marker: Skipped) -> None:
+        self.seen += 1
+        n = self.counts.get(marker.reason, 0) + 1
+        self.counts[marker.reason] = n
+        if n <= self.log_first:
+            log.warning("skipped sample %s: %s%s", marker.sample_id, marker.reason,
+                        f" ({marker.detail})" if marker.detail else "")
+        self.check()
+
+    def check(self, final: bool = False) -> None:
+        if self.seen < (1 if final else self.min_samples):
+            return
+        share = self.skipped / self.seen
+        if share > self.max_bad_share:
+            raise BadShareExceeded(
+                f"{self.skipped} of {self.seen} samples ({share:.1%}) were skipped, more than "
+                f"the allowed {self.max_bad_share:.1%} (data.max_bad_share): {self.counts}. "
+                "Fix the data or raise the limit.")
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"data/skipped/{k}": float(v) for k, v in sorted(self.counts.items())}
+        out["data/samples_seen"] = float(self.seen)
+        out["data/skipped_total"] = float(self.skipped)
+        out["data/truncated_turns"] = float(self.truncated_turns)
+        return out
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"data: {self.seen} samples, none skipped"
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        return (f"data: {self.seen} samples, {self.skipped} skipped "
+                f"({self.skipped / max(self.seen, 1):.2%}): {parts}")
+
+    def state(self) -> dict:
+        return {"seen": self.seen, "counts": dict(self.counts),
+                "truncated_turns": self.truncated_turns}
+
+    def load_state(self, state: dict) -> None:
+        self.seen = int(state["seen"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.truncated_turns = int(state.get("truncated_turns", 0))
