@@ -108,6 +108,7 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
         cfg.image_slots)
     it = ds.map(processor).to_iter_dataset()
     if cfg.workers > 0:
+        _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer))
     it = SkipFilterDataset(it, lambda: SkipReport(cfg.max_bad_share,
@@ -116,6 +117,14 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,
                      cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed)
     return BatchDataset(it, spec).__iter__()
+
+
+def _absl_flags_ready() -> None:
+    # Grain's worker processes read absl flags; a program without absl.app has not parsed them.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def skip_report(iterator) -> SkipReport:

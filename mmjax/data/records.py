@@ -44,3 +44,18 @@ def decode(record: bytes) -> dict:
         raise RecordError(f"record length {len(record)} does not match its header ({offset})")
     header["images"] = images
     return header
+
+
+def write_shard(path, encoded_records) -> int:
+    """Writes encoded records to one ArrayRecord file; returns how many."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    n = 0
+    try:
+        for rec in encoded_records:
+            writer.write(rec)
+            n += 1
+    finally:
+        writer.close()
+    return n
