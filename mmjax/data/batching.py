@@ -1,15 +1,15 @@
-"""Main-process stages: count and drop skipped samples, then pad or pack into fixed shapes.
+"""Count and drop skipped samples, pad or pack into fixed shapes, add up the counts.
 
 Axis legend: B rows, T sequence length, M image slots per row, S image size.
 
 Batches are `{"input_ids", "targets", "segment_ids", "positions": int32 [B, T],
-"pixel_values": uint8 [B, M, S, S, 3], "ids": [[sample id, ...] per row]}`. `targets` are
+"pixel_values": uint8 [B, M, S, S, 3] (float32 with host normalisation), "ids": [[sample id, ...] per row]}`. `targets` are
 next-token labels already shifted inside each sample (targets[t] = labels[t + 1], -100 at
 each sample's last token), so no label ever crosses a sample boundary in a packed row and
 the loss needs no shift. `segment_ids` number the samples of a row from 1 (0 = padding) and
 `positions` restart at 0 for each sample.
 
-Both stages are checkpointable Grain iterators. Batching works on windows of samples (one
+All stages are checkpointable Grain iterators. Batching works on windows of samples (one
 batch, or `window` samples for packing and length grouping): the state is the parent's state
 at the window start plus how many of its batches were emitted, and a restore re-reads and
 re-packs the window, which is deterministic.
@@ -22,39 +22,83 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data.quality import Skipped, SkipReport
+from mmjax.data.quality import Skipped, SkipReport, log
 from mmjax.data.tokenize import IGNORE
 
 
 class SkipFilterDataset(grain.IterDataset):
-    """Counts `Skipped` markers per reason (and dropped turns), drops them."""
+    """Drops `Skipped` markers, remembering per reason how many since the last batch.
+
+    Runs where the samples are made (a Grain worker, or the main process without workers);
+    `BatchDataset` hands the tallies downstream inside the batches and `ReportDataset`, in
+    the main process, adds them up, so the totals cover every worker.
+    """
+
+    def __iter__(self):
+        return _SkipFilterIterator(self._parent.__iter__())
+
+
+def empty_tally() -> dict:
+    return {"seen": 0, "truncated_turns": 0, "counts": {}}
+
+
+class _SkipFilterIterator(grain.DatasetIterator):
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.tally = empty_tally()
+        self._logged: dict[str, int] = {}
+
+    def take_tally(self) -> dict:
+        tally, self.tally = self.tally, empty_tally()
+        return tally
+
+    def __next__(self):
+        while True:
+            item = next(self._parent)
+            self.tally["seen"] += 1
+            if isinstance(item, Skipped):
+                counts = self.tally["counts"]
+                counts[item.reason] = counts.get(item.reason, 0) + 1
+                n = self._logged[item.reason] = self._logged.get(item.reason, 0) + 1
+                if n <= 3:
+                    log.warning("skipped sample %s: %s%s", item.sample_id, item.reason,
+                                f" ({item.detail})" if item.detail else "")
+                continue
+            self.tally["truncated_turns"] += int(item.get("dropped_turns", 0))
+            return item
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "tally": self.tally}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self.tally = state["tally"]
+
+
+class ReportDataset(grain.IterDataset):
+    """Main process: adds up the tallies batches carry, aborts past the allowed bad share."""
 
     def __init__(self, parent: grain.IterDataset, report_factory):
         super().__init__(parent)
         self._report_factory = report_factory
 
     def __iter__(self):
-        return _SkipFilterIterator(self._parent.__iter__(), self._report_factory())
+        return _ReportIterator(self._parent.__iter__(), self._report_factory())
 
 
-class _SkipFilterIterator(grain.DatasetIterator):
+class _ReportIterator(grain.DatasetIterator):
     def __init__(self, parent, report: SkipReport):
         super().__init__(parent)
         self.report = report
 
     def __next__(self):
-        while True:
-            try:
-                item = next(self._parent)
-            except StopIteration:
-                self.report.check(final=True)
-                raise
-            if isinstance(item, Skipped):
-                self.report.bad(item)
-                continue
-            self.report.ok()
-            self.report.truncated_turns += int(item.get("dropped_turns", 0))
-            return item
+        try:
+            batch = next(self._parent)
+        except StopIteration:
+            self.report.check(final=True)
+            raise
+        self.report.add(batch.pop("tally"))
+        return batch
 
     def get_state(self):
         return {"parent": self._parent.get_state(), "report": self.report.state()}
@@ -75,6 +119,7 @@ class BatchSpec:
     group_by_length: bool = False  # pad mode: sort a window by length into batches
     pad_id: int = 0
     seed: int = 0
+    pixel_dtype: str = "uint8"
 
     def window_size(self) -> int:
         if self.window:
@@ -142,9 +187,19 @@ class _BatchIterator(grain.DatasetIterator):
                 samples.append(next(self._parent))
             except StopIteration:
                 break
+        tally = self._parent.take_tally() if hasattr(self._parent, "take_tally") else None
         if not samples:
+            if tally and tally["seen"]:  # only skipped samples were left: report them
+                self._pending = [dict(self._materialise([], []), tally=tally)]
+                self._window += 1
+                self._emitted = 0
+                return
             raise StopIteration
         self._pending = self._batches(samples, self._window)
+        # The window's tally rides on its first batch (a restore that re-reads the window
+        # skips that batch if it was emitted, so nothing is counted twice).
+        for k, batch in enumerate(self._pending):
+            batch["tally"] = tally if (k == 0 and tally) else empty_tally()
         self._window += 1
         self._emitted = 0
 
@@ -172,7 +227,7 @@ class _BatchIterator(grain.DatasetIterator):
                "segment_ids": np.zeros((b, t), np.int32),
                "positions": np.zeros((b, t), np.int32),
                "pixel_values": np.zeros((b, s.max_images, s.image_size, s.image_size, 3),
-                                        np.uint8),
+                                        s.pixel_dtype),
                "ids": []}
         for r, row in enumerate(rows):
             pos, slot, ids = 0, 0, []

@@ -53,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         if w * h > max_pixels:
             raise ImageError("image_too_large", f"{w}x{h} > {max_pixels} pixels")
         image.load()  # decodes now: a truncated file fails here, not later
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageError("image_too_large", str(e)) from None
     except ImageError:
@@ -80,7 +80,8 @@ def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np
     aspect: 'pad' (LLaVA-1.5: square with the mean colour, then resize), 'resize' (squash),
     or 'crop' (resize the short side, centre crop).
     """
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     if aspect == "pad":
         image = expand_to_square(image, mean).resize((size, size), Image.BICUBIC)
     elif aspect == "resize":

@@ -1,9 +1,10 @@
 """Bad samples: never a crash, never silent.
 
 A sample that cannot be used becomes a `Skipped(reason, id)` marker instead of an exception.
-`SkipCounter` counts the markers per reason, logs the first few with their sample ids, drops
-them from the stream, and aborts with a clear error when their share passes the configured
-maximum. The counts are part of the iterator state and of the metrics.
+The pipeline (`mmjax.data.batching`) drops the markers, logs the first few of each reason with
+their sample ids, and adds up the counts in a `SkipReport`, which aborts with a clear error
+when their share passes the configured maximum. The counts are part of the iterator state
+and of the metrics.
 """
 from __future__ import annotations
 
@@ -44,10 +45,9 @@ class Skipped:
 class SkipReport:
     """Counts per reason, with the number of samples seen; merges and serialises."""
 
-    def __init__(self, max_bad_share: float = 0.05, min_samples: int = 200, log_first: int = 5):
+    def __init__(self, max_bad_share: float = 0.05, min_samples: int = 200):
         self.max_bad_share = max_bad_share
         self.min_samples = min_samples
-        self.log_first = log_first
         self.seen = 0
         self.counts: dict[str, int] = {}
         self.truncated_turns = 0
@@ -56,16 +56,12 @@ class SkipReport:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    def ok(self) -> None:
-        self.seen += 1
-
-    def bad(self, marker: Skipped) -> None:
-        self.seen += 1
-        n = self.counts.get(marker.reason, 0) + 1
-        self.counts[marker.reason] = n
-        if n <= self.log_first:
-            log.warning("skipped sample %s: %s%s", marker.sample_id, marker.reason,
-                        f" ({marker.detail})" if marker.detail else "")
+    def add(self, tally: dict) -> None:
+        """Adds a tally {'seen', 'counts', 'truncated_turns'} and checks the share."""
+        self.seen += int(tally["seen"])
+        self.truncated_turns += int(tally["truncated_turns"])
+        for reason, n in tally["counts"].items():
+            self.counts[reason] = self.counts.get(reason, 0) + int(n)
         self.check()
 
     def check(self, final: bool = False) -> None:

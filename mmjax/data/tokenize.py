@@ -15,6 +15,7 @@ import numpy as np
 from mmjax.data.templates import IMAGE, ConversationError, Template
 
 IGNORE = -100
+_SPACES = np.asarray([ord(c) for c in " \t\n\r\x0b\x0c"], np.uint32)
 
 
 @dataclasses.dataclass
@@ -61,33 +62,46 @@ class ConversationEncoder:
             pairs = pairs[:-1]  # never cut through image tokens: drop whole later turns
             dropped += 1
 
+    def _encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [L], character offsets [L, 2]); the Rust backend directly when there is one."""
+        add = self.template.add_special_tokens
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode"):
+            enc = backend.encode(text, add_special_tokens=add)
+            ids, offsets = enc.ids, enc.offsets
+        else:
+            enc = self.tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        return (np.asarray(ids, np.int32), np.asarray(offsets, np.int64).reshape(-1, 2))
+
     def _tokenize(self, rendered):
         text = rendered.text
-        enc = self.tokenizer(text, add_special_tokens=self.template.add_special_tokens,
-                             return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], np.int32)
-        labels = np.full(len(ids), IGNORE, np.int32)
-        covered = np.zeros(len(text), bool)
-        for i, (s, e) in enumerate(enc["offset_mapping"]):
-            if e <= s:
-                continue  # added special tokens (BOS) have empty spans
-            cs = s
-            while cs < e and text[cs].isspace():
-                cs += 1
-            core = (cs, e) if cs < e else (s, e)
-            for ts, te in rendered.targets:
-                if ts <= core[0] and core[1] <= te:
-                    labels[i] = ids[i]
-                    covered[s:e] = True
-                elif core[0] < te and core[1] > ts:
-                    raise ConversationError("tokenization_mismatch",
-                                            f"token {text[s:e]!r} straddles a reply boundary")
+        ids, offsets = self._encode(text)
+        start, end = offsets[:, 0], offsets[:, 1]
+        chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        space = np.isin(chars, _SPACES)
+        # next_solid[i]: first non-space character at or after i (len(text) if none)
+        solid = np.where(space, len(text), np.arange(len(text)))
+        next_solid = np.append(np.minimum.accumulate(solid[::-1])[::-1], len(text))
+        real = end > start  # added special tokens (BOS) have empty spans
+        core_start = np.where(real, next_solid[np.minimum(start, len(text))], start)
+        core_start = np.where(core_start < end, core_start, start)  # whitespace-only tokens
+        inside = np.zeros(len(ids), bool)
         for ts, te in rendered.targets:
-            span = np.frombuffer(text[ts:te].encode("utf-32-le"), np.uint32)
-            missing = ~covered[ts:te] & ~np.isin(span, [ord(c) for c in " \t\n\r"])
-            if missing.any():
+            within = real & (core_start >= ts) & (end <= te)
+            straddles = real & ~within & (core_start < te) & (end > ts)
+            if straddles.any():
+                i = int(np.flatnonzero(straddles)[0])
+                raise ConversationError("tokenization_mismatch", f"token "
+                                        f"{text[start[i]:end[i]]!r} straddles a reply boundary")
+            covered = np.zeros(te - ts + 1, np.int32)
+            np.add.at(covered, np.clip(start[within] - ts, 0, te - ts), 1)
+            np.add.at(covered, np.clip(end[within] - ts, 0, te - ts), -1)
+            if (~(np.cumsum(covered)[:-1] > 0) & ~space[ts:te]).any():
                 raise ConversationError("tokenization_mismatch",
                                         f"reply text {text[ts:te][:30]!r} not covered by tokens")
+            inside |= within
+        labels = np.where(inside, ids, IGNORE).astype(np.int32)
         return ids, labels
 
     def _expand_images(self, ids, labels):
