@@ -6,15 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from data_fixtures import (
+    CORPUS,
+    bad_records,
+    conv,
+    good_records,
+    word_tokenizer,
+    write_llava_json,
+    write_photos,
+)
 
-from data_fixtures import (CORPUS, bad_records, conv, good_records, word_tokenizer,
-                           write_llava_json, write_photos)
 from mmjax.data import records
 from mmjax.data.batching import pack, padding_fraction
-from mmjax.data.pipeline import (DataConfig, SourceConfig, build_pipeline, global_batch,
-                                 skip_report)
+from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, global_batch, skip_report
 from mmjax.data.quality import BadShareExceeded
-from mmjax.data.sources import ArrayRecordSource, DataSourceError, LlavaJsonSource, TfdsCaptionSource
+from mmjax.data.sources import (
+    ArrayRecordSource,
+    DataSourceError,
+    LlavaJsonSource,
+    TfdsCaptionSource,
+)
 from mmjax.models import Llava, presets
 from mmjax.sharding import make_mesh
 

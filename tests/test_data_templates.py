@@ -1,8 +1,8 @@
 """Token/label layouts for each template, checked exactly against hand-written expectations
 with a real (locally made) word-level HF tokenizer; mismatch detection and truncation."""
 import pytest
-
 from data_fixtures import CORPUS, bpe_tokenizer, conv, word_tokenizer
+
 from mmjax.data.templates import ConversationError, get_template, normalise_turns
 from mmjax.data.tokenize import ConversationEncoder
 

@@ -10,8 +10,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from mmjax.data.image import (DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize,
-                              resize_uint8)
+from mmjax.data.image import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_uint8
 from mmjax.data.quality import Skipped
 from mmjax.data.templates import ConversationError, normalise_turns
 from mmjax.data.tokenize import ConversationEncoder
