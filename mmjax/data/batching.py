@@ -6,8 +6,8 @@ Batches are `{"input_ids", "targets", "segment_ids", "positions": int32 [B, T],
 "pixel_values": uint8 [B, M, S, S, 3] (float32 with host normalisation),
 "ids": [[sample id, ...] per row]}`. `targets` are next-token labels already shifted inside
 each sample (targets[t] = labels[t + 1], -100 at each sample's last token), so no label ever
-crosses a sample boundary in a packed row and the loss needs no shift. `segment_ids` number the samples of a row from 1 (0 = padding) and
-`positions` restart at 0 for each sample.
+crosses a sample boundary in a packed row and the loss needs no shift. `segment_ids` number
+the samples of a row from 1 (0 = padding) and `positions` restart at 0 for each sample.
 
 All stages are checkpointable Grain iterators. Batching works on windows of samples (one
 batch, or `window` samples for packing and length grouping): the state is the parent's state
