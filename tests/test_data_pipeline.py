@@ -226,6 +226,13 @@ def test_group_by_length_batches_similar_lengths(files, tmp_path):
     batches = _drain(build_pipeline(cfg, files["tok"], MODEL))
     spread = [np.ptp((b["segment_ids"] > 0).sum(1)) for b in batches]
     assert max(spread) <= 2 and sorted(_ids(batches)) == sorted(r["id"] for r in recs)
+    # with length buckets, short batches get short rows (few static shapes for XLA)
+    bucketed = _drain(build_pipeline(_cfg(path, files["root"], batch_size=4,
+                                          group_by_length=True, pack_window=32,
+                                          length_buckets=(64, 96)), files["tok"], MODEL))
+    assert {b["input_ids"].shape[1] for b in bucketed} <= {64, 96, 128}
+    assert np.mean([padding_fraction(b) for b in bucketed]) < np.mean(
+        [padding_fraction(b) for b in batches])
 
 
 def test_arrayrecord_source_feeds_the_pipeline(files, tmp_path):
@@ -247,24 +254,51 @@ def test_arrayrecord_source_feeds_the_pipeline(files, tmp_path):
     assert skip_report(it).counts == {"malformed_record": 1}
 
 
-def test_tfds_captions_mapping(files):
-    """TFDS `coco_captions` elements (as `tfds.data_source` returns them) become one-caption
-    conversations; preparing the real dataset needs a download, so its element form is built
-    here from real photos."""
+def _tiny_coco_captions(files, data_dir):
+    """A real TFDS dataset with `coco_captions`' element form, built and prepared locally
+    (array_record files; the real coco_captions needs a download to prepare)."""
+    import tensorflow_datasets as tfds
     from PIL import Image
 
     photos = [np.asarray(Image.open(files["root"] / p).convert("RGB")) for p in files["photos"]]
-    elements = [{"image": im, "image/id": np.int64(100 + i),
-                 "captions": {"text": np.array([b"An astronaut.", b"A cat."], object)}}
-                for i, im in enumerate(photos)]
-    elements.append({"image": photos[0], "image/id": np.int64(9), "captions": {"text": []}})
-    src = TfdsCaptionSource(elements, name="coco_captions")
-    assert src[0]["conversations"][1]["value"] == "An astronaut."
-    assert src[1]["conversations"][1]["value"] == "A cat."
-    cfg = DataConfig(sources=(), template="plain", max_length=32, batch_size=2, shuffle=False,
-                     max_bad_share=1.0)
-    it = build_pipeline(cfg, files["tok"], MODEL, sources=[src])
-    assert sorted(_ids(_drain(it))) == [f"coco_captions:{100 + i}" for i in range(4)]
+
+    class TinyCocoCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
+                                              encoding="zlib"),
+                "image/id": np.int64,
+                "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, im in enumerate(photos):
+                yield i, {"image": im, "image/id": 100 + i,
+                          "captions": {"text": ["An astronaut.", "A cat."]}}
+            yield 99, {"image": photos[0], "image/id": 9, "captions": {"text": []}}
+
+    TinyCocoCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return "tiny_coco_captions"
+
+
+def test_tfds_source_feeds_the_pipeline(files, tmp_path):
+    name = _tiny_coco_captions(files, tmp_path)
+    src = TfdsCaptionSource.from_tfds(name, "train", str(tmp_path))
+    assert len(src) == 5
+    by_id = {src[i]["id"]: src[i] for i in range(5) if isinstance(src[i], dict)}
+    assert by_id["tiny_coco_captions:100"]["conversations"][1]["value"] in ("An astronaut.",
+                                                                             "A cat.")
+    cfg = DataConfig(sources=(SourceConfig("tfds", name, split="train"),), template="plain",
+                     max_length=32, batch_size=2, shuffle=False, max_bad_share=1.0,
+                     tfds_data_dir=str(tmp_path))
+    it = build_pipeline(cfg, files["tok"], MODEL)
+    batches = _drain(it)
+    assert sorted(_ids(batches)) == [f"tiny_coco_captions:{100 + i}" for i in range(4)]
+    assert batches[0]["pixel_values"].shape == (2, 1, 56, 56, 3)
     assert skip_report(it).counts == {"empty_reply": 1}
 
 

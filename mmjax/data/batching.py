@@ -120,6 +120,11 @@ class BatchSpec:
     pad_id: int = 0
     seed: int = 0
     pixel_dtype: str = "uint8"
+    length_buckets: tuple[int, ...] = ()  # pad mode: row length = smallest bucket that fits
+
+    def row_length(self, longest: int) -> int:
+        fits = [b for b in sorted(self.length_buckets) if b >= longest]
+        return fits[0] if fits else self.seq_len
 
     def window_size(self) -> int:
         if self.window:
@@ -222,6 +227,8 @@ class _BatchIterator(grain.DatasetIterator):
     def _materialise(self, samples, rows) -> dict:
         s = self.spec
         b, t = s.batch_size, s.seq_len
+        if s.mode == "pad" and s.length_buckets and rows:
+            t = s.row_length(max(len(samples[i]["input_ids"]) for row in rows for i in row))
         out = {"input_ids": np.full((b, t), s.pad_id, np.int32),
                "targets": np.full((b, t), IGNORE, np.int32),
                "segment_ids": np.zeros((b, t), np.int32),

@@ -46,6 +46,7 @@ class DataConfig:
     packing: str = "pad"  # pad | first_fit | best_fit
     pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
     group_by_length: bool = False
+    length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
     max_images_per_row: int = 0  # image slots per row; 0 = 1 when padding, 4 when packing
     image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
     max_image_pixels: int = 64_000_000
@@ -117,7 +118,7 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,
                      cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed,
-                     "float32" if cfg.normalize_on_host else "uint8")
+                     "float32" if cfg.normalize_on_host else "uint8", tuple(cfg.length_buckets))
     it = BatchDataset(it, spec)
     if cfg.workers > 0:  # workers make whole batches: one transfer per batch, not per sample
         _absl_flags_ready()
