@@ -1,1 +1,2 @@
-"""The input side: image ops, tokenizers (and, with the data issue, the Grain pipeline)."""
+"""The input side: sources, image ops, templates, tokenisation and masking, padding and
+packing, bad-sample accounting, and the Grain pipeline that ties them together."""
