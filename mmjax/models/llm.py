@@ -101,7 +101,11 @@ class LLM(nn.Module):
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """ids [B, T] -> [B, T, D] in the compute dtype."""
-        return jnp.take(self.embed_tokens, ids, axis=0).astype(self.rt.dtype)
+        # Gather from the table with its model dim whole (FSDP gathers weights for use
+        # anyway); a table split on the same mesh axis as the batch makes GSPMD replicate.
+        table = nn.with_logical_constraint(self.embed_tokens, ("vocab", None))
+        x = jnp.take(table, ids, axis=0).astype(self.rt.dtype)
+        return nn.with_logical_constraint(x, ACT_AXES)
 
     def decode(self, x, positions, segment_ids, return_hidden: bool = False):
         """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D])."""

@@ -1,0 +1,1 @@
+"""The training side: trainable groups and optimizer, state and the jitted step."""

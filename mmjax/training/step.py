@@ -1,0 +1,165 @@
+"""Train state, its sharded initialisation, and the one pure train step.
+
+Axis legend: B rows, T length, V vocabulary, A gradient-accumulation micro-batches.
+
+`train_step(state, batch) -> (state, metrics)` is jitted with declared shardings and the
+state donated. Only the trainable subtree is differentiated and has optimizer state; a
+non-finite loss or gradient, or a batch with no label tokens, leaves the state unchanged and
+is counted (`state.skipped_in_a_row` lets the loop stop after K in a row).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.data.pipeline import DEVICE_KEYS, device_pixels
+from mmjax.data.tokenize import IGNORE
+from mmjax.training.optimizer import OptimConfig, group_labels, make_optimizer, merge, split
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied
+    params: Any  # the full parameter tree
+    opt_state: Any  # optimizer state of the trainable subtree
+    skipped: jax.Array  # int32: non-finite or empty steps so far
+    skipped_in_a_row: jax.Array  # int32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    grad_accum: int = 1  # micro-batches per step (split along B)
+
+
+def token_loss(logits, targets):
+    """Summed next-token cross-entropy over non-ignored targets, and their count."""
+    mask = targets != IGNORE
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], -1)[..., 0]
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+class Trainer:
+    """Binds a model, its trainable groups and optimizer; builds the jitted init and step."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, step_cfg: StepConfig = StepConfig()):
+        self.model, self.optim, self.step_cfg = model, optim, step_cfg
+        self.vision = model.cfg.vision
+
+    # ----------------------------------------------------------------------------- init
+    def labels(self, params):
+        return group_labels(params, self.optim.groups)
+
+    def tx(self, params):
+        labels = self.labels(params)
+        return make_optimizer(self.optim, split(labels, labels)[0])
+
+    def create_state(self, params) -> TrainState:
+        trainable, _ = split(params, self.labels(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx(params).init(trainable),
+                          skipped=jnp.zeros((), jnp.int32),
+                          skipped_in_a_row=jnp.zeros((), jnp.int32))
+
+    def state_shardings(self, params_shardings, abstract_params):
+        """Shardings of the state: optimizer moments follow their parameters."""
+        abstract = jax.eval_shape(self.create_state, abstract_params)
+        trainable_sh = split(params_shardings, self.labels(abstract_params))[0]
+        mesh = jax.tree.leaves(params_shardings)[0].mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        opt_sh = _opt_state_shardings(abstract.opt_state, trainable_sh, replicated)
+        return TrainState(step=replicated, params=params_shardings, opt_state=opt_sh,
+                          skipped=replicated, skipped_in_a_row=replicated)
+
+    # ----------------------------------------------------------------------------- step
+    def loss_and_grads(self, trainable, frozen, batch):
+        def loss_fn(t, micro):
+            params = merge(t, frozen)
+            pixels = device_pixels(micro["pixel_values"], self.vision)
+            logits = self.model.apply({"params": params}, micro["input_ids"], pixels,
+                                      micro["positions"], micro["segment_ids"])
+            total, count = token_loss(logits, micro["targets"])
+            return total, count
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        a = self.step_cfg.grad_accum
+        if a == 1:
+            (total, count), grads = grad_fn(trainable, batch)
+        else:
+            # strided split (row i goes to micro-batch i % a) keeps every micro-batch spread
+            # over the batch-sharded devices
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1),
+                batch)
+
+            def body(carry, mb):
+                (t_sum, c_sum, g_sum) = carry
+                (t, c), g = grad_fn(trainable, mb)
+                return (t_sum + t, c_sum + c, jax.tree.map(jnp.add, g_sum, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            (total, count, grads), _ = jax.lax.scan(
+                body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros), micro)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        return total / denom, count, jax.tree.map(lambda g: g / denom, grads)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        labels = self.labels(state.params)
+        trainable, frozen = split(state.params, labels)
+        loss, count, grads = self.loss_and_grads(trainable, frozen, batch)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (count > 0)
+        tx = make_optimizer(self.optim, split(labels, labels)[0])
+        updates, new_opt = tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa
+        new_state = TrainState(
+            step=state.step + ok.astype(jnp.int32),
+            params=merge(keep(new_trainable, trainable), frozen),
+            opt_state=keep(new_opt, state.opt_state),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            skipped_in_a_row=jnp.where(ok, 0, state.skipped_in_a_row + 1))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": count,
+                   "real_tokens": jnp.sum(batch["segment_ids"] > 0),
+                   "param_norm": optax.tree.norm(new_trainable), "skipped": ~ok}
+        return new_state, metrics
+
+    def jit_step(self, state_shardings, batch_sharding) -> Callable:
+        return jax.jit(self.train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _opt_state_shardings(abstract_opt_state, param_shardings, replicated):
+    """Adam moments take their parameter's sharding; counts and other scalars replicate.
+
+    A moment's key path ends with its parameter's path (optax nests them under
+    chain / multi_transform / masked states), which is how the two are matched.
+    """
+    by_path = {tuple(k.key for k in path): sh for path, sh in
+               jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def pick(path, leaf):
+        tail = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            tail.insert(0, k.key)
+        sh = by_path.get(tuple(tail))
+        return sh if sh is not None and getattr(leaf, "ndim", 0) > 0 else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def batch_shardings(mesh, rules=None) -> dict:
+    from mmjax.sharding import DEFAULT_RULES, batch_sharding
+
+    rules = DEFAULT_RULES if rules is None else rules
+    ndims = {"input_ids": 2, "targets": 2, "segment_ids": 2, "positions": 2, "pixel_values": 5}
+    return {k: batch_sharding(mesh, ndims[k], rules) for k in DEVICE_KEYS}
+
