@@ -25,3 +25,85 @@ def mesh(**sizes) -> ml_collections.ConfigDict:
 def logical_axis_rules():
     """Logical axis name -> mesh axis (or tuple of axes, or None = replicated)."""
     return [list(rule) for rule in DEFAULT_RULES]
+
+
+def training(stage: int) -> ml_collections.ConfigDict:
+    """The LLaVA-1.5 recipe for a stage (DESIGN.md section 2); variants override fields."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model = "llava15_7b"
+    c.runtime = runtime(dtype="bfloat16", remat_policy="save_qkv_context")
+    c.mesh = mesh()
+    c.logical_axis_rules = logical_axis_rules()
+    c.seed = 0
+    # Where weights come from (local directories; see README "Hugging Face weights").
+    c.init = ml_collections.ConfigDict(dict(
+        hf_llava="",  # a whole LlavaForConditionalGeneration checkpoint, or:
+        hf_vision="",  # CLIPVisionModel / SiglipVisionModel dir
+        hf_llm="",  # LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM dir
+        stage1_checkpoint="",  # stage 2: a stage-1 work dir (or its checkpoints/ dir)
+        stage1_parts=("projector",),  # what stage 2 takes from stage 1
+        random=False,  # demo: random init instead of HF weights
+    ))
+    c.tokenizer = ""  # tokenizer dir; default: hf_llava or hf_llm
+    c.data = ml_collections.ConfigDict(dict(
+        sources=[],  # [{"kind": "llava_json", "path": ..., "image_root": ..., "weight": 1.0}]
+        template="plain" if stage == 1 else "vicuna_v1",
+        max_length=2048, packing="pad", workers=8, max_images_per_row=0,
+        max_bad_share=0.01, image_aspect="pad"))
+    c.batch_size = 256 if stage == 1 else 128  # global, across processes and accumulation
+    c.grad_accum = 1
+    c.num_epochs = 1
+    c.total_steps = 0  # 0: num_epochs over the data
+    lr = 1e-3 if stage == 1 else 2e-5
+    c.optim = ml_collections.ConfigDict(dict(
+        groups=[("projector/.*", lr), (".*", None)] if stage == 1 else
+        [("vision_tower/.*", None), ("projector/.*", lr), ("language_model/.*", lr)],
+        warmup_ratio=0.03, weight_decay=0.0, grad_clip=1.0, schedule="cosine"))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        save_interval=500, keep_last=2, keep_every=0, async_save=True))
+    c.log_every = 10
+    c.log_sample_ids = False  # write each step's sample ids to samples.jsonl (debugging)
+    c.max_skipped_in_a_row = 5
+    c.eval = ml_collections.ConfigDict(dict(qa_file="", image_root="", template=""))
+    return c
+
+
+def demo_training(stage: int, workdir_data: str = "/tmp/mmjax-demo/data"):
+    """The embedded demo: tiny towers from scratch on generated shapes, a few minutes on CPU.
+
+    Unlike CLIP and Vicuna, random towers know nothing yet, so the demo's stage 1 trains the
+    ViT, the projector and the LLM on the captions; stage 2 then follows the recipe: the ViT
+    is frozen and the projector and LLM are tuned on the instructions, starting from stage
+    1's checkpoint.
+    """
+    c = training(stage)
+    c.model = "demo"
+    c.runtime = runtime()
+    c.mesh = mesh(data=1, fsdp=-1, tensor=1)
+    c.init.random = True
+    c.init.stage1_parts = ("vision_tower", "projector", "language_model")
+    c.tokenizer = f"{workdir_data}/tokenizer"
+    split = "captions" if stage == 1 else "instruct"
+    c.data.sources = [{"kind": "llava_json", "path": f"{workdir_data}/train_{split}.json",
+                       "image_root": workdir_data, "weight": 1.0}]
+    c.data.template = "plain" if stage == 1 else "vicuna_v1"
+    c.data.max_length = 64 if stage == 1 else 160
+    c.data.packing = "first_fit"
+    c.data.max_images_per_row = 3 if stage == 1 else 2
+    c.data.workers = 0
+    c.data.max_bad_share = 0.0
+    c.batch_size = 16
+    c.num_epochs = 0
+    c.total_steps = 300 if stage == 1 else 400
+    lr = 3e-3
+    c.optim.groups = ([(".*", lr)]
+                      if stage == 1 else
+                      [("vision_tower/.*", None), ("projector/.*", lr), ("language_model/.*", lr)])
+    c.optim.warmup_ratio = 0.05
+    c.checkpoint.save_interval = 100
+    c.log_every = 50
+    c.eval.qa_file = f"{workdir_data}/heldout_qa.json"
+    c.eval.image_root = workdir_data
+    c.eval.template = "vicuna_v1"
+    return c

@@ -1,18 +1,26 @@
 """The embedded demo (no downloads): a tiny LLaVA on a real photo, sharded over all devices.
 
     python -m mmjax.demo [--config configs/model.py:tiny] [--config.mesh.tensor=2 ...]
+    python -m mmjax.demo --train [--workdir /tmp/mmjax-demo]   (work in progress)
 
-Until the training job exists this runs what the foundation has: it trains a small BPE
+By default (what `make demo` runs) it shows the foundation: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,
 mlp2x_gelu projector, Llama decoder), preprocesses the bundled photo the LLaVA-1.5 way
 (pad to square with the tower's mean colour, resize, normalise), splices its image tokens
 into a vicuna-style prompt, and runs the jitted forward on a data x fsdp x tensor mesh over
 every device, checking it against the unsharded forward. It prints shapes and logit stats.
+
+`--train` runs the two-stage training demo on generated shapes (stage 1 captions, stage 2
+short-answer instructions, then held-out accuracy with and without images). It runs end to
+end but does not yet reach its 90% target: the tiny model settles at the text-only optimum
+(stage-1 loss 0.54 nats/token, the entropy of the captions without the image) within the
+few hundred steps it gets, so it is not the default yet.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import tempfile
 import time
 from importlib import resources
@@ -27,7 +35,7 @@ from PIL import Image
 from mmjax import configlib
 from mmjax.data.image import preprocess
 from mmjax.data.tokenizer import train_bpe_tokenizer
-from mmjax.models import Llava
+from mmjax.models import Llava, presets
 from mmjax.models.factory import count_params
 from mmjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_rules
 
@@ -39,8 +47,9 @@ PROMPT = ("A chat between a curious human and an artificial intelligence assista
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model.py"
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def forward_demo(argv=None) -> dict:
+    """A sharded forward pass of a tiny random LLaVA on the bundled photo."""
+    parser = argparse.ArgumentParser(description="forward pass demo")
     parser.add_argument("--config", default=str(CONFIG), help="config file[:variant]")
     parser.add_argument("--seed", type=int, default=0)
     args, overrides = parser.parse_known_args(argv)
@@ -100,6 +109,86 @@ def main(argv=None) -> dict:
     if err > 1e-4:
         raise SystemExit(f"sharded and unsharded forward disagree ({err:.2e})")
     return stats
+
+
+def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
+                  overrides: list[str] = ()) -> dict:
+    """Generate shapes data, train a tokenizer, run stage 1 and stage 2, score held-out."""
+    import json
+
+    from mmjax import train as train_lib
+    from mmjax.data.synthetic import vocabulary_text, write_split
+    from mmjax.data.templates import VICUNA_SYSTEM
+    from mmjax.training.evaluate import short_answer_accuracy
+
+    t0 = time.time()
+    data = workdir / "data"
+    size = presets.get("demo").vision.image_size
+    write_split(data, "train", n_train, size, seed=1)
+    heldout = write_split(data, "heldout", n_heldout, size, seed=2)
+    demo = presets.get("demo")
+    tok = train_bpe_tokenizer(vocabulary_text() + [VICUNA_SYSTEM, "USER: ASSISTANT:"] * 5,
+                              vocab_size=demo.llm.vocab_size, out_dir=data / "tokenizer")
+    assert tok.convert_tokens_to_ids("<image>") == demo.image_token_id
+    print(f"demo data: {n_train} training and {n_heldout} held-out images in {data}; "
+          f"tokenizer of {len(tok)} tokens ({time.time() - t0:.0f}s)", flush=True)
+    results = {}
+    for stage in (1, 2):
+        c = configlib.load(f"{CONFIGS}/stage{stage}.py:demo", list(overrides))
+        c.tokenizer = str(data / "tokenizer")
+        split = "captions" if stage == 1 else "instruct"
+        c.data.sources = [{"kind": "llava_json", "path": str(data / f"train_{split}.json"),
+                           "image_root": str(data), "weight": 1.0}]
+        if stage == 2:
+            c.init.stage1_checkpoint = str(workdir / "stage1")
+        print(f"\n== stage {stage}: trains {[g for g, lr in c.optim.groups if lr]} ==",
+              flush=True)
+        results[stage] = train_lib.train(c, workdir / f"stage{stage}")
+    model = Llava(presets.get("demo"))
+    params = results[2]["state"].params
+    items = json.loads(heldout["qa"].read_text())
+    with_images = short_answer_accuracy(model, params, tok, "vicuna_v1", items, data)
+    blank = short_answer_accuracy(model, params, tok, "vicuna_v1", items, data,
+                                  blank_images=True)
+    chance = float(np.mean([1 / {"colour": 4, "shape": 3, "side": 2, "count": 3}[it["kind"]]
+                            for it in items]))
+    print(f"\n== held-out short-answer accuracy ({len(items)} questions on {n_heldout} "
+          "unseen images) ==")
+    for k in sorted(with_images):
+        if k.startswith("accuracy"):
+            print(f"  {k:22s} with images {with_images[k]:6.1%}   blank images {blank[k]:6.1%}")
+    print(f"  chance (guessing uniformly per question kind): {chance:.1%}")
+    for q, a in with_images["examples"]:
+        print(f"  Q: {q}  A: {a!r}")
+    wall = time.time() - t0
+    print(f"demo done in {wall:.0f}s")
+    return {"accuracy": with_images["accuracy"], "blank_accuracy": blank["accuracy"],
+            "chance": chance, "seconds": wall}
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The embedded demo: two-stage training of a "
+                                     "tiny LLaVA on generated shapes, then held-out accuracy.")
+    parser.add_argument("--workdir", default="/tmp/mmjax-demo")
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--train", action="store_true",
+                        help="the two-stage training demo (work in progress: it does not yet "
+                        "reach its 90%% accuracy target, so `make demo` runs the forward demo)")
+    args, overrides = parser.parse_known_args(argv)
+    if not args.train:
+        return forward_demo(overrides)
+    import shutil
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    workdir = Path(args.workdir)
+    shutil.rmtree(workdir, ignore_errors=True)  # the demo always starts from scratch
+    out = training_demo(workdir, args.train_images, overrides=overrides)
+    if out["accuracy"] < 0.9:
+        raise SystemExit(f"demo accuracy {out['accuracy']:.1%} is below the 90% target")
+    return out
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_demo_runs_sharded_and_matches_single_device():
-    stats = demo.main(["--config.mesh.tensor=2"])
+    stats = demo.forward_demo(["--config.mesh.tensor=2"])
     assert stats["logits_shape"][0] == 4 and stats["logits_shape"][2] == 512
     assert stats["sharded_vs_unsharded_max_abs_diff"] < 1e-5
 

@@ -113,7 +113,8 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     # In the main process, threads overlap PIL's GIL-free decode and resize. Inside worker
     # processes one thread each is 4x faster than Grain's default 16 (measured by
     # mmjax.benchmarks.data_pipeline: 16 threads thrash on the GIL in every worker).
-    read = grain.ReadOptions(num_threads=1 if cfg.workers > 0 else 16, prefetch_buffer_size=4)
+    threads = 1 if cfg.workers > 0 else 16
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(4, threads))
     it = SkipFilterDataset(ds.map(processor).to_iter_dataset(read))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,

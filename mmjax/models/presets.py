@@ -85,6 +85,14 @@ LLAVA = {
     "tiny": _llava("tiny_clip", "tiny_llm", 511),
     "tiny_siglip": _llava("tiny_siglip", "tiny_llm", 511, vision_feature_layer=-1,
                           vision_feature_select="full"),
+    # The embedded demo: trained from scratch on CPU in minutes. Its tokenizer (trained by
+    # the demo) puts <image> at id 4 and has at most 384 entries.
+    "demo": LlavaConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=96, intermediate_size=192,
+                            num_layers=4, num_heads=4),
+        llm=LLMConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_layers=3,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+        projector=ProjectorConfig("mlp2x_gelu"), image_token_id=4),
 }
 
 PRESETS = {**VISION, **LLM, **LLAVA}

@@ -1,0 +1,22 @@
+"""Stage 2 (visual instruction tuning): vision frozen, projector and LLM trained.
+
+Variants: llava15_7b (default), llava15_13b, siglip_qwen2_7b (chatml), llava_1b, demo.
+The projector comes from stage 1 (init.stage1_checkpoint: its work dir), the towers from
+HF weights (init.hf_vision + init.hf_llm, or init.hf_llava).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+
+def get_config(arg=None):
+    variant = arg or "llava15_7b"
+    if variant == "demo":
+        return common.demo_training(2)
+    c = common.training(2)
+    c.model = variant
+    if variant == "siglip_qwen2_7b":
+        c.data.template = "chatml"
+    return c
