@@ -38,7 +38,7 @@ def draw(rng, size: int):
     half = size // 2
     x0 = 0 if side == "left" else half
     slots = rng.permutation(3)[:count]
-    r = max(3, size // 10)
+    r = max(3, size // 7)
     for k in slots:
         cx = x0 + half // 2 + int(rng.integers(-2, 3))
         cy = int((k + 0.5) * size / 3) + int(rng.integers(-1, 2))

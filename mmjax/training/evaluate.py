@@ -27,7 +27,10 @@ def greedy_answers(model, params, tokenizer, encoder: ConversationEncoder, items
     prompts, pixels = [], []
     eos = tokenizer.convert_tokens_to_ids(encoder.template.end_of_turn or tokenizer.eos_token)
     for item in items:
-        rendered = encoder.template.render(None, [(item["question"], "")])
+        question = item["question"]
+        if "<image>" not in question:
+            question = "<image>\n" + question
+        rendered = encoder.template.render(None, [(question, "")])
         # everything before the reply; the space before it belongs to the reply's first
         # token in training ("ASSISTANT: yes" -> ..., "Ġyes"), so the prompt ends at ':'
         text = rendered.text[:rendered.targets[0][0]].rstrip(" ")
