@@ -23,8 +23,9 @@ $(VENV)/.test: $(VENV)/.base
 install: $(VENV)/.base
 install-test: $(VENV)/.test
 
+# The demo trains a tiny model: 2 CPU devices (data parallel) run it faster than 8.
 demo: $(VENV)/.base
-	$(PY) -m mmjax.demo --config.mesh.tensor=2
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m mmjax.demo
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

@@ -1,20 +1,20 @@
 """The embedded demo (no downloads): a tiny LLaVA on a real photo, sharded over all devices.
 
-    python -m mmjax.demo [--config configs/model.py:tiny] [--config.mesh.tensor=2 ...]
-    python -m mmjax.demo --train [--workdir /tmp/mmjax-demo]   (work in progress)
+    python -m mmjax.demo [--workdir /tmp/mmjax-demo]          (what `make demo` runs)
+    python -m mmjax.demo --forward [--config configs/model.py:tiny] [--config.mesh.tensor=2]
 
-By default (what `make demo` runs) it shows the foundation: it trains a small BPE
+By default it generates a dataset of coloured shapes (captions for stage 1; short-answer
+questions with LLaVA's format prompt, multi-turn and counting for stage 2), trains a BPE
+tokenizer and a tiny ViT + LLM from scratch through `mmjax.train` (stage 1, then stage 2
+from stage 1's checkpoint), and reports held-out short-answer accuracy on unseen images
+against the same model fed blank images. It exits non-zero below 90%.
+
+`--forward` shows the foundation alone: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,
 mlp2x_gelu projector, Llama decoder), preprocesses the bundled photo the LLaVA-1.5 way
 (pad to square with the tower's mean colour, resize, normalise), splices its image tokens
 into a vicuna-style prompt, and runs the jitted forward on a data x fsdp x tensor mesh over
 every device, checking it against the unsharded forward. It prints shapes and logit stats.
-
-`--train` runs the two-stage training demo on generated shapes (stage 1 captions, stage 2
-short-answer instructions, then held-out accuracy with and without images). It runs end to
-end but does not yet reach its 90% target: the tiny model settles at the text-only optimum
-(stage-1 loss 0.54 nats/token, the entropy of the captions without the image) within the
-few hundred steps it gets, so it is not the default yet.
 """
 from __future__ import annotations
 
@@ -174,11 +174,10 @@ def main(argv=None):
                                      "tiny LLaVA on generated shapes, then held-out accuracy.")
     parser.add_argument("--workdir", default="/tmp/mmjax-demo")
     parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--train", action="store_true",
-                        help="the two-stage training demo (work in progress: it does not yet "
-                        "reach its 90%% accuracy target, so `make demo` runs the forward demo)")
+    parser.add_argument("--forward", action="store_true",
+                        help="only the sharded forward pass of a tiny random LLaVA")
     args, overrides = parser.parse_known_args(argv)
-    if not args.train:
+    if args.forward:
         return forward_demo(overrides)
     import shutil
 
