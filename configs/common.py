@@ -33,9 +33,15 @@ def training(stage: int) -> ml_collections.ConfigDict:
     c.stage = stage
     c.model = "llava15_7b"
     c.runtime = runtime(dtype="bfloat16", remat_policy="save_qkv_context")
-    c.mesh = mesh()
+    c.mesh = mesh()  # per slice (TPU) / per granule; * mesh_dcn = the whole mesh
+    c.mesh_dcn = mesh(fsdp=1)  # across TPU slices or GPU hosts (multi-slice: data=#slices)
+    c.mesh_granule = "auto"  # auto | slice | process: what a DCN granule is
     c.logical_axis_rules = logical_axis_rules()
     c.seed = 0
+    # Multi-host start-up (mmjax.distributed): auto detects Cloud TPU VMs, SLURM, Open MPI.
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto", coordinator_address="", num_processes=0, process_id=-1,
+        initialization_timeout=300))
     # Where weights come from (local directories; see README "Hugging Face weights").
     c.init = ml_collections.ConfigDict(dict(
         hf_llava="",  # a whole LlavaForConditionalGeneration checkpoint, or:
@@ -60,8 +66,19 @@ def training(stage: int) -> ml_collections.ConfigDict:
         groups=[("projector/.*", lr), (".*", None)] if stage == 1 else
         [("vision_tower/.*", None), ("projector/.*", lr), ("language_model/.*", lr)],
         warmup_ratio=0.03, weight_decay=0.0, grad_clip=1.0, schedule="cosine"))
+    # LoRA for stage 2 (LLaVA-1.5's LoRA recipe); enabled, it replaces optim.groups with
+    # adapters at lr and the projector at projector_lr, everything else frozen.
+    c.lora = ml_collections.ConfigDict(dict(
+        enabled=False, rank=128, alpha=256.0, dropout=0.05, lr=2e-4, projector_lr=2e-5,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     c.checkpoint = ml_collections.ConfigDict(dict(
         save_interval=500, keep_last=2, keep_every=0, async_save=True))
+    c.metrics = ml_collections.ConfigDict(dict(
+        tensorboard=True,  # event files in WORKDIR/tensorboard
+        wandb_project="", wandb_name="",  # set a project to log to Weights & Biases
+        peak_tflops=0.0,  # per-device peak for MFU; 0: known accelerators from a table
+    ))
+    c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=0))  # jax.profiler
     c.log_every = 10
     c.log_sample_ids = False  # write each step's sample ids to samples.jsonl (debugging)
     c.max_skipped_in_a_row = 5

@@ -45,8 +45,21 @@ def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
 
 
 def runtime(cfg: ml_collections.ConfigDict) -> RuntimeConfig:
+    """The runtime section, plus the LoRA adapters when `lora.enabled`."""
     fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    return RuntimeConfig(**{k: v for k, v in cfg.runtime.items() if k in fields})
+    values = {k: v for k, v in cfg.runtime.items() if k in fields}
+    lora = cfg.get("lora")
+    if lora is not None and lora.enabled:
+        values.update(lora_rank=int(lora.rank), lora_alpha=float(lora.alpha),
+                      lora_dropout=float(lora.dropout), lora_targets=tuple(lora.targets))
+    return RuntimeConfig(**values)
+
+
+def distributed(cfg: ml_collections.ConfigDict):
+    from mmjax.distributed import DistributedConfig
+
+    d = cfg.get("distributed")
+    return DistributedConfig(**dict(d.items())) if d is not None else DistributedConfig()
 
 
 def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
@@ -56,6 +69,18 @@ def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
 
 def mesh_axes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return dict(cfg.mesh.items())
+
+
+def mesh_dcn(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """The DCN (across slices / hosts) part of the mesh; all 1 when not configured."""
+    return dict(cfg.mesh_dcn.items()) if "mesh_dcn" in cfg else {}
+
+
+def make_mesh(cfg: ml_collections.ConfigDict):
+    from mmjax.sharding import make_mesh as _make
+
+    granule = cfg.get("mesh_granule", "auto")
+    return _make(mesh_axes(cfg), dcn_sizes=mesh_dcn(cfg), granule=granule)
 
 
 def model(cfg: ml_collections.ConfigDict):

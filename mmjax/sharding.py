@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),
     ("length", None),
     ("patch_y", None),
     ("patch_x", None),
@@ -40,24 +41,52 @@ DEFAULT_RULES: Rules = (
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with the given axis sizes (one may be -1: the remaining devices), Auto axes."""
+def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_sizes: dict[str, int] | None = None, granule: str = "auto") -> Mesh:
+    """A mesh with the given axis sizes (one may be -1: the remaining devices), Auto axes.
+
+    `dcn_sizes` splits axes across granules joined by the slower data-centre network: TPU
+    slices (multi-slice) or hosts (GPU clusters, `granule='process'`). An axis's full size is
+    then `axis_sizes[a] * dcn_sizes[a]`, and `axis_sizes` (with its -1) describes one
+    granule. `granule='auto'` picks slices when devices carry a slice index, else processes.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    dcn = {k: int((dcn_sizes or {}).get(k, 1)) for k in axis_sizes}
+    unknown = set(dcn_sizes or {}) - set(axis_sizes)
+    if unknown:
+        raise ValueError(f"dcn mesh axes {sorted(unknown)} are not mesh axes {list(axis_sizes)}")
+    n_granules = math.prod(dcn.values())
+    if len(devices) % n_granules:
+        raise ValueError(f"{len(devices)} devices do not split into {n_granules} DCN granules")
+    sizes = _resolve_sizes(axis_sizes, len(devices) // n_granules)
+    names = tuple(sizes)
+    types = (AxisType.Auto,) * len(names)
+    if n_granules == 1:
+        return jax.make_mesh(tuple(sizes.values()), names, axis_types=types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    by_process = (granule == "process" or
+                  (granule == "auto" and getattr(devices[0], "slice_index", None) is None))
+    array = mesh_utils.create_hybrid_device_mesh(
+        tuple(sizes.values()), tuple(dcn[k] for k in names), devices,
+        process_is_granule=by_process)
+    return Mesh(array, names, axis_types=types)
+
+
+def _resolve_sizes(axis_sizes: dict[str, int], n_devices: int) -> dict[str, int]:
     sizes = dict(axis_sizes)
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {free}")
     known = math.prod(v for v in sizes.values() if v != -1)
     if free:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {axis_sizes}")
-        sizes[free[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
+        if n_devices % known:
+            raise ValueError(f"{n_devices} devices do not divide into mesh {axis_sizes}")
+        sizes[free[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, "
-                         f"have {len(devices)}")
-    names = tuple(sizes)
-    return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+                         f"have {n_devices}")
+    return sizes
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
@@ -80,13 +109,21 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for a tree of logically partitioned (boxed) values or abstract values."""
     specs = nn.get_partition_spec(boxed_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
-    shapes = nn.unbox(boxed_tree)
+    shapes = plain(boxed_tree)
     paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
     flat_specs = jax.tree_util.tree_leaves(
         mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     out = [NamedSharding(mesh, _fit(spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
            for (path, leaf), spec in zip(paths, flat_specs)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
+
+
+def plain(boxed_tree):
+    """The tree without its axis-name boxes and without sharding constraints (`nn.unbox`
+    would constrain under an active mesh, which abstract values cannot take)."""
+    return nn.meta.map_axis_meta(
+        lambda x: x.unbox(apply_constraint=False) if hasattr(x, "get_partition_spec")
+        else x.unbox(), boxed_tree)
 
 
 def single_device_mesh() -> Mesh:

@@ -60,3 +60,37 @@ def test_partial_restore_checks_every_leaf(tmp_path):
         restore_subtree(tmp_path, ("params", "projector"), wrong)
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         restore_subtree(tmp_path / "empty", ("params", "projector"), abstract["projector"])
+
+
+def _small_state():
+    return {"w": jnp.arange(8.0), "step": jnp.zeros((), jnp.int32)}
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(save_interval=2, keep_last=1, keep_every=4,
+                                                   async_save=True))
+    for step in range(1, 11):
+        ckpt.save(step, _small_state())
+    ckpt.wait()
+    assert sorted(ckpt.manager.all_steps()) == [4, 8, 10]  # every 4th kept, plus the last
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 8, 10]
+    ckpt.close()
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(save_interval=1, keep_last=3,
+                                                   async_save=False))
+    ckpt.save(1, _small_state())
+    ckpt.save(2, {"w": jnp.arange(8.0) + 2, "step": jnp.ones((), jnp.int32)})
+    ckpt.close()
+    # a save killed midway leaves Orbax's temporary directory (never renamed to "3")
+    junk = tmp_path / "3.orbax-checkpoint-tmp-1795000000"
+    (junk / "state").mkdir(parents=True)
+    (junk / "state" / "partial").write_bytes(b"\0" * 10)
+    again = Checkpointer(tmp_path, CheckpointConfig(save_interval=1, async_save=False))
+    assert again.latest_step() == 2
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            _small_state())
+    restored = again.restore(2, abstract)
+    np.testing.assert_array_equal(restored["w"], np.arange(8.0) + 2)
+    again.close()

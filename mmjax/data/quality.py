@@ -41,6 +41,10 @@ class Skipped:
     sample_id: str
     detail: str = ""
 
+    def __post_init__(self):
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown skip reason {self.reason!r}; add it to REASONS")
+
 
 class SkipReport:
     """Counts per reason, with the number of samples seen; merges and serialises."""
@@ -80,6 +84,17 @@ class SkipReport:
         out["data/skipped_total"] = float(self.skipped)
         out["data/truncated_turns"] = float(self.truncated_turns)
         return out
+
+    def vector(self) -> list[int]:
+        """[seen, truncated_turns, count per REASONS entry]: sums across processes."""
+        return [self.seen, self.truncated_turns] + [self.counts.get(r, 0) for r in REASONS]
+
+    @classmethod
+    def from_vector(cls, vector, max_bad_share: float = 0.05) -> "SkipReport":
+        report = cls(max_bad_share)
+        report.seen, report.truncated_turns = int(vector[0]), int(vector[1])
+        report.counts = {r: int(n) for r, n in zip(REASONS, vector[2:]) if n}
+        return report
 
     def summary(self) -> str:
         if not self.skipped:

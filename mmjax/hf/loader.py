@@ -23,7 +23,7 @@ from mmjax.hf.config import LLAVA_ARCHS, LLM_ARCHS, architecture, from_hf
 from mmjax.models.config import LlavaConfig, LLMConfig, RuntimeConfig
 from mmjax.models.factory import abstract_variables, build
 from mmjax.models.llava import normalized_feature_layers
-from mmjax.sharding import DEFAULT_RULES, Rules, logical_shardings, single_device_mesh
+from mmjax.sharding import DEFAULT_RULES, Rules, logical_shardings, plain, single_device_mesh
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,11 @@ def _place(ckpt, src: mapping.Source, shape, dtype, sharding) -> jax.Array:
 
 def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
          rules: Rules = DEFAULT_RULES, allow_pickle: bool = False) -> Imported:
-    """Imports the checkpoint in `directory` onto `mesh` (default: the first device)."""
+    """Imports the checkpoint in `directory` onto `mesh` (default: the first device).
+
+    LoRA adapters are not part of HF checkpoints: the import ignores `rt.lora_rank` (the
+    trainer grafts freshly initialised adapters onto the imported weights)."""
+    rt = dataclasses.replace(rt, lora_rank=0)
     ckpt = Checkpoint(directory, allow_pickle=allow_pickle)
     hf_cfg = ckpt.config()
     arch = architecture(hf_cfg, str(ckpt.config_path))
@@ -111,7 +115,7 @@ def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
     mesh = single_device_mesh() if mesh is None else mesh
     boxed = abstract_variables(cfg, rt)["params"]
     shardings = _flat(logical_shardings(boxed, mesh, rules))
-    abstract = _flat(nn.unbox(boxed))
+    abstract = _flat(plain(boxed))
     sources = mapping.plan({p: a.shape for p, a in abstract.items()}, parts,
                            _layer_counts(cfg), ckpt)
     unused = mapping.unused_keys(sources, ckpt, _extra_ignorable(cfg, parts))

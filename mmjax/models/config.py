@@ -24,6 +24,20 @@ class RuntimeConfig:
     attention_impl: AttentionImpl = "reference"
     remat_policy: RematPolicy = "none"
     scan_layers: bool = False
+    # LoRA adapters on the LLM's linear maps (stage-2 option): y = xW + (alpha/r) drop(x) A B.
+    # They add `lora_a` / `lora_b` next to each targeted kernel; 0 = no adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0  # active only when a 'dropout' rng is passed (training)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj")
+
+    def lora(self, name: str) -> dict:
+        """Keyword arguments that give the linear map `name` its adapter (or none)."""
+        if not self.lora_rank or name not in self.lora_targets:
+            return {}
+        return dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout)
 
 
 @dataclasses.dataclass(frozen=True)

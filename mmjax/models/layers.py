@@ -5,6 +5,7 @@ them onto mesh axes from config.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -34,6 +35,11 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    # LoRA: a rank-r update alongside the kernel, y += (alpha / r) dropout(x) A B, with
+    # A [in..., r] (PEFT's Kaiming-uniform) and B [r, out...] (zeros: training starts at W).
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,15 +47,41 @@ class Linear(nn.Module):
                                  self.in_shape + self.out_shape, self.param_dtype,
                                  self.in_axes + self.out_axes)
         n_in, n_out = len(self.in_shape), len(self.out_shape)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        y = _contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        if self.lora_rank:
+            y = y + self._lora(x, n_in)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
                                    self.param_dtype, self.out_axes)
             y = y + bias.astype(self.dtype)
         assert y.ndim == x.ndim - n_in + n_out
         return y
+
+    def _lora(self, x: jax.Array, n_in: int) -> jax.Array:
+        r = self.lora_rank
+        a = param_with_axes(self, "lora_a", _lora_a_init(math.prod(self.in_shape)),
+                            self.in_shape + (r,), self.param_dtype, self.in_axes + ("lora_rank",))
+        b = param_with_axes(self, "lora_b", nn.initializers.zeros, (r,) + self.out_shape,
+                            self.param_dtype, ("lora_rank",) + self.out_axes)
+        if self.lora_dropout and self.has_rng("dropout"):
+            x = nn.Dropout(self.lora_dropout, deterministic=False)(x)
+        low = _contract(x.astype(self.dtype), a.astype(self.dtype), n_in)  # [..., r]
+        return (self.lora_alpha / r) * _contract(low, b.astype(self.dtype), 1)
+
+
+def _contract(x: jax.Array, w: jax.Array, n: int) -> jax.Array:
+    """Contracts x's trailing n axes with w's leading n axes."""
+    return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
+                                      ((), ())))
+
+
+def _lora_a_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)  # torch kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class RMSNorm(nn.Module):

@@ -33,11 +33,11 @@ class Attention(nn.Module):
         d, h = c.hidden_size, c.head_size
         kw = dict(dtype=dt, param_dtype=pdt)
         q = Linear((d,), (c.num_heads, h), ("embed",), ("heads", "head_dim"), c.qkv_bias,
-                   name="q_proj", **kw)(x)
+                   name="q_proj", **kw, **self.rt.lora("q_proj"))(x)
         k = Linear((d,), (c.num_kv_heads, h), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias,
-                   name="k_proj", **kw)(x)
+                   name="k_proj", **kw, **self.rt.lora("k_proj"))(x)
         v = Linear((d,), (c.num_kv_heads, h), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias,
-                   name="v_proj", **kw)(x)
+                   name="v_proj", **kw, **self.rt.lora("v_proj"))(x)
         q = checkpoint_name(apply_rope(q, positions, c.rope), "query_proj")
         k = checkpoint_name(apply_rope(k, positions, c.rope), "key_proj")
         v = checkpoint_name(v, "value_proj")
@@ -45,7 +45,7 @@ class Attention(nn.Module):
                                     sliding_window=c.sliding_window, impl=self.rt.attention_impl)
         out = checkpoint_name(out, "context")
         return Linear((c.num_heads, h), (d,), ("heads", "head_dim"), ("embed",),
-                      c.attention_out_bias, name="o_proj", **kw)(out)
+                      c.attention_out_bias, name="o_proj", **kw, **self.rt.lora("o_proj"))(out)
 
 
 class MLP(nn.Module):
@@ -58,10 +58,12 @@ class MLP(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.rt.dtype, param_dtype=self.rt.param_dtype, use_bias=c.mlp_bias)
         d, f = (c.hidden_size,), (c.intermediate_size,)
-        gate = Linear(d, f, ("embed",), ("mlp",), name="gate_proj", **kw)(x)
-        up = Linear(d, f, ("embed",), ("mlp",), name="up_proj", **kw)(x)
+        lora = self.rt.lora
+        gate = Linear(d, f, ("embed",), ("mlp",), name="gate_proj", **kw, **lora("gate_proj"))(x)
+        up = Linear(d, f, ("embed",), ("mlp",), name="up_proj", **kw, **lora("up_proj"))(x)
         hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
-        return Linear(f, d, ("mlp",), ("embed",), name="down_proj", **kw)(hidden)
+        return Linear(f, d, ("mlp",), ("embed",), name="down_proj", **kw,
+                      **lora("down_proj"))(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -159,7 +161,7 @@ class LayerStack(nn.Module):
                 outs.append(x)
             return (x, jnp.stack(outs)) if self.collect else x
         scanned = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, outs = scanned(**self.kwargs, scanned=True, collect=self.collect, name="layer")(x, *args)

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from mmjax.hf import load as hf_load
+from mmjax.training import lora
 from mmjax.training.checkpoint import restore_subtree
 
 log = logging.getLogger("mmjax.train")
@@ -33,20 +34,23 @@ def initial_params(model, init_cfg, abstract_params, param_shardings, rt, mesh, 
     if init_cfg.hf_llava:
         imported = hf_load(init_cfg.hf_llava, rt, mesh=mesh, rules=rules)
         _check_same_model(imported.config, model.cfg, init_cfg.hf_llava)
-        params = dict(imported.params)
+        params = lora.graft(dict(imported.params), params)
     else:
         if init_cfg.hf_vision:
             params["vision_tower"] = _vision_from_hf(init_cfg.hf_vision, params, rt, mesh, rules)
         if init_cfg.hf_llm:
             imported = hf_load(init_cfg.hf_llm, rt, mesh=mesh, rules=rules)
-            params["language_model"] = imported.params
+            params["language_model"] = lora.graft(imported.params, params["language_model"])
     if init_cfg.stage1_checkpoint:
         directory = _checkpoint_dir(init_cfg.stage1_checkpoint)
         for part in init_cfg.stage1_parts:
+            # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                       sharding=s),
-                                    abstract_params[part], param_shardings[part])
-            params[part] = restore_subtree(directory, ("params", part), abstract)
+                                    lora.strip(abstract_params[part]),
+                                    lora.strip(param_shardings[part]))
+            loaded = restore_subtree(directory, ("params", part), abstract)
+            params[part] = lora.graft(loaded, params[part])
             log.info("%s: loaded from stage-1 checkpoint %s", part, directory)
     return params
 
@@ -56,7 +60,11 @@ def _vision_from_hf(directory, params, rt, mesh, rules):
     ours = params["vision_tower"]
     out = {}
     for key, value in ours.items():  # keep only the layers the LLaVA tower builds
-        if key == "layers":
+        if key == "layers" and "layer" in value:  # scanned: [L, ...] stacks, keep the first
+            out[key] = {"layer": jax.tree.map(
+                lambda full, mine: jax.device_put(full[:mine.shape[0]], mine.sharding),
+                imported.params["layers"]["layer"], value["layer"])}
+        elif key == "layers":
             out[key] = {k: imported.params["layers"][k] for k in value}
         else:
             out[key] = imported.params[key]

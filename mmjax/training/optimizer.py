@@ -83,5 +83,12 @@ def make_optimizer(cfg: OptimConfig, trainable_labels) -> optax.GradientTransfor
     return optax.chain(*chain, optax.multi_transform(transforms, trainable_labels))
 
 
+def group_name(regex: str) -> str:
+    """A metric-safe name for a group: 'projector/.*' -> 'projector', '.*' -> 'all'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", regex).strip("_") or "all"
+
+
 def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
-    return {f"lr/{rx}": schedule(cfg, lr)(step) for rx, lr in cfg.groups if lr is not None}
+    """{'lr/GROUP': learning rate at `step`} for every trained group."""
+    return {f"lr/{group_name(rx)}": schedule(cfg, lr)(step) for rx, lr in cfg.groups
+            if lr is not None}

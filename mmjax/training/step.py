@@ -35,6 +35,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     grad_accum: int = 1  # micro-batches per step (split along B)
+    seed: int = 0  # dropout keys (LoRA) derive from (seed, step, micro-batch): resumable
 
 
 def token_loss(logits, targets):
@@ -78,19 +79,23 @@ class Trainer:
                           skipped=replicated, skipped_in_a_row=replicated)
 
     # ----------------------------------------------------------------------------- step
-    def loss_and_grads(self, trainable, frozen, batch):
-        def loss_fn(t, micro):
+    def loss_and_grads(self, trainable, frozen, batch, key):
+        rt = self.model.rt
+        dropout = bool(rt.lora_rank and rt.lora_dropout)
+
+        def loss_fn(t, micro, k):
             params = merge(t, frozen)
             pixels = device_pixels(micro["pixel_values"], self.vision)
             logits = self.model.apply({"params": params}, micro["input_ids"], pixels,
-                                      micro["positions"], micro["segment_ids"])
+                                      micro["positions"], micro["segment_ids"],
+                                      rngs={"dropout": k} if dropout else None)
             total, count = token_loss(logits, micro["targets"])
             return total, count
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         a = self.step_cfg.grad_accum
         if a == 1:
-            (total, count), grads = grad_fn(trainable, batch)
+            (total, count), grads = grad_fn(trainable, batch, key)
         else:
             # strided split (row i goes to micro-batch i % a) keeps every micro-batch spread
             # over the batch-sharded devices
@@ -98,21 +103,24 @@ class Trainer:
                 lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1),
                 batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 (t_sum, c_sum, g_sum) = carry
-                (t, c), g = grad_fn(trainable, mb)
+                mb, k = xs
+                (t, c), g = grad_fn(trainable, mb, k)
                 return (t_sum + t, c_sum + c, jax.tree.map(jnp.add, g_sum, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
             (total, count, grads), _ = jax.lax.scan(
-                body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros), micro)
+                body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros),
+                (micro, jax.random.split(key, a)))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         return total / denom, count, jax.tree.map(lambda g: g / denom, grads)
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         labels = self.labels(state.params)
         trainable, frozen = split(state.params, labels)
-        loss, count, grads = self.loss_and_grads(trainable, frozen, batch)
+        key = jax.random.fold_in(jax.random.key(self.step_cfg.seed), state.step + state.skipped)
+        loss, count, grads = self.loss_and_grads(trainable, frozen, batch, key)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (count > 0)
         tx = make_optimizer(self.optim, split(labels, labels)[0])
@@ -127,6 +135,9 @@ class Trainer:
             skipped_in_a_row=jnp.where(ok, 0, state.skipped_in_a_row + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": count,
                    "real_tokens": jnp.sum(batch["segment_ids"] > 0),
+                   "images": jnp.sum(batch["input_ids"] == self.model.cfg.image_token_id)
+                   // self.model.cfg.image_tokens,
+                   "skipped_in_a_row": new_state.skipped_in_a_row,
                    "param_norm": optax.tree.norm(new_trainable), "skipped": ~ok}
         return new_state, metrics
 

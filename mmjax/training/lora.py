@@ -1,0 +1,75 @@
+"""LoRA for stage 2: trainable groups, grafting adapters onto imported weights, and merging
+the adapters back into the kernels for export and inference.
+
+The adapters are ordinary parameters (`.../q_proj/lora_a`, `.../q_proj/lora_b`, created by
+`mmjax.models.layers.Linear` when `RuntimeConfig.lora_rank > 0`), so training them is a
+matter of optimizer groups: adapters at `lr`, the projector at `projector_lr`, all else frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.config import RuntimeConfig
+
+LORA_KEYS = ("lora_a", "lora_b")
+
+
+def groups(lr: float = 2e-4, projector_lr: float = 2e-5):
+    """Optimizer groups for LoRA stage 2 (LLaVA-1.5's LoRA recipe: 2e-4 and 2e-5)."""
+    return [("projector/.*", projector_lr), ("language_model/.*/lora_[ab]", lr), (".*", None)]
+
+
+def without_lora(rt: RuntimeConfig) -> RuntimeConfig:
+    return dataclasses.replace(rt, lora_rank=0)
+
+
+def strip(tree):
+    """The tree without adapter leaves (what a checkpoint without LoRA holds)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: strip(v) for k, v in tree.items() if k not in LORA_KEYS}
+
+
+def graft(base, full):
+    """`base` (no adapters) with the adapter leaves of `full` added where `full` has them."""
+    if not isinstance(full, dict):
+        return base
+    out = dict(base)
+    for k, v in full.items():
+        if k in LORA_KEYS:
+            out[k] = v
+        elif k in base:
+            out[k] = graft(base[k], v)
+        else:
+            raise KeyError(f"{k!r} is in the model but not in the loaded weights")
+    return out
+
+
+def merge(params, rt: RuntimeConfig):
+    """Folds every adapter into its kernel (W + alpha/r A B) and drops the adapters: the
+    result runs with `without_lora(rt)` and gives the same outputs (no dropout)."""
+    scale = rt.lora_alpha / rt.lora_rank if rt.lora_rank else 0.0
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        if "lora_a" in node and "lora_b" in node:
+            kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
+            lead = a.ndim + b.ndim - 2 - kernel.ndim  # 1 when scanned ('layers' axis first)
+            delta = _product(a, b, lead).reshape(kernel.shape)
+            merged = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+            return {k: (merged if k == "kernel" else walk(v)) for k, v in node.items()
+                    if k not in LORA_KEYS}
+        return {k: walk(v) for k, v in node.items()}
+
+    return walk(params)
+
+
+def _product(a, b, lead: int):
+    f = lambda a, b: jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), 1)  # noqa
+    for _ in range(lead):
+        f = jax.vmap(f)
+    return f(a, b)

@@ -1,0 +1,78 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard event files, optionally Weights &
+Biases, and a console line with rate and ETA. Only process 0 writes.
+
+    writer = MetricWriter(workdir, tensorboard=True, wandb_project="", config=c)
+    writer.write(step, {"loss": ..., "mfu": ...})
+    writer.close()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("mmjax.train")
+
+
+class MetricWriter:
+    def __init__(self, workdir: Path, tensorboard: bool = True, wandb_project: str = "",
+                 wandb_name: str = "", config: dict | None = None):
+        self.active = jax.process_index() == 0
+        self.workdir = Path(workdir)
+        self._jsonl = self._tb = self._wandb = None
+        if not self.active:
+            return
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
+        if wandb_project:
+            self._wandb = _start_wandb(self.workdir, wandb_project, wandb_name, config)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and v is not None}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(workdir: Path, project: str, name: str, config: dict | None):
+    try:
+        import wandb
+    except ImportError as e:
+        raise SystemExit("metrics.wandb_project is set but wandb is not installed: "
+                         "pip install wandb (or leave metrics.wandb_project empty)") from e
+    # one W&B run per work dir: a resumed run continues the same W&B run
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        log.info("W&B: no WANDB_API_KEY in the environment; wandb uses its own login")
+    return wandb.init(project=project, name=name or workdir.name, id=run_id, resume="allow",
+                      dir=str(workdir), config=config)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
