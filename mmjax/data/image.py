@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except ImageError:
         raise
     except Exception as e:  # PIL raises many types for bad data
-        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "data", str(e))
+        raise ImageError("corrupt_image", f"{type(e).__name__}: {detail}") from None
 
 
 def expand_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:

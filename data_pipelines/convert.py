@@ -1,0 +1,165 @@
+"""Convert a downloaded public dataset into shards the mmjax Grain pipeline reads.
+
+    python -m data_pipelines.convert KIND [inputs] --out DIR [--image-root ROOT] [options]
+    python -m data_pipelines.convert KIND --help
+
+KIND: lcs558k, sharegpt4v, llava_instruct (158K and llava_v1_5_mix665k), coco_captions,
+tfds_coco, webdataset, vqav2, gqa, chartqa, multiple_choice.
+
+Output (see data_pipelines.core): DIR/NAME-00000.arrayrecord ... (or .jsonl with
+--output llava_jsonl), index.jsonl, manifest.json, and a report (report.md, report.json,
+report_lengths.png). Rerunning the same command resumes an interrupted build. Train on it:
+    --config.data.sources="[{'kind': 'arrayrecord', 'path': 'DIR/*.arrayrecord'}]"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_pipelines import adapt, converters
+from data_pipelines.core import BuildConfig, build
+from data_pipelines.report import write_report
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--name", help="shard name prefix (default: the kind)")
+    p.add_argument("--image-root", help="directory the records' image paths are relative to")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--output", choices=("arrayrecord", "llava_jsonl"), default="arrayrecord")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="re-encode images whose longer side exceeds this (JPEG)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
+    p.add_argument("--limit", type=int, default=0, help="only the first N input samples")
+    p.add_argument("--tokenizer", help="tokenizer dir for the report's token lengths")
+    p.add_argument("--image-tokens", type=int, default=576,
+                   help="LLM tokens per image for the report (576: CLIP-L/336)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _merge_args(p) -> None:
+    p.add_argument("--prompt", default=adapt.SHORT_ANSWER_PROMPT,
+                   help="format prompt appended to each question ('' for none)")
+    p.add_argument("--max-turns", type=int, default=0, help="questions per conversation")
+    p.add_argument("--max-tokens", type=int, default=0, help="approx. tokens per conversation")
+    p.add_argument("--seed", type=int, default=0, help="question shuffling within an image")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m data_pipelines.convert",
+                                  description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="kind", required=True)
+
+    for kind, what in (("lcs558k", "LCS-558K blip_laion_cc_sbu_558k.json"),
+                       ("sharegpt4v", "ShareGPT4V caption JSON (LLaVA form)"),
+                       ("llava_instruct", "LLaVA-Instruct-158K or llava_v1_5_mix665k JSON")):
+        p = sub.add_parser(kind, help=what, description=f"{what}: validated pass-through.")
+        p.add_argument("json", help="the JSON (or JSONL) file")
+        _common(p)
+
+    p = sub.add_parser("coco_captions", help="COCO captions_*.json + images")
+    p.add_argument("annotations")
+    p.add_argument("--image-dir", default="", help="folder of the images under --image-root")
+    p.add_argument("--all-captions", action="store_true", help="one sample per caption")
+    _common(p)
+
+    p = sub.add_parser("tfds_coco", help="a locally prepared TFDS captions dataset")
+    p.add_argument("--dataset", default="coco_captions")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-dir")
+    _common(p)
+
+    p = sub.add_parser("webdataset", help="image-text WebDataset tar shards (img2dataset)")
+    p.add_argument("tars", nargs="+")
+    _common(p)
+
+    p = sub.add_parser("vqav2", help="VQAv2 questions + annotations JSON")
+    p.add_argument("questions")
+    p.add_argument("annotations")
+    p.add_argument("--image-pattern", default="train2014/COCO_train2014_{image_id:012d}.jpg")
+    _merge_args(p)
+    _common(p)
+
+    p = sub.add_parser("gqa", help="GQA questions JSON ({qid: {imageId, question, answer}})")
+    p.add_argument("questions")
+    p.add_argument("--image-pattern", default="images/{image_id}.jpg")
+    _merge_args(p)
+    _common(p)
+
+    p = sub.add_parser("chartqa", help="ChartQA JSON ([{imgname, query, label}])")
+    p.add_argument("json")
+    p.add_argument("--image-dir", default="png")
+    _merge_args(p)
+    _common(p)
+
+    p = sub.add_parser("multiple_choice", help="ScienceQA / A-OKVQA style multiple choice")
+    p.add_argument("json")
+    p.add_argument("--image-dir", default="")
+    p.add_argument("--prompt", default=adapt.MULTIPLE_CHOICE_PROMPT)
+    _common(p)
+    return top
+
+
+def samples(args):
+    k = args.kind
+    name = args.name or k
+    if k in ("lcs558k", "sharegpt4v", "llava_instruct"):
+        return converters.llava_json(args.json, name)
+    if k == "coco_captions":
+        return converters.coco_captions(args.annotations, args.image_dir, args.all_captions, name)
+    if k == "tfds_coco":
+        return converters.tfds_coco(args.dataset, args.split, args.data_dir, name)
+    if k == "webdataset":
+        return converters.webdataset(args.tars, name)
+    merge = dict(prompt=args.prompt, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                 seed=args.seed, source=name) if k in ("vqav2", "gqa", "chartqa") else {}
+    if k == "vqav2":
+        return converters.vqav2(args.questions, args.annotations, args.image_pattern, **merge)
+    if k == "gqa":
+        return converters.gqa(args.questions, args.image_pattern, **merge)
+    if k == "chartqa":
+        return converters.chartqa(args.json, args.image_dir, **merge)
+    if k == "multiple_choice":
+        return converters.multiple_choice(args.json, args.image_dir, args.prompt, name)
+    raise ValueError(k)
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    if args.kind not in ("webdataset", "tfds_coco") and not args.image_root:
+        print("note: no --image-root; records with images will be counted as missing_image",
+              file=sys.stderr)
+    cfg = BuildConfig(name=args.name or args.kind, out=Path(args.out),
+                      image_root=Path(args.image_root) if args.image_root else None,
+                      shard_size=args.shard_size, output=args.output, max_side=args.max_side,
+                      quality=args.quality, reencode=args.reencode, limit=args.limit)
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc=cfg.name, unit=" samples")  # noqa: E731
+    manifest = build(samples(args), cfg, progress)
+    report = write_report(cfg.out, args.tokenizer, args.image_tokens)
+    print(summary(manifest, report))
+    return manifest
+
+
+def summary(manifest: dict, report: dict) -> str:
+    lines = [f"{manifest['name']}: {manifest['samples']} samples written from "
+             f"{manifest['inputs']} inputs into {len(manifest['shards'])} shard(s)"]
+    skipped = manifest["skipped"]
+    if skipped:
+        lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+        for reason, examples in sorted(manifest["skipped_examples"].items()):
+            lines.append(f"  {reason}: e.g. {examples[0]}")
+    else:
+        lines.append("skipped: none")
+    lines.append(f"report: {report['path']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

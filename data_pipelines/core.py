@@ -1,0 +1,264 @@
+"""The converter driver: raw samples in, ArrayRecord shards (or LLaVA JSONL) out.
+
+A converter is a generator of `Raw` samples (or `Bad` markers) in a deterministic order.
+`build` turns them into output shards:
+
+    OUT/NAME-00000.arrayrecord ...   samples in `mmjax.data.records` form, image bytes inside
+    OUT/index.jsonl                  {"id", "shard", "position"} per sample, in order
+    OUT/manifest.json                counts, skips by reason, shards, settings
+    OUT/report.json, report.md, report_lengths.png   (data_pipelines.report)
+
+- Deterministic: the same inputs and settings give byte-identical shards.
+- Resumable: each finished shard is recorded in OUT/progress.json with how many input
+  samples it consumed; a rerun skips those inputs (without reading their images) and
+  continues with the next shard. A shard is written to a temporary name and renamed.
+- Nothing is lost silently: every input sample is either written or counted under a reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from mmjax.data import records
+from mmjax.data.image import ImageError, decode_image, resolve_image_path
+
+SKIP_REASONS = (
+    "missing_image", "corrupt_image", "empty_image", "image_too_large", "unsafe_image_path",
+    "malformed_record",
+    "no_answer", "bad_choice", "image_count_mismatch", "empty_text", "duplicate_id",
+)
+
+
+@dataclasses.dataclass
+class Raw:
+    """One sample before images are read: paths (under the image root) or bytes."""
+
+    id: str
+    conversations: list[dict]
+    images: list = dataclasses.field(default_factory=list)  # str paths or bytes
+    source: str = ""
+
+
+@dataclasses.dataclass
+class Bad:
+    reason: str
+    id: str
+    detail: str = ""
+
+    def __post_init__(self):
+        if self.reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {self.reason!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    name: str
+    out: Path
+    image_root: Path | None = None
+    shard_size: int = 1000  # samples per shard
+    output: str = "arrayrecord"  # arrayrecord | llava_jsonl
+    max_side: int = 0  # re-encode images larger than this (0: keep the original bytes)
+    quality: int = 90  # JPEG quality when re-encoding
+    reencode: bool = False  # re-encode every image (e.g. to JPEG) even if small
+    limit: int = 0  # stop after this many input samples (0: all); for trials
+
+
+class Tally:
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.inputs = state.get("inputs", 0)
+        self.written = state.get("written", 0)
+        self.skipped: dict[str, int] = dict(state.get("skipped", {}))
+        self.examples: dict[str, list] = {k: list(v) for k, v in state.get("examples", {}).items()}
+
+    def skip(self, bad: Bad) -> None:
+        self.skipped[bad.reason] = self.skipped.get(bad.reason, 0) + 1
+        ex = self.examples.setdefault(bad.reason, [])
+        if len(ex) < 5:
+            ex.append(f"{bad.id}: {bad.detail}"[:300])
+
+    def state(self) -> dict:
+        return {"inputs": self.inputs, "written": self.written, "skipped": self.skipped,
+                "examples": self.examples}
+
+
+def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, tuple[int, int]]:
+    """Image bytes (re-encoded if asked) and (width, height); raises ImageError."""
+    from PIL import Image
+
+    if isinstance(item, (bytes, bytearray)):
+        data = bytes(item)
+    else:
+        if image_root is None:
+            raise ImageError("missing_image", f"{item}: no image root given")
+        path = resolve_image_path(image_root, item)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError("missing_image", f"{item}: {e}") from None
+    image = decode_image(data)  # checks: empty, truncated, corrupt, decompression bomb
+    size = image.size
+    if cfg.reencode or (cfg.max_side and max(size) > cfg.max_side):
+        if cfg.max_side and max(size) > cfg.max_side:
+            scale = cfg.max_side / max(size)
+            image = image.resize((max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
+                                 Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=cfg.quality)
+        data, size = buf.getvalue(), image.size
+    return data, size
+
+
+def check_conversation(raw: Raw) -> Bad | None:
+    """Structure checks shared by every converter (roles, text, <image> count)."""
+    conv = raw.conversations
+    if not isinstance(conv, list) or not conv:
+        return Bad("malformed_record", raw.id, "no conversations")
+    for turn in conv:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) \
+                or turn.get("from") not in ("human", "gpt", "system"):
+            return Bad("malformed_record", raw.id, f"bad turn {str(turn)[:80]}")
+        if not turn["value"].strip():
+            return Bad("empty_text", raw.id, f"empty {turn['from']} turn")
+    n_tags = sum(t["value"].count("<image>") for t in conv)
+    if n_tags != len(raw.images):
+        return Bad("image_count_mismatch", raw.id,
+                   f"{n_tags} <image> tags, {len(raw.images)} images")
+    return None
+
+
+def build(samples: Iterable[Raw | Bad], cfg: BuildConfig,
+          progress: Callable[[Iterable], Iterator] | None = None) -> dict:
+    """Writes `samples` to `cfg.out` as shards; resumes a previous partial build."""
+    cfg = dataclasses.replace(cfg, out=Path(cfg.out),
+                              image_root=Path(cfg.image_root) if cfg.image_root else None)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v)
+                for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "limit")}
+    prog_path = out / "progress.json"
+    prog = json.loads(prog_path.read_text()) if prog_path.exists() else None
+    if prog is not None and prog["settings"] != settings:
+        raise SystemExit(f"{out} holds a build with other settings {prog['settings']}; use a "
+                         "new output directory or delete it")
+    prog = prog or {"settings": settings, "shards": [], "tally": {}, "done": False}
+    if prog["done"]:
+        print(f"{out}: already complete ({prog['tally'].get('written', 0)} samples)")
+        return json.loads((out / "manifest.json").read_text())
+    tally = Tally(prog["tally"])
+    resume_at = tally.inputs
+    seen_ids: set[str] = set()
+    if (out / "index.jsonl").exists():
+        _truncate_index(out, tally.written)  # lines past the last finished shard go
+    if resume_at:
+        for line in (out / "index.jsonl").read_text().splitlines():
+            seen_ids.add(json.loads(line)["id"])
+        print(f"{out}: resuming after {len(prog['shards'])} shard(s), {resume_at} inputs")
+    pending: list[tuple[str, bytes | dict]] = []
+    index = open(out / "index.jsonl", "a")
+    it = iter(samples)
+    if progress is not None:
+        it = progress(it)
+    try:
+        for n, sample in enumerate(it):
+            if cfg.limit and n >= cfg.limit:
+                break
+            if n < resume_at:  # consumed by finished shards
+                continue
+            tally.inputs += 1
+            item = _prepare(sample, cfg, seen_ids)
+            if isinstance(item, Bad):
+                tally.skip(item)
+            else:
+                pending.append(item)
+                if len(pending) == cfg.shard_size:
+                    _flush(out, cfg, prog, tally, pending, index)
+                    pending = []
+        if pending:
+            _flush(out, cfg, prog, tally, pending, index)
+    finally:
+        index.close()
+    prog["done"] = True
+    prog["tally"] = tally.state()
+    manifest = {"name": cfg.name, "settings": settings, "shards": [s["file"] for s in
+                                                                  prog["shards"]],
+                "samples": tally.written, "inputs": tally.inputs, "skipped": tally.skipped,
+                "skipped_examples": tally.examples, "output": cfg.output}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _atomic_write(prog_path, json.dumps(prog))
+    return manifest
+
+
+def _prepare(sample, cfg: BuildConfig, seen_ids: set[str]):
+    if isinstance(sample, Bad):
+        return sample
+    bad = check_conversation(sample)
+    if bad is not None:
+        return bad
+    if sample.id in seen_ids:
+        return Bad("duplicate_id", sample.id, "id seen before")
+    images, sizes = [], []
+    for item in sample.images:
+        try:
+            data, size = read_image(item, cfg.image_root, cfg)
+        except ImageError as e:
+            reason = e.reason if e.reason in SKIP_REASONS else "corrupt_image"
+            return Bad(reason, sample.id, e.detail)
+        images.append(data)
+        sizes.append(size)
+    seen_ids.add(sample.id)
+    extra = {"image_wh": sizes}
+    if cfg.output == "arrayrecord":
+        return sample.id, records.encode(sample.id, sample.conversations, images,
+                                         sample.source or cfg.name, extra)
+    rec = {"id": sample.id, "conversations": sample.conversations,
+           "source": sample.source or cfg.name, **extra}
+    paths = [p for p in sample.images if isinstance(p, str)]
+    if len(paths) != len(sample.images) or (cfg.reencode or cfg.max_side):
+        # images that are not files under the root (tar members, re-encoded) go to OUT/images
+        paths = []
+        for k, data in enumerate(images):
+            name = f"images/{hashlib.sha1(f'{sample.id}/{k}'.encode()).hexdigest()}.jpg"
+            (cfg.out / "images").mkdir(exist_ok=True)
+            (cfg.out / name).write_bytes(data)
+            paths.append(name)
+    if paths:
+        rec["image"] = paths[0] if len(paths) == 1 else paths
+    return sample.id, rec
+
+
+def _flush(out: Path, cfg: BuildConfig, prog: dict, tally: Tally, pending, index) -> None:
+    k = len(prog["shards"])
+    if cfg.output == "arrayrecord":
+        name = f"{cfg.name}-{k:05d}.arrayrecord"
+        tmp = out / (name + ".tmp")
+        records.write_shard(tmp, [rec for _, rec in pending])
+    else:
+        name = f"{cfg.name}-{k:05d}.jsonl"
+        tmp = out / (name + ".tmp")
+        tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for _, rec in pending))
+    os.replace(tmp, out / name)
+    for pos, (sample_id, _) in enumerate(pending):
+        index.write(json.dumps({"id": sample_id, "shard": name, "position": pos}) + "\n")
+    index.flush()
+    tally.written += len(pending)
+    prog["shards"].append({"file": name, "samples": len(pending)})
+    prog["tally"] = tally.state()
+    _atomic_write(out / "progress.json", json.dumps(prog))
+
+
+def _truncate_index(out: Path, written: int) -> None:
+    """Drops index lines past the last finished shard (a crash between shard and index)."""
+    lines = (out / "index.jsonl").read_text().splitlines(keepends=True)[:written]
+    _atomic_write(out / "index.jsonl", "".join(lines))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
