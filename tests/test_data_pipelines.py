@@ -295,3 +295,43 @@ def test_adaptation_rules():
     with pytest.raises(ValueError):
         adapt.choice_letter(2, 2)
     assert Raw("a", []).images == []
+
+
+PHOTOS = ["coco/astronaut.jpg", "coco/chelsea.jpg", "coco/coffee.png", "coco/rocket.jpg"]
+
+
+def test_tfds_coco(raw, tmp_path):
+    from test_data_pipeline import _tiny_coco_captions
+
+    name = _tiny_coco_captions({"root": raw / "images", "photos": PHOTOS}, tmp_path / "tfds")
+    m = _convert("tfds_coco", raw, tmp_path / "out", "--dataset", name, "--data-dir",
+                 tmp_path / "tfds")
+    assert m["samples"] == 4 and m["skipped"] == {"no_answer": 1}  # an image without captions
+    rec = next(iter_samples(tmp_path / "out"))
+    with Image.open(io.BytesIO(rec["images"][0])) as im:
+        assert im.format == "PNG" and im.size == (96, 64)
+    _batches(tmp_path / "out", raw, n=1, template="plain")
+
+
+def test_self_instruct_output_converts_and_trains(raw, tmp_path):
+    """Captions + instance boxes -> local chat server -> llava.json -> shards -> batches."""
+    from test_self_instruct import Server
+
+    from data_pipelines.self_instruct.__main__ import main as si_main
+
+    server = Server()
+    try:
+        summary = si_main(["--captions", str(raw / "captions.json"), "--instances",
+                           str(raw / "instances.json"), "--kinds", "conversation,detail",
+                           "--base-url", server.url, "--model", "m", "--out",
+                           str(tmp_path / "si"), "--no-progress", "--backoff", "0.01"])
+    finally:
+        server.close()
+    # images 1-6 have captions (7 has none): 6 x 2 jobs, all accepted
+    assert summary["jobs"] == 12 and summary["accepted"] == 12
+    # the boxes reached the prompt, normalised: person [10, 5, 40, 50] on 96 x 64
+    assert any("person: [0.10, 0.08, 0.52, 0.86]" in user for user, _ in server.served)
+    m = _convert("llava_instruct", raw, tmp_path / "out", tmp_path / "si" / "llava.json",
+                 "--image-root", raw / "images" / "coco")
+    assert m["samples"] == 8 and m["skipped"] == {"corrupt_image": 2, "missing_image": 2}
+    _batches(tmp_path / "out", raw)

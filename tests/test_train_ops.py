@@ -156,3 +156,15 @@ def test_mfu_formula_reproduces_the_pytorch_anchor():
     assert flops.step_flops(cfg, rt, stage2, 1000, 0, 2048) == \
         f1 + 6 * flops.lora_params(cfg, rt) * 1000
     assert flops.peak_flops("cpu") is None and flops.peak_flops("TPU v5 lite") == 197e12
+
+
+def test_k_skipped_steps_in_a_row_stop_naming_the_step():
+    from mmjax.train import _stop_if_skipping
+
+    ok = [{"skipped_in_a_row": 0}] * 3
+    _stop_if_skipping(ok, 3, 2)
+    steps = [{"skipped_in_a_row": n} for n in (0, 1, 2, 3)]  # steps 7..10
+    import pytest
+
+    with pytest.raises(SystemExit, match="step 9: 2 steps in a row had a non-finite"):
+        _stop_if_skipping(steps, 10, 2)
