@@ -43,14 +43,14 @@ def initial_params(model, init_cfg, abstract_params, param_shardings, rt, mesh, 
             params["language_model"] = lora.graft(imported.params, params["language_model"])
     if init_cfg.stage1_checkpoint:
         directory = _checkpoint_dir(init_cfg.stage1_checkpoint)
+        # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
+        abstract = {part: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            lora.strip(abstract_params[part]), lora.strip(param_shardings[part]))
+            for part in init_cfg.stage1_parts}
+        loaded = restore_subtree(directory, ("params",), abstract)  # one read, all parts
         for part in init_cfg.stage1_parts:
-            # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                      sharding=s),
-                                    lora.strip(abstract_params[part]),
-                                    lora.strip(param_shardings[part]))
-            loaded = restore_subtree(directory, ("params", part), abstract)
-            params[part] = lora.graft(loaded, params[part])
+            params[part] = lora.graft(loaded[part], params[part])
             log.info("%s: loaded from stage-1 checkpoint %s", part, directory)
     return params
 
