@@ -15,6 +15,7 @@ MMJAX_COORDINATOR_ADDRESS (host:port of process 0), MMJAX_NUM_PROCESSES, MMJAX_P
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import logging
 import os
@@ -55,8 +56,9 @@ def detect_cluster(environ=os.environ) -> str | None:
         return "slurm"
     if int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         return "mpi"
-    if importlib.util.find_spec("libtpu") is not None and "TPU_SKIP_MDS_QUERY" not in environ:
-        return "tpu_vm"
+    if importlib.util.find_spec("libtpu") is not None and "TPU_SKIP_MDS_QUERY" not in environ \
+            and (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return "tpu_vm"  # libtpu and TPU chips: JAX asks the TPU metadata for the slice
     return None
 
 

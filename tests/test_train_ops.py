@@ -168,3 +168,20 @@ def test_k_skipped_steps_in_a_row_stop_naming_the_step():
 
     with pytest.raises(SystemExit, match="step 9: 2 steps in a row had a non-finite"):
         _stop_if_skipping(steps, 10, 2)
+
+
+def test_distributed_settings_are_checked_and_detected():
+    import pytest
+
+    from mmjax.distributed import DistributedConfig, detect_cluster, initialize
+
+    assert initialize(DistributedConfig(mode="none")) == "single"
+    with pytest.raises(ValueError, match="num_processes, process_id"):
+        initialize(DistributedConfig(mode="explicit", coordinator_address="127.0.0.1:1"))
+    with pytest.raises(ValueError, match=r"process_id 2 is not in \[0, 2\)"):
+        initialize(DistributedConfig(coordinator_address="127.0.0.1:1", num_processes=2,
+                                     process_id=2))
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert detect_cluster({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
+    assert detect_cluster({}) is None  # no libtpu here: a single process
