@@ -254,34 +254,42 @@ def test_arrayrecord_source_feeds_the_pipeline(files, tmp_path):
     assert skip_report(it).counts == {"malformed_record": 1}
 
 
+_TFDS_BUILDERS: dict = {}
+
+
 def _tiny_coco_captions(files, data_dir):
     """A real TFDS dataset with `coco_captions`' element form, built and prepared locally
-    (array_record files; the real coco_captions needs a download to prepare)."""
+    (array_record files; the real coco_captions needs a download to prepare). The builder
+    class is registered once per session (TFDS refuses a second class of the same name)."""
     import tensorflow_datasets as tfds
     from PIL import Image
 
     photos = [np.asarray(Image.open(files["root"] / p).convert("RGB")) for p in files["photos"]]
+    if "cls" not in _TFDS_BUILDERS:
+        class TinyCocoCaptions(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+            photos: list = []
 
-    class TinyCocoCaptions(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
+                                                  encoding="zlib"),
+                    "image/id": np.int64,
+                    "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
 
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
-                                              encoding="zlib"),
-                "image/id": np.int64,
-                "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
+            def _generate_examples(self):
+                for i, im in enumerate(self.photos):
+                    yield i, {"image": im, "image/id": 100 + i,
+                              "captions": {"text": ["An astronaut.", "A cat."]}}
+                yield 99, {"image": self.photos[0], "image/id": 9, "captions": {"text": []}}
 
-        def _generate_examples(self):
-            for i, im in enumerate(photos):
-                yield i, {"image": im, "image/id": 100 + i,
-                          "captions": {"text": ["An astronaut.", "A cat."]}}
-            yield 99, {"image": photos[0], "image/id": 9, "captions": {"text": []}}
-
-    TinyCocoCaptions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+        _TFDS_BUILDERS["cls"] = TinyCocoCaptions
+    cls = _TFDS_BUILDERS["cls"]
+    cls.photos = photos
+    cls(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return "tiny_coco_captions"
 
 
