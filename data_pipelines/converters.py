@@ -40,23 +40,27 @@ def _load_json(path) -> object:
 # ------------------------------------------------------------------ LLaVA-form pass-through
 def llava_json(path, source: str = "llava") -> Iterator[Raw | Bad]:
     """Records already in LLaVA form ({id, image?, conversations}): LCS-558K,
-    LLaVA-Instruct-158K, llava_v1_5_mix665k, ShareGPT4V. Text-only records (no image) pass."""
-    for n, rec in enumerate(_load_json(path)):
-        if isinstance(rec, Bad):
-            yield rec
+    LLaVA-Instruct-158K, llava_v1_5_mix665k, ShareGPT4V. Text-only records (no image) pass.
+    Read through the training pipeline's indexed source, one record at a time (the 665K mix
+    is a 1 GB JSON array)."""
+    from mmjax.data.sources import LlavaJsonSource
+
+    src = LlavaJsonSource(path, name=source)
+    for n in range(len(src)):
+        rec = src[n]
+        if not isinstance(rec, dict):  # a Skipped marker: bad JSON or not an object
+            yield Bad(rec.reason, rec.sample_id, rec.detail)
             continue
-        if not isinstance(rec, dict) or "conversations" not in rec:
-            yield Bad("malformed_record", f"{source}:{n}", "not a {id, conversations} object")
-            continue
-        sample_id = str(rec.get("id", f"{source}:{n}"))
-        image = rec.get("image")
-        images = [] if image is None else ([image] if isinstance(image, str) else list(image))
         conv = rec["conversations"]
+        if conv is None:
+            yield Bad("malformed_record", rec["id"], "not a {id, conversations} object")
+            continue
+        images = rec["images"]
         if images and isinstance(conv, list) and conv and isinstance(conv[0], dict) \
                 and "<image>" not in "".join(str(t.get("value", "")) for t in conv):
             # some releases omit the tag for single-image records: LLaVA puts it first
             conv = [dict(conv[0], value="<image>\n" + str(conv[0].get("value", "")))] + conv[1:]
-        yield Raw(sample_id, conv, images, source)
+        yield Raw(rec["id"], conv, images, source)
 
 
 lcs558k = sharegpt4v = llava_instruct = llava_json

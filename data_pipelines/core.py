@@ -26,11 +26,13 @@ from typing import Callable, Iterable, Iterator
 
 from mmjax.data import records
 from mmjax.data.image import ImageError, decode_image, resolve_image_path
+from mmjax.data.templates import ConversationError, normalise_turns
 
 SKIP_REASONS = (
     "missing_image", "corrupt_image", "empty_image", "image_too_large", "unsafe_image_path",
     "malformed_record",
     "no_answer", "bad_choice", "image_count_mismatch", "empty_text", "duplicate_id",
+    "unknown_role", "turns_not_alternating", "empty_reply",
 )
 
 
@@ -115,17 +117,13 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
 
 
 def check_conversation(raw: Raw) -> Bad | None:
-    """Structure checks shared by every converter (roles, text, <image> count)."""
-    conv = raw.conversations
-    if not isinstance(conv, list) or not conv:
-        return Bad("malformed_record", raw.id, "no conversations")
-    for turn in conv:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) \
-                or turn.get("from") not in ("human", "gpt", "system"):
-            return Bad("malformed_record", raw.id, f"bad turn {str(turn)[:80]}")
-        if not turn["value"].strip():
-            return Bad("empty_text", raw.id, f"empty {turn['from']} turn")
-    n_tags = sum(t["value"].count("<image>") for t in conv)
+    """The checks the training pipeline applies (mmjax.data.templates.normalise_turns: turn
+    shape, roles, alternation, empty replies), plus the `<image>` count."""
+    try:
+        normalise_turns(raw.conversations)
+    except ConversationError as e:
+        return Bad(e.reason, raw.id, e.detail)
+    n_tags = sum(t["value"].count("<image>") for t in raw.conversations)
     if n_tags != len(raw.images):
         return Bad("image_count_mismatch", raw.id,
                    f"{n_tags} <image> tags, {len(raw.images)} images")

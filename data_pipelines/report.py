@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.adapt import approx_tokens
-from mmjax.data import records
+from mmjax.data.sources import ArrayRecordSource
 
 
 def iter_samples(out: Path):
@@ -29,14 +29,12 @@ def iter_samples(out: Path):
             for line in path.read_text(encoding="utf-8").splitlines():
                 yield json.loads(line)
         else:
-            from array_record.python.array_record_module import ArrayRecordReader
-
-            reader = ArrayRecordReader(str(path))
-            try:
-                for i in range(reader.num_records()):
-                    yield records.decode(reader.read([i])[0])
-            finally:
-                reader.close()
+            src = ArrayRecordSource([path])
+            for i in range(len(src)):
+                rec = src[i]
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}: record {i} is unreadable ({rec.detail})")
+                yield rec
 
 
 def _stats(values) -> dict:

@@ -158,15 +158,14 @@ class Meter:
     """Turns per-step device metrics into rates: tokens/s, step time, MFU."""
 
     def __init__(self, cfg, rt, trained, row_len, peak, devices):
-        self.cfg, self.rt, self.trained, self.row_len = cfg, rt, trained, row_len
-        self.peak, self.devices = peak, devices
+        self.trained, self.peak, self.devices = trained, peak, devices
+        self.per_token, self.per_image = flops.coefficients(cfg, rt, trained, row_len)
 
     def rates(self, per_step: list[dict], seconds: float, data_wait: float) -> dict:
         n = len(per_step)
         tokens = sum(int(m["real_tokens"]) for m in per_step)
-        model_flops = sum(flops.step_flops(self.cfg, self.rt, self.trained,
-                                           int(m["real_tokens"]), int(m["images"]),
-                                           self.row_len) for m in per_step)
+        images = sum(int(m["images"]) for m in per_step)
+        model_flops = self.per_token * tokens + self.per_image * images
         out = {"tokens_per_s": tokens / seconds, "step_time_s": seconds / n,
                "data_wait_s": data_wait / n, "data_wait_share": data_wait / seconds,
                "tflops_per_s_per_device": model_flops / seconds / self.devices / 1e12}
@@ -255,8 +254,6 @@ def run_loop(c, state, step_fn, data_it, mesh, rules, ckpt, steps, workdir, writ
                           flush=True)
                 history["preempted"] = True
                 break
-        if pending:
-            _stop_if_skipping(jax.device_get(pending), steps, c.max_skipped_in_a_row)
     finally:
         sigterm.restore()
         profile.stop(state)

@@ -86,9 +86,9 @@ def projector_flops_per_image(cfg: LlavaConfig, multiplier: int) -> float:
     return multiplier * 2 * params * cfg.image_tokens
 
 
-def step_flops(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained, real_tokens: int,
-               images: int, row_length: int) -> float:
-    """Model FLOPs of one optimizer step over `real_tokens` text+image tokens and `images`."""
+def coefficients(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained,
+                 row_length: int) -> tuple[float, float]:
+    """(FLOPs per real token, FLOPs per image): a step's FLOPs are linear in both."""
     c = cfg.llm
     if trained.llm and not rt.lora_rank:
         m = 3
@@ -99,10 +99,16 @@ def step_flops(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained, real_token
     per_token = m * 2 * llm_matmul_params(cfg) + 3 * 2 * lora_params(cfg, rt)
     attn_m = 3 if (trained.llm or trained.llm_gets_gradients or rt.lora_rank) else 1
     per_token += attn_m * c.num_layers * 4 * row_length * c.num_heads * c.head_size / 2
-    flops = per_token * real_tokens
-    flops += images * vision_flops_per_image(cfg, 3 if trained.vision else 1)
-    flops += images * projector_flops_per_image(cfg, 3 if trained.projector else 1)
-    return flops
+    per_image = (vision_flops_per_image(cfg, 3 if trained.vision else 1)
+                 + projector_flops_per_image(cfg, 3 if trained.projector else 1))
+    return per_token, per_image
+
+
+def step_flops(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained, real_tokens: int,
+               images: int, row_length: int) -> float:
+    """Model FLOPs of one optimizer step over `real_tokens` text+image tokens and `images`."""
+    per_token, per_image = coefficients(cfg, rt, trained, row_length)
+    return per_token * real_tokens + per_image * images
 
 
 def mfu(flops: float, seconds: float, devices: int, peak: float | None) -> float | None:

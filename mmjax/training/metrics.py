@@ -38,8 +38,7 @@ class MetricWriter:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
-        scalars = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and v is not None}
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
