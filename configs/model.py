@@ -1,16 +1,12 @@
-"""A model with its runtime, mesh and sharding rules.
+"""A model with its runtime, mesh and sharding rules (the forward demo, tests, tools).
 
 Variants (`configs/model.py:NAME`): any preset of mmjax.models.presets (tiny, llava15_7b,
 llava15_13b, siglip_qwen2_7b, llava_1b, ...). GPU / TPU runtimes: `llava15_7b_gpu`,
 `llava15_7b_tpu` show the settings that matter there.
 """
-import sys
-from pathlib import Path
+import ml_collections
 
-sys.path.insert(0, str(Path(__file__).parent))
-import ml_collections  # noqa: E402
-
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(arg=None):
@@ -28,6 +24,4 @@ def get_config(arg=None):
         c.runtime.update(dtype="bfloat16", attention_impl="splash", remat_policy="save_qkv_context",
                          scan_layers=True)
     c.model = name
-    # Where local HF weights live (a `huggingface-cli download` directory), if any.
-    c.hf_checkpoint = ""
     return c

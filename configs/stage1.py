@@ -4,19 +4,17 @@ Variants: llava15_7b (default), llava15_13b, siglip_qwen2_7b, llava_1b, demo.
 Set the weights and data fields (init.hf_vision + init.hf_llm or init.hf_llava, data.sources),
 e.g. --config.init.hf_vision=/data/hf/clip-vit-large-patch14-336.
 """
-import sys
-from pathlib import Path
+from configs import common
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+VARIANTS = ("llava15_7b", "llava15_13b", "siglip_qwen2_7b", "llava_1b", "demo")
 
 
 def get_config(arg=None):
     variant = arg or "llava15_7b"
+    if variant not in VARIANTS:
+        raise common.variant_error(variant, VARIANTS)
     if variant == "demo":
         return common.demo_training(1)
     c = common.training(1)
     c.model = variant
-    if variant == "siglip_qwen2_7b":
-        c.data.template = "plain"
     return c

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from data_pipelines import adapt, converters
-from data_pipelines.core import BuildConfig, build
+from data_pipelines.core import BuildConfig, BuildError, build
 from data_pipelines.report import write_report
 
 
@@ -162,4 +162,8 @@ def summary(manifest: dict, report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,5 +1,5 @@
 """Readers for public caption and instruction datasets, each a generator of `Raw` samples
-(or `Bad` markers) in a deterministic order. `data_pipelines.convert` writes them out.
+(or `Skipped` markers) in a deterministic order. `data_pipelines.convert` writes them out.
 
 Stage 1 (captions): LCS-558K, COCO captions (annotation JSON or a locally prepared TFDS
 `coco_captions`), ShareGPT4V-style JSON, WebDataset tar shards (img2dataset: CC3M, LAION).
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipelines import adapt
-from data_pipelines.core import Bad, Raw
+from data_pipelines.core import Raw
+from mmjax.data.quality import Skipped
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -32,13 +33,13 @@ def _load_json(path) -> object:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                out.append(Bad("malformed_record", f"{path.name}:{n}", f"bad JSON: {e}"))
+                out.append(Skipped("malformed_record", f"{path.name}:{n}", f"bad JSON: {e}"))
         return out
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------ LLaVA-form pass-through
-def llava_json(path, source: str = "llava") -> Iterator[Raw | Bad]:
+def llava_json(path, source: str = "llava") -> Iterator[Raw | Skipped]:
     """Records already in LLaVA form ({id, image?, conversations}): LCS-558K,
     LLaVA-Instruct-158K, llava_v1_5_mix665k, ShareGPT4V. Text-only records (no image) pass.
     Read through the training pipeline's indexed source, one record at a time (the 665K mix
@@ -49,11 +50,11 @@ def llava_json(path, source: str = "llava") -> Iterator[Raw | Bad]:
     for n in range(len(src)):
         rec = src[n]
         if not isinstance(rec, dict):  # a Skipped marker: bad JSON or not an object
-            yield Bad(rec.reason, rec.sample_id, rec.detail)
+            yield rec
             continue
         conv = rec["conversations"]
         if conv is None:
-            yield Bad("malformed_record", rec["id"], "not a {id, conversations} object")
+            yield Skipped("malformed_record", rec["id"], "not a {id, conversations} object")
             continue
         images = rec["images"]
         if images and isinstance(conv, list) and conv and isinstance(conv[0], dict) \
@@ -68,16 +69,16 @@ lcs558k = sharegpt4v = llava_instruct = llava_json
 
 # ----------------------------------------------------------------------------- captions
 def caption_sample(sample_id: str, caption: str, image, source: str,
-                   prompt: str = "<image>\n") -> Raw | Bad:
+                   prompt: str = "<image>\n") -> Raw | Skipped:
     caption = (caption or "").strip()
     if not caption:
-        return Bad("empty_text", sample_id, "no caption")
+        return Skipped("empty_text", sample_id, "no caption")
     return Raw(sample_id, [{"from": "human", "value": prompt},
                            {"from": "gpt", "value": caption}], [image], source)
 
 
 def coco_captions(annotations, image_dir: str = "", all_captions: bool = False,
-                  source: str = "coco") -> Iterator[Raw | Bad]:
+                  source: str = "coco") -> Iterator[Raw | Skipped]:
     """COCO `captions_*.json`: one sample per image (its first caption), or one per caption.
     Image paths are `image_dir/file_name` under the image root."""
     data = _load_json(annotations)
@@ -86,14 +87,14 @@ def coco_captions(annotations, image_dir: str = "", all_captions: bool = False,
     by_image = collections.defaultdict(list)
     for n, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann:
-            yield Bad("malformed_record", f"{source}:ann{n}", "annotation without image_id")
+            yield Skipped("malformed_record", f"{source}:ann{n}", "annotation without image_id")
             continue
         by_image[ann["image_id"]].append(ann)
     for img in sorted(data["images"], key=lambda x: x.get("id", 0)):
         anns = sorted(by_image.get(img.get("id"), []), key=lambda a: a.get("id", 0))
         name = img.get("file_name")
         if not name or not anns:
-            yield Bad("no_answer" if name else "malformed_record", f"{source}:{img.get('id')}",
+            yield Skipped("no_answer" if name else "malformed_record", f"{source}:{img.get('id')}",
                       "no caption" if name else "image without file_name")
             continue
         path = f"{image_dir}/{name}" if image_dir else name
@@ -103,7 +104,7 @@ def coco_captions(annotations, image_dir: str = "", all_captions: bool = False,
 
 
 def tfds_coco(dataset: str = "coco_captions", split: str = "train", data_dir: str | None = None,
-              source: str = "coco") -> Iterator[Raw | Bad]:
+              source: str = "coco") -> Iterator[Raw | Skipped]:
     """A locally prepared TFDS captions dataset (never downloads); images re-encoded as PNG."""
     import numpy as np
     from PIL import Image
@@ -114,21 +115,21 @@ def tfds_coco(dataset: str = "coco_captions", split: str = "train", data_dir: st
     for i in range(len(src)):
         ex = src[i]
         if not isinstance(ex, dict):
-            yield Bad("no_answer", ex.sample_id, ex.detail)
+            yield Skipped("no_answer", ex.sample_id, ex.detail)
             continue
         buf = io.BytesIO()
         Image.fromarray(np.asarray(ex["images"][0]).astype(np.uint8)).save(buf, format="PNG")
         yield Raw(ex["id"], ex["conversations"], [buf.getvalue()], source)
 
 
-def webdataset(tars, source: str = "webdataset") -> Iterator[Raw | Bad]:
+def webdataset(tars, source: str = "webdataset") -> Iterator[Raw | Skipped]:
     """WebDataset tar shards as img2dataset writes them: KEY.jpg + KEY.txt (or KEY.json with
     a 'caption'). Members of one key must be adjacent (as WebDataset requires)."""
     for tar_path in sorted(str(t) for t in tars):
         try:
             tf = tarfile.open(tar_path)
         except (tarfile.TarError, OSError) as e:
-            yield Bad("malformed_record", f"{Path(tar_path).name}", f"unreadable tar: {e}")
+            yield Skipped("malformed_record", f"{Path(tar_path).name}", f"unreadable tar: {e}")
             continue
         with tf:
             group_key, group = None, {}
@@ -145,16 +146,16 @@ def webdataset(tars, source: str = "webdataset") -> Iterator[Raw | Bad]:
                     group_key = key
                     group["." + ext.lower()] = tf.extractfile(member).read()
             except (tarfile.TarError, OSError, EOFError) as e:
-                yield Bad("malformed_record", f"{Path(tar_path).name}", f"truncated tar: {e}")
+                yield Skipped("malformed_record", f"{Path(tar_path).name}", f"truncated tar: {e}")
             if group_key is not None and group:
                 yield _wds_sample(group_key, group, tar_path, source)
 
 
-def _wds_sample(key, group, tar_path, source) -> Raw | Bad:
+def _wds_sample(key, group, tar_path, source) -> Raw | Skipped:
     sample_id = f"{source}:{Path(tar_path).stem}/{key}"
     image = next((group[e] for e in IMAGE_EXTS if e in group), None)
     if image is None:
-        return Bad("missing_image", sample_id, f"no image among {sorted(group)}")
+        return Skipped("missing_image", sample_id, f"no image among {sorted(group)}")
     caption = None
     if ".txt" in group:
         caption = group[".txt"].decode("utf-8", "replace")
@@ -162,14 +163,14 @@ def _wds_sample(key, group, tar_path, source) -> Raw | Bad:
         try:
             caption = json.loads(group[".json"]).get("caption")
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
-            return Bad("malformed_record", sample_id, f"bad json: {e}")
+            return Skipped("malformed_record", sample_id, f"bad json: {e}")
     return caption_sample(sample_id, caption or "", image, source)
 
 
 # -------------------------------------------------------------------- short-answer VQA
 def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id:012d}.jpg",
           prompt: str = adapt.SHORT_ANSWER_PROMPT, max_turns: int = 0, max_tokens: int = 0,
-          seed: int = 0, source: str = "vqav2") -> Iterator[Raw | Bad]:
+          seed: int = 0, source: str = "vqav2") -> Iterator[Raw | Skipped]:
     """VQAv2 question + annotation files; the answer is the most common of the annotators'
     (normalised as the VQA evaluation does). Questions about one image are merged into
     multi-turn conversations (caps: max_turns, max_tokens; 0 = none)."""
@@ -182,7 +183,8 @@ def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id
     per_image = collections.defaultdict(list)
     for n, q in enumerate(qs.get("questions", []) if isinstance(qs, dict) else []):
         if not isinstance(q, dict) or not {"image_id", "question", "question_id"} <= set(q):
-            yield Bad("malformed_record", f"{source}:q{n}", "question without image_id/question")
+            yield Skipped("malformed_record", f"{source}:q{n}",
+                          "question without image_id/question")
             continue
         ann = answers.get(q["question_id"])
         answer = None
@@ -191,7 +193,7 @@ def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id
                                                ann.get("answers", []) if isinstance(x, dict)])
             answer = answer or adapt.normalize_answer(ann.get("multiple_choice_answer", ""))
         if not answer:
-            yield Bad("no_answer", f"{source}:{q['question_id']}", "no annotated answer")
+            yield Skipped("no_answer", f"{source}:{q['question_id']}", "no annotated answer")
             continue
         per_image[q["image_id"]].append((adapt.short_answer(q["question"], prompt), answer))
     yield from _merged(per_image, lambda i: image_pattern.format(image_id=i), max_turns,
@@ -200,7 +202,7 @@ def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id
 
 def gqa(questions, image_pattern: str = "{image_id}.jpg", prompt: str = adapt.SHORT_ANSWER_PROMPT,
         max_turns: int = 0, max_tokens: int = 0, seed: int = 0,
-        source: str = "gqa") -> Iterator[Raw | Bad]:
+        source: str = "gqa") -> Iterator[Raw | Skipped]:
     """GQA questions ({question_id: {imageId, question, answer}}), short answers, merged per
     image."""
     data = _load_json(questions)
@@ -208,11 +210,11 @@ def gqa(questions, image_pattern: str = "{image_id}.jpg", prompt: str = adapt.SH
     per_image = collections.defaultdict(list)
     for qid, q in sorted(items, key=lambda kv: str(kv[0])):
         if not isinstance(q, dict) or not q.get("imageId") or not q.get("question"):
-            yield Bad("malformed_record", f"{source}:{qid}", "needs imageId and question")
+            yield Skipped("malformed_record", f"{source}:{qid}", "needs imageId and question")
             continue
         answer = str(q.get("answer", "")).strip()
         if not answer:
-            yield Bad("no_answer", f"{source}:{qid}", "no answer")
+            yield Skipped("no_answer", f"{source}:{qid}", "no answer")
             continue
         per_image[q["imageId"]].append((adapt.short_answer(q["question"], prompt), answer))
     yield from _merged(per_image, lambda i: image_pattern.format(image_id=i), max_turns,
@@ -221,19 +223,19 @@ def gqa(questions, image_pattern: str = "{image_id}.jpg", prompt: str = adapt.SH
 
 def chartqa(path, image_dir: str = "png", prompt: str = adapt.SHORT_ANSWER_PROMPT,
             max_turns: int = 0, max_tokens: int = 0, seed: int = 0,
-            source: str = "chartqa") -> Iterator[Raw | Bad]:
+            source: str = "chartqa") -> Iterator[Raw | Skipped]:
     """ChartQA-style JSON: [{imgname, query, label}], merged per chart."""
     per_image = collections.defaultdict(list)
     for n, q in enumerate(_load_json(path)):
-        if isinstance(q, Bad):
+        if isinstance(q, Skipped):
             yield q
             continue
         if not isinstance(q, dict) or not q.get("imgname") or not q.get("query"):
-            yield Bad("malformed_record", f"{source}:{n}", "needs imgname and query")
+            yield Skipped("malformed_record", f"{source}:{n}", "needs imgname and query")
             continue
         label = str(q.get("label", "")).strip()
         if not label:
-            yield Bad("no_answer", f"{source}:{n}", "no label")
+            yield Skipped("no_answer", f"{source}:{n}", "no label")
             continue
         per_image[q["imgname"]].append((adapt.short_answer(q["query"], prompt), label))
     yield from _merged(per_image, lambda i: f"{image_dir}/{i}" if image_dir else i, max_turns,
@@ -250,25 +252,25 @@ def _merged(per_image, image_path, max_turns, max_tokens, seed, source):
 
 # ------------------------------------------------------------------------ multiple choice
 def multiple_choice(path, image_dir: str = "", prompt: str = adapt.MULTIPLE_CHOICE_PROMPT,
-                    source: str = "mc") -> Iterator[Raw | Bad]:
+                    source: str = "mc") -> Iterator[Raw | Skipped]:
     """ScienceQA / A-OKVQA style: {id, image?, question, choices, answer | correct_choice_idx,
     hint?}. Text-only questions (no image) are kept without an image, as LLaVA does."""
     for n, q in enumerate(_load_json(path)):
-        if isinstance(q, Bad):
+        if isinstance(q, Skipped):
             yield q
             continue
         sample_id = f"{source}:{q.get('id', q.get('question_id', n))}" if isinstance(q, dict) \
             else f"{source}:{n}"
         if not isinstance(q, dict) or not q.get("question") or not isinstance(
                 q.get("choices"), list):
-            yield Bad("malformed_record", sample_id, "needs question and a choices list")
+            yield Skipped("malformed_record", sample_id, "needs question and a choices list")
             continue
         idx = q.get("answer", q.get("correct_choice_idx"))
         try:
             letter = adapt.choice_letter(int(idx), len(q["choices"]))
             text = adapt.multiple_choice(q["question"], q["choices"], prompt)
         except (TypeError, ValueError) as e:
-            yield Bad("bad_choice", sample_id, str(e))
+            yield Skipped("bad_choice", sample_id, str(e))
             continue
         hint = str(q.get("hint") or "").strip()
         if hint:

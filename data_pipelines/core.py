@@ -1,6 +1,7 @@
 """The converter driver: raw samples in, ArrayRecord shards (or LLaVA JSONL) out.
 
-A converter is a generator of `Raw` samples (or `Bad` markers) in a deterministic order.
+A converter is a generator of `Raw` samples (or `mmjax.data.quality.Skipped` markers, the
+training pipeline's reasons and report) in a deterministic order.
 `build` turns them into output shards:
 
     OUT/NAME-00000.arrayrecord ...   samples in `mmjax.data.records` form, image bytes inside
@@ -26,14 +27,12 @@ from typing import Callable, Iterable, Iterator
 
 from mmjax.data import records
 from mmjax.data.image import ImageError, decode_image, resolve_image_path
-from mmjax.data.templates import ConversationError, normalise_turns
+from mmjax.data.quality import REASONS, Skipped, SkipReport
+from mmjax.data.templates import ConversationError, normalize_turns
 
-SKIP_REASONS = (
-    "missing_image", "corrupt_image", "empty_image", "image_too_large", "unsafe_image_path",
-    "malformed_record",
-    "no_answer", "bad_choice", "image_count_mismatch", "empty_text", "duplicate_id",
-    "unknown_role", "turns_not_alternating", "empty_reply",
-)
+
+class BuildError(RuntimeError):
+    """A build that cannot go on as asked (the message says what to do)."""
 
 
 @dataclasses.dataclass
@@ -44,17 +43,6 @@ class Raw:
     conversations: list[dict]
     images: list = dataclasses.field(default_factory=list)  # str paths or bytes
     source: str = ""
-
-
-@dataclasses.dataclass
-class Bad:
-    reason: str
-    id: str
-    detail: str = ""
-
-    def __post_init__(self):
-        if self.reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {self.reason!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,25 +56,6 @@ class BuildConfig:
     quality: int = 90  # JPEG quality when re-encoding
     reencode: bool = False  # re-encode every image (e.g. to JPEG) even if small
     limit: int = 0  # stop after this many input samples (0: all); for trials
-
-
-class Tally:
-    def __init__(self, state: dict | None = None):
-        state = state or {}
-        self.inputs = state.get("inputs", 0)
-        self.written = state.get("written", 0)
-        self.skipped: dict[str, int] = dict(state.get("skipped", {}))
-        self.examples: dict[str, list] = {k: list(v) for k, v in state.get("examples", {}).items()}
-
-    def skip(self, bad: Bad) -> None:
-        self.skipped[bad.reason] = self.skipped.get(bad.reason, 0) + 1
-        ex = self.examples.setdefault(bad.reason, [])
-        if len(ex) < 5:
-            ex.append(f"{bad.id}: {bad.detail}"[:300])
-
-    def state(self) -> dict:
-        return {"inputs": self.inputs, "written": self.written, "skipped": self.skipped,
-                "examples": self.examples}
 
 
 def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, tuple[int, int]]:
@@ -116,21 +85,21 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
     return data, size
 
 
-def check_conversation(raw: Raw) -> Bad | None:
-    """The checks the training pipeline applies (mmjax.data.templates.normalise_turns: turn
+def check_conversation(raw: Raw) -> Skipped | None:
+    """The checks the training pipeline applies (mmjax.data.templates.normalize_turns: turn
     shape, roles, alternation, empty replies), plus the `<image>` count."""
     try:
-        normalise_turns(raw.conversations)
+        normalize_turns(raw.conversations)
     except ConversationError as e:
-        return Bad(e.reason, raw.id, e.detail)
+        return Skipped(e.reason, raw.id, e.detail)
     n_tags = sum(t["value"].count("<image>") for t in raw.conversations)
     if n_tags != len(raw.images):
-        return Bad("image_count_mismatch", raw.id,
+        return Skipped("image_count_mismatch", raw.id,
                    f"{n_tags} <image> tags, {len(raw.images)} images")
     return None
 
 
-def build(samples: Iterable[Raw | Bad], cfg: BuildConfig,
+def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
           progress: Callable[[Iterable], Iterator] | None = None) -> dict:
     """Writes `samples` to `cfg.out` as shards; resumes a previous partial build."""
     cfg = dataclasses.replace(cfg, out=Path(cfg.out),
@@ -142,17 +111,19 @@ def build(samples: Iterable[Raw | Bad], cfg: BuildConfig,
     prog_path = out / "progress.json"
     prog = json.loads(prog_path.read_text()) if prog_path.exists() else None
     if prog is not None and prog["settings"] != settings:
-        raise SystemExit(f"{out} holds a build with other settings {prog['settings']}; use a "
+        raise BuildError(f"{out} holds a build with other settings {prog['settings']}; use a "
                          "new output directory or delete it")
-    prog = prog or {"settings": settings, "shards": [], "tally": {}, "done": False}
+    prog = prog or {"settings": settings, "shards": [], "report": {}, "written": 0,
+                    "done": False}
     if prog["done"]:
-        print(f"{out}: already complete ({prog['tally'].get('written', 0)} samples)")
+        print(f"{out}: already complete ({prog['written']} samples)")
         return json.loads((out / "manifest.json").read_text())
-    tally = Tally(prog["tally"])
-    resume_at = tally.inputs
+    report = SkipReport(max_bad_share=1.0)  # counts; converters never abort on a share
+    report.load_state(prog["report"])
+    resume_at = report.seen
     seen_ids: set[str] = set()
     if (out / "index.jsonl").exists():
-        _truncate_index(out, tally.written)  # lines past the last finished shard go
+        _truncate_index(out, prog["written"])  # lines past the last finished shard go
     if resume_at:
         for line in (out / "index.jsonl").read_text().splitlines():
             seen_ids.add(json.loads(line)["id"])
@@ -168,45 +139,45 @@ def build(samples: Iterable[Raw | Bad], cfg: BuildConfig,
                 break
             if n < resume_at:  # consumed by finished shards
                 continue
-            tally.inputs += 1
+            report.seen += 1
             item = _prepare(sample, cfg, seen_ids)
-            if isinstance(item, Bad):
-                tally.skip(item)
+            if isinstance(item, Skipped):
+                report.skip(item)
             else:
                 pending.append(item)
                 if len(pending) == cfg.shard_size:
-                    _flush(out, cfg, prog, tally, pending, index)
+                    _flush(out, cfg, prog, report, pending, index)
                     pending = []
         if pending:
-            _flush(out, cfg, prog, tally, pending, index)
+            _flush(out, cfg, prog, report, pending, index)
     finally:
         index.close()
     prog["done"] = True
-    prog["tally"] = tally.state()
+    prog["report"] = report.state()
     manifest = {"name": cfg.name, "settings": settings, "shards": [s["file"] for s in
                                                                   prog["shards"]],
-                "samples": tally.written, "inputs": tally.inputs, "skipped": tally.skipped,
-                "skipped_examples": tally.examples, "output": cfg.output}
+                "samples": prog["written"], "inputs": report.seen, "skipped": report.counts,
+                "skipped_examples": report.examples, "output": cfg.output}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _atomic_write(prog_path, json.dumps(prog))
     return manifest
 
 
 def _prepare(sample, cfg: BuildConfig, seen_ids: set[str]):
-    if isinstance(sample, Bad):
+    if isinstance(sample, Skipped):
         return sample
     bad = check_conversation(sample)
     if bad is not None:
         return bad
     if sample.id in seen_ids:
-        return Bad("duplicate_id", sample.id, "id seen before")
+        return Skipped("duplicate_id", sample.id, "id seen before")
     images, sizes = [], []
     for item in sample.images:
         try:
             data, size = read_image(item, cfg.image_root, cfg)
         except ImageError as e:
-            reason = e.reason if e.reason in SKIP_REASONS else "corrupt_image"
-            return Bad(reason, sample.id, e.detail)
+            reason = e.reason if e.reason in REASONS else "corrupt_image"
+            return Skipped(reason, sample.id, e.detail)
         images.append(data)
         sizes.append(size)
     seen_ids.add(sample.id)
@@ -230,7 +201,8 @@ def _prepare(sample, cfg: BuildConfig, seen_ids: set[str]):
     return sample.id, rec
 
 
-def _flush(out: Path, cfg: BuildConfig, prog: dict, tally: Tally, pending, index) -> None:
+def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, pending,
+           index) -> None:
     k = len(prog["shards"])
     if cfg.output == "arrayrecord":
         name = f"{cfg.name}-{k:05d}.arrayrecord"
@@ -244,9 +216,9 @@ def _flush(out: Path, cfg: BuildConfig, prog: dict, tally: Tally, pending, index
     for pos, (sample_id, _) in enumerate(pending):
         index.write(json.dumps({"id": sample_id, "shard": name, "position": pos}) + "\n")
     index.flush()
-    tally.written += len(pending)
+    prog["written"] += len(pending)
     prog["shards"].append({"file": name, "samples": len(pending)})
-    prog["tally"] = tally.state()
+    prog["report"] = report.state()
     _atomic_write(out / "progress.json", json.dumps(prog))
 
 

@@ -1,26 +1,38 @@
-"""Config files: `path/to/file.py[:arg]` with `get_config(arg)`, plus `--config.x=y` overrides.
+"""Config files: `path/to/file.py[:arg]` with `get_config(arg)`, plus `--config.x=y` overrides;
+and the one translation from a ConfigDict to typed dataclasses.
 
-The entry points resolve a config once here and hand typed values (RuntimeConfig, mesh axis
-sizes, logical-axis rules, a model config) to library code.
+    c = load("configs/stage2.py:llava_1b", ["--config.data.workers=4"])
+    tc = train_config(c)                  # TrainConfig, every section typed and checked
+
+The dataclasses are the schema: `defaults(cls)` makes a config section from a dataclass (every
+field, with its default), and `typed(cls, section)` reads one back, naming unknown fields with
+the valid ones and values of the wrong type. Fields whose metadata says `derived` are not in
+the config; the entry point fills them. `python -m mmjax.configlib` prints the reference of
+every section and field (the README's "Configuration reference").
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib.util
+import inspect
+import re
+import types
+import typing
 from pathlib import Path
 
 import ml_collections
 
 from mmjax.models import presets
-from mmjax.models.config import RuntimeConfig
+from mmjax.models.config import ConfigError, RuntimeConfig
 
 
+# --------------------------------------------------------------------------- config files
 def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """Loads `file.py[:arg]` and applies `key.path=value` overrides (values as Python literals)."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -28,7 +40,7 @@ def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not --config.FIELD=VALUE")
         key = key.removeprefix("--config.").removeprefix("config.")
         try:
             value = ast.literal_eval(raw)
@@ -36,52 +48,227 @@ def load(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
             value = raw  # a bare string
         node = cfg
         *parents, last = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                raise ConfigError(f"unknown config field {'.'.join(parents[:depth + 1])!r}; "
+                                  f"valid: {_valid(node)}")
             node = node[p]
-        if last not in node:
-            raise KeyError(f"unknown config field {key!r}")
-        node[last] = value
+        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+            raise ConfigError(f"unknown config field {key!r}; valid: {_valid(node)}")
+        current = node[last]
+        if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+            value = type(current)(value)  # (a, b) and [a, b] mean the same here
+        try:
+            node[last] = value
+        except TypeError as e:
+            raise ConfigError(f"--config.{key}: {value!r} has the wrong type for a field "
+                              f"holding {current!r}") from e
     return cfg
 
 
+def _valid(node) -> str:
+    return ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "-"
+
+
+# --------------------------------------------------------------------------- the schema
+def settable_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that the config holds (not the derived ones)."""
+    return [f for f in dataclasses.fields(cls) if "derived" not in f.metadata]
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _to_config_value(value):
+    if dataclasses.is_dataclass(value):
+        return defaults(type(value), value)
+    if isinstance(value, (tuple, list)):
+        return [_to_config_value(v) for v in value]
+    if isinstance(value, dict):
+        return ml_collections.ConfigDict({k: _to_config_value(v) for k, v in value.items()})
+    return value
+
+
+def defaults(cls, instance=None) -> ml_collections.ConfigDict:
+    """A config section with every settable field of `cls` (values from `instance`, else the
+    defaults). Sequences are lists in the ConfigDict; `typed` makes them tuples again."""
+    return ml_collections.ConfigDict({
+        f.name: _to_config_value(getattr(instance, f.name) if instance is not None
+                                 else _default(f))
+        for f in settable_fields(cls)})
+
+
+def typed(cls, section, where: str = ""):
+    """The dataclass `cls` from a config section (ConfigDict or dict), checked field by field."""
+    if not hasattr(section, "items"):
+        raise ConfigError(f"{where or 'the config'} must be a section (a dict of fields), "
+                          f"got {section!r}")
+    items = dict(section.items())
+    fields = {f.name: f for f in settable_fields(cls)}
+    unknown = sorted(set(items) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(_join(where, k) for k in unknown)}; "
+                          f"valid: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in items.items()}
+    missing = [_join(where, n) for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set")
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return _plain(value)
+    if dataclasses.is_dataclass(tp):
+        return typed(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} is {value!r}; one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} items, got {value!r}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not hasattr(value, "items"):
+            raise ConfigError(f"{where} must be a dict, got {value!r}")
+        return {_convert(args[0], k, where): _convert(args[1], v, f"{where}.{k}")
+                for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be True or False, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: config type {tp} is not supported")
+
+
+def _plain(value):
+    """Lists -> tuples, recursively (rules' mesh axes, hashable)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------- typed views
+def train_config(cfg: ml_collections.ConfigDict):
+    """The whole training config, typed and checked (unknown or mistyped fields named)."""
+    from mmjax.training.config import TrainConfig
+
+    return typed(TrainConfig, cfg)
+
+
 def runtime(cfg: ml_collections.ConfigDict) -> RuntimeConfig:
-    """The runtime section, plus the LoRA adapters when `lora.enabled`."""
-    fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    values = {k: v for k, v in cfg.runtime.items() if k in fields}
-    lora = cfg.get("lora")
-    if lora is not None and lora.enabled:
-        values.update(lora_rank=int(lora.rank), lora_alpha=float(lora.alpha),
-                      lora_dropout=float(lora.dropout), lora_targets=tuple(lora.targets))
-    return RuntimeConfig(**values)
+    """The runtime section, with the LoRA section's adapters when the config has one."""
+    rt = typed(RuntimeConfig, cfg.runtime, "runtime")
+    if "lora" in cfg:
+        from mmjax.training.lora import LoraConfig
 
-
-def distributed(cfg: ml_collections.ConfigDict):
-    from mmjax.distributed import DistributedConfig
-
-    d = cfg.get("distributed")
-    return DistributedConfig(**dict(d.items())) if d is not None else DistributedConfig()
+        rt = typed(LoraConfig, cfg.lora, "lora").runtime(rt)
+    return rt
 
 
 def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in cfg.logical_axis_rules)
+    return _plain(cfg.logical_axis_rules)
 
 
 def mesh_axes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return dict(cfg.mesh.items())
 
 
-def mesh_dcn(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """The DCN (across slices / hosts) part of the mesh; all 1 when not configured."""
-    return dict(cfg.mesh_dcn.items()) if "mesh_dcn" in cfg else {}
-
-
-def make_mesh(cfg: ml_collections.ConfigDict):
+def make_mesh(tc):
+    """The mesh of a TrainConfig: per-granule axis sizes times the DCN sizes."""
     from mmjax.sharding import make_mesh as _make
 
-    granule = cfg.get("mesh_granule", "auto")
-    return _make(mesh_axes(cfg), dcn_sizes=mesh_dcn(cfg), granule=granule)
+    return _make(tc.mesh, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
 
 
-def model(cfg: ml_collections.ConfigDict):
+def model(cfg):
+    """The model preset named by a config (ConfigDict or TrainConfig)."""
     return presets.get(cfg.model)
+
+
+# --------------------------------------------------------------------------- reference
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its trailing comment in the dataclass source (the field's meaning)."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def reference_markdown() -> str:
+    """Every section and field of the training config, with defaults and meanings."""
+    from mmjax.data.pipeline import SourceConfig
+    from mmjax.training.config import TrainConfig
+
+    def table(cls, prefix: str) -> list[str]:
+        docs = field_docs(cls)
+        rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+        for f in settable_fields(cls):
+            if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
+                continue
+            value = _default(f)
+            shown = repr(list(value) if isinstance(value, tuple) else value)
+            if len(shown) > 40:
+                shown = shown[:37] + "..."
+            shown = shown.replace("|", "\\|")
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {meaning} |")
+        return rows
+
+    out = ["Top level (`--config.FIELD=...`):", ""] + table(TrainConfig, "")
+    for f in settable_fields(TrainConfig):
+        section = typing.get_type_hints(TrainConfig)[f.name]
+        if dataclasses.is_dataclass(section):
+            doc = (section.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+            out += ["", f"`{f.name}`: {doc}", ""] + table(section, f"{f.name}.")
+            derived = [g for g in dataclasses.fields(section) if "derived" in g.metadata]
+            if derived:
+                out += ["", "Set by `mmjax.train`, not in the config: " + ", ".join(
+                    f"`{f.name}.{g.name}` ({g.metadata['derived']})" for g in derived) + "."]
+            if section.__name__ == "DataConfig":
+                out += ["", "Each entry of `data.sources`:", ""] + table(SourceConfig, "")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

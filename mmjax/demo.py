@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+import configs
 from mmjax import configlib
 from mmjax.data.image import preprocess
-from mmjax.data.tokenizer import train_bpe_tokenizer
+from mmjax.data.tokenizer_training import train_bpe_tokenizer
 from mmjax.models import Llava, presets
 from mmjax.models.factory import count_params
 from mmjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_rules
@@ -44,7 +45,8 @@ PROMPT = ("A chat between a curious human and an artificial intelligence assista
           "word or phrase. ASSISTANT:")
 
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "model.py"
+CONFIGS = Path(configs.__file__).resolve().parent
+CONFIG = CONFIGS / "model.py"
 
 
 def forward_demo(argv=None) -> dict:
@@ -88,7 +90,7 @@ def forward_demo(argv=None) -> dict:
     shardings = logical_shardings(boxed, mesh, rules)
     with mesh_rules(mesh, rules):
         params = jax.jit(lambda: nn.unbox(init())["params"], out_shardings=shardings)()
-        inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim))
+        inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim, rules))
                   for x in (input_ids, pixel_values)]
         forward = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x))
         logits = forward(params, *inputs)
@@ -165,8 +167,6 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
     return {"accuracy": with_images["accuracy"], "blank_accuracy": blank["accuracy"],
             "chance": chance, "seconds": wall}
 
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def main(argv=None):

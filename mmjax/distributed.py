@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
+    """Multi-host start-up (see the module docstring for what each mode does)."""
+
     mode: str = "auto"  # auto | explicit | none
     coordinator_address: str = ""  # host:port of process 0
-    num_processes: int = 0
-    process_id: int = -1
+    num_processes: int = 0  # explicit: how many processes (0: from MMJAX_NUM_PROCESSES)
+    process_id: int = -1  # explicit: this process's index (-1: from MMJAX_PROCESS_ID)
     initialization_timeout: int = 300  # seconds to wait for every process to join
 
 

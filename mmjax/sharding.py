@@ -1,10 +1,12 @@
 """Meshes and the mapping from logical axis names to mesh axes.
 
 Model code names axes logically ('embed', 'heads', 'activation_batch', ...); which mesh axis
-(data, fsdp, tensor, ...) shards each is data: a rules tuple that comes from config.
+(data, fsdp, tensor, ...) shards each is data: a rules tuple that comes from config
+(`configs/common.py` holds the default rules; library functions always take them explicitly).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Sequence
@@ -17,27 +19,6 @@ log = logging.getLogger(__name__)
 
 Rules = Sequence[tuple[str, Any]]
 
-# FSDP shards weights over 'fsdp' on their model dimension; tensor parallelism splits heads,
-# the MLP hidden and the vocabulary; batch is split over every data-like axis.
-DEFAULT_RULES: Rules = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("vision_out", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("lora_rank", None),
-    ("length", None),
-    ("patch_y", None),
-    ("patch_x", None),
-    ("channel", None),
-)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -105,7 +86,7 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) ->
     return PartitionSpec(*out)
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
     """NamedShardings for a tree of logically partitioned (boxed) values or abstract values."""
     specs = nn.get_partition_spec(boxed_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
@@ -130,26 +111,14 @@ def single_device_mesh() -> Mesh:
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules) -> NamedSharding:
     """Sharding for a batch-major input array of rank `ndim`."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
 
 
-class mesh_rules:
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules: Rules):
     """Context: `mesh` as the current mesh and `rules` for the model's logical constraints."""
-
-    def __init__(self, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-        self.mesh, self.rules = mesh, rules
-        self._stack: list = []
-
-    def __enter__(self):
-        for ctx in (jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
-            ctx.__enter__()
-            self._stack.append(ctx)
-        return self
-
-    def __exit__(self, *exc):
-        while self._stack:
-            self._stack.pop().__exit__(*exc)
-        return False
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -31,7 +31,7 @@ def word_tokenizer(out_dir, corpus: list[str]):
 
 
 def bpe_tokenizer(out_dir, corpus: list[str], vocab_size: int = 400):
-    from mmjax.data.tokenizer import train_bpe_tokenizer
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus, vocab_size, out_dir,
                                extra_special_tokens=tuple(SPECIALS[4:]))

@@ -70,7 +70,7 @@ def real_images(size: int, n: int = 3) -> np.ndarray:
     return np.stack(out).astype(np.float32) / 255.0
 
 
-def normalise(images: np.ndarray, mean, std) -> np.ndarray:
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     return ((images - mean) / std).astype(np.float32)
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from test_training_step import MODEL, _batch, _run, _setup
 
+from configs.common import LOGICAL_AXIS_RULES as RULES
+from mmjax import batch as batch_format
 from mmjax.sharding import logical_shardings, make_mesh
 from mmjax.training.checkpoint import (
     CheckpointConfig,
@@ -13,13 +15,12 @@ from mmjax.training.checkpoint import (
     abstract_with_shardings,
     restore_subtree,
 )
-from mmjax.training.step import batch_shardings
 
 
 def _abstract(trainer, mesh):
     boxed = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), jnp.zeros((1, 20), jnp.int32),
                                               jnp.zeros((1, 1, 56, 56, 3))))["params"]
-    return boxed, trainer.state_shardings(logical_shardings(boxed, mesh), nn.unbox(boxed))
+    return boxed, trainer.state_shardings(logical_shardings(boxed, mesh, RULES), nn.unbox(boxed))
 
 
 def test_save_on_fsdp8_restore_on_fsdp4_tensor2(tmp_path):
@@ -38,7 +39,7 @@ def test_save_on_fsdp8_restore_on_fsdp4_tensor2(tmp_path):
             jax.device_get(restored))):
         np.testing.assert_array_equal(a, b)
     # the restored state trains on the new mesh
-    step2 = trainer.jit_step(shardings, batch_shardings(other))
+    step2 = trainer.jit_step(shardings, batch_format.shardings(other, RULES))
     _run(step2, restored, other, [_batch(seed=1)])
 
 

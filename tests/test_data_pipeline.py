@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from configs.common import LOGICAL_AXIS_RULES as RULES
 from data_fixtures import (
     CORPUS,
     bad_records,
@@ -15,10 +17,10 @@ from data_fixtures import (
     write_llava_json,
     write_photos,
 )
-
+from mmjax import batch as batch_format
 from mmjax.data import records
 from mmjax.data.batching import pack, padding_fraction
-from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, global_batch, skip_report
+from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, skip_report
 from mmjax.data.quality import BadShareExceeded
 from mmjax.data.sources import (
     ArrayRecordSource,
@@ -365,7 +367,12 @@ def test_global_batch_on_the_mesh(files):
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     cfg = _cfg(files["json"], files["root"], batch_size=8, num_epochs=None)
     batch = next(build_pipeline(cfg, files["tok"], MODEL))
-    arrays = global_batch(batch, mesh)
+    arrays = batch_format.global_batch(batch, mesh, RULES)
     assert arrays["input_ids"].shape == (8, 128)
     assert arrays["pixel_values"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(arrays["targets"]), batch["targets"])
+    # the pipeline's batches are the format mmjax.batch declares, and the step's shapes
+    abstract = batch_format.abstract(8, 128, cfg.image_slots, MODEL.vision.image_size)
+    for key, (axes, dtype) in batch_format.FIELDS.items():
+        assert batch[key].dtype == dtype and batch[key].ndim == len(axes), key
+        assert arrays[key].shape == abstract[key].shape, key

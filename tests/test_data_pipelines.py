@@ -8,12 +8,13 @@ import tarfile
 import jax
 import numpy as np
 import pytest
-from data_fixtures import bpe_tokenizer, write_photos
 from PIL import Image
 
+from configs.common import LOGICAL_AXIS_RULES as RULES
+from data_fixtures import bpe_tokenizer, write_photos
 from data_pipelines import adapt, converters
 from data_pipelines.convert import main as convert_main
-from data_pipelines.core import BuildConfig, Raw, build
+from data_pipelines.core import BuildConfig, BuildError, Raw, build
 from data_pipelines.report import iter_samples
 from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline
 from mmjax.data.templates import VICUNA_SYSTEM
@@ -224,7 +225,7 @@ def test_output_trains(raw, tmp_path):
                                    "pixel_values")}
     # the tiny model's vocabulary covers this tokenizer's ids
     assert batch["input_ids"].max() < CFG.llm.vocab_size
-    with mesh_rules(mesh):
+    with mesh_rules(mesh, RULES):
         state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and int(metrics["label_tokens"]) > 0
     assert int(jax.device_get(state.step)) == 1
@@ -255,7 +256,7 @@ def test_deterministic_and_resumable(raw, tmp_path):
         (tmp_path / "b" / "index.jsonl").read_text()
     ids = _ids(tmp_path / "b")
     assert len(ids) == len(set(ids)) == 8
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(BuildError, match="other settings"):
         build(iter(samples), BuildConfig("coco", tmp_path / "b", raw / "images", shard_size=5))
 
 

@@ -1,9 +1,9 @@
 """Token/label layouts for each template, checked exactly against hand-written expectations
 with a real (locally made) word-level HF tokenizer; mismatch detection and truncation."""
 import pytest
-from data_fixtures import CORPUS, bpe_tokenizer, conv, word_tokenizer
 
-from mmjax.data.templates import ConversationError, get_template, normalise_turns
+from data_fixtures import CORPUS, bpe_tokenizer, conv, word_tokenizer
+from mmjax.data.templates import ConversationError, get_template, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
 
 IMG = 999  # the model's image token id in these tests
@@ -16,7 +16,7 @@ def tok(tmp_path_factory):
 
 def layout(tok, template, conversation, images=1, image_tokens=2, max_length=512):
     enc = ConversationEncoder(tok, get_template(template, tok), image_tokens, IMG, max_length)
-    system, pairs = normalise_turns(conversation)
+    system, pairs = normalize_turns(conversation)
     e = enc.encode(system, pairs, images)
     out = []
     for i, label in zip(e.input_ids.tolist(), e.labels.tolist()):
@@ -100,7 +100,7 @@ def test_merges_across_reply_boundary_are_caught(tmp_path):
 
 
 def test_template_end_of_turn_must_be_one_token(tmp_path):
-    from mmjax.data.tokenizer import train_bpe_tokenizer
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
 
     plain_bpe = train_bpe_tokenizer(CORPUS, 300, tmp_path, extra_special_tokens=("<image>",))
     with pytest.raises(ValueError, match="<\\|im_end\\|>.*one token"):
@@ -144,4 +144,4 @@ def test_image_count_must_match_placeholders(tok):
 ])
 def test_bad_conversations(turns, reason):
     with pytest.raises(ConversationError, match=reason):
-        normalise_turns(turns)
+        normalize_turns(turns)

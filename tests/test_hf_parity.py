@@ -13,7 +13,7 @@ from hf_fixtures import (
     llava_config,
     llm_config,
     make_model,
-    normalise,
+    normalize,
     real_images,
     rel_err,
     rewrite_llava_layout,
@@ -66,7 +66,7 @@ def test_vision_tower_parity_all_layers(family, tmp_path):
     model = make_model(cls, vision_config(family))
     imported = load(save(model, tmp_path))
     cfg = imported.config
-    pixels = normalise(real_images(cfg.image_size), cfg.image_mean, cfg.image_std)
+    pixels = normalize(real_images(cfg.image_size), cfg.image_mean, cfg.image_std)
     with torch.no_grad():
         ref = model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
                     output_hidden_states=True)
@@ -94,7 +94,7 @@ def test_dual_encoder_checkpoint_imports_vision_side(family, tmp_path):
     assert imported.unused and all(("text_model." in k or k.startswith("logit_")
                                     or "projection" in k or ".head." in k or k.startswith("head."))
                                    for k in imported.unused)
-    pixels = normalise(real_images(56, 2), imported.config.image_mean, imported.config.image_std)
+    pixels = normalize(real_images(56, 2), imported.config.image_mean, imported.config.image_std)
     with torch.no_grad():
         ref = model.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
                                  output_hidden_states=True).hidden_states
@@ -130,7 +130,7 @@ def test_llava_parity(towers, layout, tmp_path):
     rewrite_llava_layout(tmp_path, layout)
     imported = load(tmp_path)
     cfg = imported.config
-    images = normalise(real_images(cfg.vision.image_size), cfg.vision.image_mean,
+    images = normalize(real_images(cfg.vision.image_size), cfg.vision.image_mean,
                        cfg.vision.image_std)
     ids, slots, seg, flat = _llava_batch(cfg, images)
     pos = _positions(ids)
@@ -150,7 +150,7 @@ def test_llava_scanned_import_matches_unscanned(tmp_path):
     scanned = load(tmp_path, RuntimeConfig(scan_layers=True, remat_policy="full"))
     assert "layer" in scanned.params["language_model"]["layers"]
     cfg = plain.config
-    images = normalise(real_images(cfg.vision.image_size), cfg.vision.image_mean,
+    images = normalize(real_images(cfg.vision.image_size), cfg.vision.image_mean,
                        cfg.vision.image_std)
     ids, slots, seg, _ = _llava_batch(cfg, images)
     args = (jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(_positions(ids)), jnp.asarray(seg))

@@ -10,12 +10,14 @@ import pytest
 import transformers
 
 import hf_fixtures as hf
+from configs.common import LOGICAL_AXIS_RULES as RULES
+from mmjax import batch as batch_format
 from mmjax.models import Llava, RuntimeConfig, presets
-from mmjax.sharding import DEFAULT_RULES, logical_shardings, mesh_rules, single_device_mesh
+from mmjax.sharding import logical_shardings, mesh_rules, single_device_mesh
 from mmjax.training import lora
-from mmjax.training.init import initial_params
+from mmjax.training.init import InitConfig, initial_params
 from mmjax.training.optimizer import OptimConfig, path_str
-from mmjax.training.step import StepConfig, Trainer, batch_shardings
+from mmjax.training.step import StepConfig, Trainer
 
 CFG = presets.get("tiny")
 RT = RuntimeConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.05)
@@ -81,11 +83,11 @@ def test_lora_step_trains_adapters_and_projector_only():
                                          warmup_ratio=0.0), StepConfig(seed=3))
     mesh = single_device_mesh()
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *ARGS))["params"]
-    shardings = trainer.state_shardings(logical_shardings(boxed, mesh), nn.unbox(boxed))
-    with mesh_rules(mesh):
+    shardings = trainer.state_shardings(logical_shardings(boxed, mesh, RULES), nn.unbox(boxed))
+    with mesh_rules(mesh, RULES):
         state = jax.jit(trainer.create_state, out_shardings=shardings)(_params(RT))
         before = jax.device_get(state.params)
-        step = trainer.jit_step(shardings, batch_shardings(mesh))
+        step = trainer.jit_step(shardings, batch_format.shardings(mesh, RULES))
         losses = []
         for _ in range(4):
             state, m = step(state, _batch(seed=0))
@@ -114,15 +116,13 @@ def test_adapters_graft_onto_imported_llm(tmp_path):
     imported = load(llm_dir)
     cfg = dataclasses.replace(CFG, llm=imported.config)
 
-    class Init:
-        hf_llava, hf_vision, hf_llm, stage1_checkpoint, stage1_parts = "", "", llm_dir, "", ()
-
+    init = InitConfig(hf_llm=str(llm_dir), stage1_parts=())
     model = Llava(cfg, RT)
     mesh = single_device_mesh()
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *ARGS))["params"]
-    abstract, shardings = nn.unbox(boxed), logical_shardings(boxed, mesh)
-    with mesh_rules(mesh):
-        params = initial_params(model, Init, abstract, shardings, RT, mesh, DEFAULT_RULES)
+    abstract, shardings = nn.unbox(boxed), logical_shardings(boxed, mesh, RULES)
+    with mesh_rules(mesh, RULES):
+        params = initial_params(model, init, abstract, shardings, RT, mesh, RULES)
     q = params["language_model"]["layers"]["layers_0"]["self_attn"]["q_proj"]
     np.testing.assert_array_equal(
         q["kernel"], imported.params["layers"]["layers_0"]["self_attn"]["q_proj"]["kernel"])

@@ -19,7 +19,7 @@ from data_pipelines.self_instruct.generate import make_jobs, run
 from data_pipelines.self_instruct.prompts import (
     coco_contexts,
     load_prompt,
-    normalise_box,
+    normalize_box,
     parse_xywh_text,
 )
 
@@ -196,8 +196,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def test_contexts_and_prompts(tmp_path):
-    assert normalise_box([10, 5, 40, 50], 96, 64) == [0.1, 0.08, 0.52, 0.86]
-    assert normalise_box(parse_xywh_text("20 10 100 50"), 200, 100) == [0.1, 0.1, 0.6, 0.6]
+    assert normalize_box([10, 5, 40, 50], 96, 64) == [0.1, 0.08, 0.52, 0.86]
+    assert normalize_box(parse_xywh_text("20 10 100 50"), 200, 100) == [0.1, 0.1, 0.6, 0.6]
     caps = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50}],
             "annotations": [{"image_id": 1, "caption": "A dog."},
                             {"image_id": 1, "caption": "A dog runs."}]}

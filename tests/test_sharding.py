@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import transformers as tf
 
-from hf_fixtures import llava_config, make_model, normalise, real_images, rel_err, save
+from configs.common import LOGICAL_AXIS_RULES as RULES
+from hf_fixtures import llava_config, make_model, normalize, real_images, rel_err, save
 from mmjax.hf import load
 from mmjax.models.config import RuntimeConfig
-from mmjax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, mesh_rules
+from mmjax.sharding import batch_sharding, make_mesh, mesh_rules
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def _batch(cfg):
     ids[:3, 1:1 + p] = cfg.image_token_id  # row 3 is text only
     seg = np.ones((4, t), np.int32)
     seg[1, t - 5:] = 0
-    pixels = normalise(real_images(cfg.vision.image_size), cfg.vision.image_mean,
+    pixels = normalize(real_images(cfg.vision.image_size), cfg.vision.image_mean,
                        cfg.vision.image_std)
     slots = np.zeros((4, 1) + pixels.shape[1:], np.float32)
     slots[:3, 0] = pixels
@@ -44,7 +45,7 @@ def test_make_mesh_fills_free_axis():
 def test_sharded_forward_equals_unsharded(llava_dir, scan):
     rt = RuntimeConfig(scan_layers=scan)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    sharded = load(llava_dir, rt, mesh=mesh)
+    sharded = load(llava_dir, rt, mesh=mesh, rules=RULES)
     single = load(llava_dir, rt)
     # Parameters really are distributed: FSDP on the model dim, tensor on heads.
     q = sharded.params["language_model"]["layers"]
@@ -56,8 +57,9 @@ def test_sharded_forward_equals_unsharded(llava_dir, scan):
     ids, slots, pos, seg = _batch(sharded.config)
     ref = single.model.apply({"params": single.params}, *map(jnp.asarray, (ids, slots, pos, seg)))
 
-    with mesh_rules(mesh, DEFAULT_RULES):
-        inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in (ids, slots, pos, seg)]
+    with mesh_rules(mesh, RULES):
+        inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim, RULES))
+                  for x in (ids, slots, pos, seg)]
         fwd = jax.jit(lambda p, *a: sharded.model.apply({"params": p}, *a))
         out = fwd(sharded.params, *inputs)
         assert out.sharding.spec[0] == ("data", "fsdp")
@@ -68,7 +70,7 @@ def test_logical_rules_come_from_config(llava_dir):
     """Swapping the rules moves parameters to other mesh axes: nothing is hard-coded."""
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     rules = tuple((k, None) if k in ("heads", "kv_heads", "mlp", "vocab") else (k, v)
-                  for k, v in DEFAULT_RULES)
+                  for k, v in RULES)
     imported = load(llava_dir, mesh=mesh, rules=rules)
     up = imported.params["language_model"]["layers"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert tuple(up.sharding.spec) == ("fsdp", None)

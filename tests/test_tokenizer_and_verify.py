@@ -7,7 +7,7 @@ import pytest
 import transformers as tf
 
 from hf_fixtures import llava_config, make_model, save
-from mmjax.data.tokenizer import train_bpe_tokenizer
+from mmjax.data.tokenizer_training import train_bpe_tokenizer
 from mmjax.hf import CheckpointError, load_tokenizer
 
 TEXTS = ["A chat between a curious human and an artificial intelligence assistant.",

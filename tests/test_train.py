@@ -15,8 +15,9 @@ from mmjax import configlib
 from mmjax import train as train_lib
 from mmjax.data.synthetic import vocabulary_text, write_split
 from mmjax.data.templates import VICUNA_SYSTEM
-from mmjax.data.tokenizer import train_bpe_tokenizer
+from mmjax.data.tokenizer_training import train_bpe_tokenizer
 from mmjax.models import presets
+from mmjax.models.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,9 +61,9 @@ def test_stage1_then_stage2_from_its_checkpoint(demo_data, tmp_path):
 
 
 def test_recipe_without_weights_or_data_fails_at_start():
-    c = configlib.load(f"{ROOT}/configs/stage2.py:llava15_7b")
-    with pytest.raises(SystemExit, match="(?s)init.hf_llava.*data.sources.*stage1_checkpoint"
-                                         ".*make demo"):
+    c = configlib.train_config(configlib.load(f"{ROOT}/configs/stage2.py:llava15_7b"))
+    with pytest.raises(ConfigError, match="(?s)init.hf_llava.*data.sources.*stage1_checkpoint"
+                                          ".*make demo"):
         train_lib.validate(c)
 
 

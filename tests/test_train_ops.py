@@ -159,14 +159,14 @@ def test_mfu_formula_reproduces_the_pytorch_anchor():
 
 
 def test_k_skipped_steps_in_a_row_stop_naming_the_step():
-    from mmjax.train import _stop_if_skipping
+    from mmjax.training.loop import NonFiniteStop, _stop_if_skipping
 
     ok = [{"skipped_in_a_row": 0}] * 3
     _stop_if_skipping(ok, 3, 2)
     steps = [{"skipped_in_a_row": n} for n in (0, 1, 2, 3)]  # steps 7..10
     import pytest
 
-    with pytest.raises(SystemExit, match="step 9: 2 steps in a row had a non-finite"):
+    with pytest.raises(NonFiniteStop, match="step 9: 2 steps in a row had a non-finite"):
         _stop_if_skipping(steps, 10, 2)
 
 

@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.common import LOGICAL_AXIS_RULES as RULES
+from mmjax import batch as batch_format
 from mmjax.models import Llava, presets
 from mmjax.sharding import logical_shardings, make_mesh, mesh_rules, single_device_mesh
 from mmjax.training.optimizer import OptimConfig, group_labels
-from mmjax.training.step import StepConfig, Trainer, batch_shardings, token_loss
+from mmjax.training.step import StepConfig, Trainer, token_loss
 
 CFG = presets.get("tiny")
 MODEL = Llava(CFG)
@@ -35,18 +37,18 @@ def _setup(groups=STAGE2, mesh=None, accum=1, steps=20):
                       StepConfig(grad_accum=accum))
     args = (jnp.zeros((1, 20), jnp.int32), jnp.zeros((1, 1, 56, 56, 3)))
     boxed = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), *args))["params"]
-    shardings = trainer.state_shardings(logical_shardings(boxed, mesh), nn.unbox(boxed))
-    with mesh_rules(mesh):
+    shardings = trainer.state_shardings(logical_shardings(boxed, mesh, RULES), nn.unbox(boxed))
+    with mesh_rules(mesh, RULES):
         state = jax.jit(lambda: trainer.create_state(
             nn.unbox(MODEL.init(jax.random.key(0), *args))["params"]),
             out_shardings=shardings)()
-    step = trainer.jit_step(shardings, batch_shardings(mesh))
+    step = trainer.jit_step(shardings, batch_format.shardings(mesh, RULES))
     return trainer, state, step, mesh
 
 
 def _run(step, state, mesh, batches):
     losses = []
-    with mesh_rules(mesh):
+    with mesh_rules(mesh, RULES):
         for b in batches:
             state, m = step(state, b)
             losses.append(float(m["loss"]))

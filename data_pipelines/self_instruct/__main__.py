@@ -26,7 +26,7 @@ from data_pipelines.self_instruct.prompts import (
     KINDS,
     coco_contexts,
     context,
-    normalise_box,
+    normalize_box,
     parse_xywh_text,
 )
 
@@ -41,7 +41,7 @@ def load_contexts(args) -> list[dict]:
             objs = []
             for o in rec.get("objects", []):
                 box = o["box"] if isinstance(o["box"], list) else parse_xywh_text(o["box"])
-                objs.append((o["name"], normalise_box(box, rec["width"], rec["height"], "xywh")))
+                objs.append((o["name"], normalize_box(box, rec["width"], rec["height"], "xywh")))
             out.append({"image_id": rec.get("image_id", n), "file_name": rec["file_name"],
                         "context": context(rec.get("captions", []), objs)})
         return out

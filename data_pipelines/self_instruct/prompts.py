@@ -53,7 +53,7 @@ def load_prompt(kind: str, prompt_dir: str | Path | None = None) -> Prompt:
     return Prompt(kind, system, tuple(examples))
 
 
-def normalise_box(box, width: int, height: int, form: str = "xywh") -> list[float]:
+def normalize_box(box, width: int, height: int, form: str = "xywh") -> list[float]:
     """A pixel box -> [x1, y1, x2, y2] in [0, 1], two decimals. `form`: 'xywh' (COCO) or
     'xyxy'."""
     if width <= 0 or height <= 0:
@@ -95,7 +95,7 @@ def coco_contexts(captions_json: dict, instances_json: dict | None = None) -> li
             img = images.get(ann.get("image_id"))
             if img is None or ann.get("category_id") not in names or "bbox" not in ann:
                 continue
-            box = normalise_box(ann["bbox"], img["width"], img["height"], "xywh")
+            box = normalize_box(ann["bbox"], img["width"], img["height"], "xywh")
             objs.setdefault(img["id"], []).append((names[ann["category_id"]], box))
     out = []
     for image_id in sorted(images):

@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from mmjax.data.pipeline import DataConfig, SourceConfig
-    from mmjax.data.tokenizer import train_bpe_tokenizer
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
     from mmjax.models import presets
 
     model = presets.get("llava15_7b")  # CLIP-L/336: 576 image tokens
@@ -166,12 +166,12 @@ def main(argv=None) -> dict:
         corpus = [t["value"] for r in recs[:300] for t in r["conversations"]]
         tok = train_bpe_tokenizer(corpus, 2000, root / "tok",
                                   extra_special_tokens=("<image>",))
-        from mmjax.data.templates import get_template, normalise_turns
+        from mmjax.data.templates import get_template, normalize_turns
         from mmjax.data.tokenize import ConversationEncoder
 
         enc = ConversationEncoder(tok, get_template("vicuna_v1"), model.image_tokens,
                                   model.image_token_id, 2048)
-        n_text = [len(enc.encode(*normalise_turns(r["conversations"]), 1).input_ids)
+        n_text = [len(enc.encode(*normalize_turns(r["conversations"]), 1).input_ids)
                   - model.image_tokens for r in recs[:50]]
 
         def cfg(workers, host_norm=False):

@@ -2,12 +2,8 @@
 
 Axis legend: B rows, T sequence length, M image slots per row, S image size.
 
-Batches are `{"input_ids", "targets", "segment_ids", "positions": int32 [B, T],
-"pixel_values": uint8 [B, M, S, S, 3] (float32 with host normalisation),
-"ids": [[sample id, ...] per row]}`. `targets` are next-token labels already shifted inside
-each sample (targets[t] = labels[t + 1], -100 at each sample's last token), so no label ever
-crosses a sample boundary in a packed row and the loss needs no shift. `segment_ids` number
-the samples of a row from 1 (0 = padding) and `positions` restart at 0 for each sample.
+Batches are in the format `mmjax.batch` defines (ids, shifted targets, segment ids,
+positions, image slots).
 
 All stages are checkpointable Grain iterators. Batching works on windows of samples (one
 batch, or `window` samples for packing and length grouping): the state is the parent's state
@@ -22,8 +18,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from mmjax import batch as batch_format
 from mmjax.data.quality import Skipped, SkipReport, log
-from mmjax.data.tokenize import IGNORE
 
 
 class SkipFilterDataset(grain.IterDataset):
@@ -229,13 +225,8 @@ class _BatchIterator(grain.DatasetIterator):
         b, t = s.batch_size, s.seq_len
         if s.mode == "pad" and s.length_buckets and rows:
             t = s.row_length(max(len(samples[i]["input_ids"]) for row in rows for i in row))
-        out = {"input_ids": np.full((b, t), s.pad_id, np.int32),
-               "targets": np.full((b, t), IGNORE, np.int32),
-               "segment_ids": np.zeros((b, t), np.int32),
-               "positions": np.zeros((b, t), np.int32),
-               "pixel_values": np.zeros((b, s.max_images, s.image_size, s.image_size, 3),
-                                        s.pixel_dtype),
-               "ids": []}
+        out = dict(batch_format.empty(b, t, s.max_images, s.image_size, s.pad_id, s.pixel_dtype),
+                   ids=[])
         for r, row in enumerate(rows):
             pos, slot, ids = 0, 0, []
             for seg, i in enumerate(row, start=1):

@@ -1,10 +1,9 @@
 """The Grain pipeline: sources -> mixture -> shuffle -> per-process shard -> [in workers:
-process samples -> drop bad ones -> pad or pack into batches] -> add up skip counts;
-plus global-batch assembly on a mesh.
+process samples -> drop bad ones -> pad or pack into batches] -> add up skip counts.
 
     it = build_pipeline(DataConfig(...), tokenizer, model_cfg)
-    batch = next(it)                      # numpy, this process's rows
-    arrays = global_batch(batch, mesh)    # jax.Arrays sharded over the mesh's data axes
+    batch = next(it)                      # numpy, this process's rows (format: mmjax.batch)
+    arrays = mmjax.batch.global_batch(batch, mesh, rules)   # sharded jax.Arrays
     it.get_state() / it.set_state(...)    # or grain.checkpoint.CheckpointSave(it) with Orbax
     skip_report(it)                       # skipped samples by reason, for logs and metrics
 """
@@ -15,7 +14,6 @@ from typing import Sequence
 
 import grain
 import jax
-import numpy as np
 
 from mmjax.data.batching import BatchDataset, BatchSpec, ReportDataset, SkipFilterDataset
 from mmjax.data.processing import ImageSpec, SampleProcessor
@@ -28,38 +26,47 @@ from mmjax.models.config import LlavaConfig
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
+    """One data source of a mixture (an entry of `data.sources`)."""
+
     kind: str  # llava_json | arrayrecord | tfds
     path: str = ""  # JSON/JSONL file, ArrayRecord glob, or TFDS dataset name
-    image_root: str = ""  # for llava_json
+    image_root: str = ""  # llava_json: directory the records' image paths are under
     weight: float = 1.0  # mixture weight
-    split: str = "train"  # tfds
-    name: str = ""
+    split: str = "train"  # tfds: the split to read
+    name: str = ""  # a name for logs and skip reports (default: from the path)
+
+
+def _set_by_trainer(default, how: str):
+    """A field `mmjax.train` derives from other settings (not in the config's `data`)."""
+    return dataclasses.field(default=default, metadata={"derived": how})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[SourceConfig, ...]
+    """The input pipeline: sources, template, lengths, packing, workers, bad-data limits."""
+
+    sources: tuple[SourceConfig, ...] = ()  # [{kind, path, image_root, weight, split, name}]
     template: str = "vicuna_v1"  # plain | vicuna_v1 | llama_3 | chatml | chat_template
     max_length: int = 2048  # tokens per sample, image tokens included
-    batch_size: int = 8  # rows per process
-    seq_len: int = 0  # row length; 0 = max_length
+    seq_len: int = 0  # row length; 0 = max_length (longer rows pack more samples)
     packing: str = "pad"  # pad | first_fit | best_fit
     pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
-    group_by_length: bool = False
+    group_by_length: bool = False  # pad mode: batch samples of similar length together
     length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
     max_images_per_row: int = 0  # image slots per row; 0 = 1 when padding, 4 when packing
     image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
-    max_image_pixels: int = 64_000_000
-    normalize_on_host: bool = False  # default: ship uint8, normalise on the device
-    seed: int = 0
-    num_epochs: int | None = 1  # None: repeat forever
-    shuffle: bool = True
+    max_image_pixels: int = 64_000_000  # decompression-bomb limit
+    normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
+    shuffle: bool = True  # shuffle the mixture (seeded by `seed`)
     workers: int = 0  # Grain worker processes (0: in the main process)
     worker_buffer: int = 2  # batches buffered per worker
-    max_bad_share: float = 0.05
-    min_samples_before_abort: int = 200
-    tfds_data_dir: str | None = None
-    index_cache_dir: str | None = None
+    max_bad_share: float = 0.05  # abort when more of the samples read were skipped
+    min_samples_before_abort: int = 200  # samples read before the share is checked
+    tfds_data_dir: str | None = None  # TFDS data_dir of locally prepared datasets
+    index_cache_dir: str | None = None  # where LLaVA-JSON offset indexes are cached
+    batch_size: int = _set_by_trainer(8, "batch_size / processes")  # rows per process
+    seed: int = _set_by_trainer(0, "seed")
+    num_epochs: int | None = _set_by_trainer(1, "None: repeat; total_steps decides")
 
     @property
     def row_len(self) -> int:
@@ -138,34 +145,8 @@ def _absl_flags_ready() -> None:
 
 
 def skip_report(iterator) -> SkipReport:
-    """The SkipReport inside a pipeline iterator (counts by reason, summary, metrics)."""
-    node = iterator
-    while node is not None:
-        if hasattr(node, "report"):
-            return node.report
-        node = node._parents[0] if node._parents else None
-    raise ValueError("not an mmjax data pipeline iterator")
-
-
-DEVICE_KEYS = ("input_ids", "targets", "segment_ids", "positions", "pixel_values")
-
-
-def device_pixels(pixel_values, vision):
-    """Batch pixels on the device -> normalised float32 (a no-op for host-normalised input)."""
-    import jax.numpy as jnp
-
-    from mmjax.data.image import normalize
-
-    if pixel_values.dtype == jnp.uint8:
-        return normalize(pixel_values, vision.image_mean, vision.image_std)
-    return pixel_values
-
-
-def global_batch(batch: dict, mesh, rules=None) -> dict:
-    """This process's rows -> global jax.Arrays split over the mesh's batch axes."""
-    from mmjax.sharding import DEFAULT_RULES, batch_sharding
-
-    rules = DEFAULT_RULES if rules is None else rules
-    return {k: jax.make_array_from_process_local_data(
-        batch_sharding(mesh, np.ndim(batch[k]), rules), np.asarray(batch[k]))
-        for k in DEVICE_KEYS}
+    """The SkipReport of a `build_pipeline` iterator (counts by reason, summary, metrics)."""
+    report = getattr(iterator, "report", None)
+    if not isinstance(report, SkipReport):
+        raise ValueError("not an mmjax data pipeline iterator (build_pipeline's)")
+    return report

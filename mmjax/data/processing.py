@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmjax.data.image import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_uint8
 from mmjax.data.quality import Skipped
-from mmjax.data.templates import ConversationError, normalise_turns
+from mmjax.data.templates import ConversationError, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
 
 
@@ -41,7 +41,7 @@ class SampleProcessor:
             return raw
         sample_id = str(raw.get("id", "?"))
         try:
-            system, pairs = normalise_turns(raw.get("conversations"))
+            system, pairs = normalize_turns(raw.get("conversations"))
             images = raw.get("images") or []
             if not isinstance(images, list):
                 raise ConversationError("malformed_record", "images is not a list")

@@ -4,7 +4,8 @@ A sample that cannot be used becomes a `Skipped(reason, id)` marker instead of a
 The pipeline (`mmjax.data.batching`) drops the markers, logs the first few of each reason with
 their sample ids, and adds up the counts in a `SkipReport`, which aborts with a clear error
 when their share passes the configured maximum. The counts are part of the iterator state
-and of the metrics.
+and of the metrics. The dataset converters (`data_pipelines`) count with the same reasons
+and the same report.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ REASONS = (
     "empty_reply",  # an assistant turn with no text
     "too_long",  # does not fit max_length even after dropping later turns
     "tokenization_mismatch",  # rendered text and token/label layout disagree
+    # dataset conversion (data_pipelines) only:
+    "no_answer",  # a question without an annotated answer
+    "bad_choice",  # a multiple-choice answer that is not one of the choices
+    "empty_text",  # a caption or question with no text
+    "duplicate_id",  # an id seen before in the same conversion
 )
+EXAMPLES_PER_REASON = 5
 
 
 class BadShareExceeded(RuntimeError):
@@ -54,7 +61,15 @@ class SkipReport:
         self.min_samples = min_samples
         self.seen = 0
         self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}  # a few "id: detail" per reason
         self.truncated_turns = 0
+
+    def skip(self, item: Skipped) -> None:
+        """Counts one skipped sample (the caller counts it as seen), keeping an example."""
+        self.counts[item.reason] = self.counts.get(item.reason, 0) + 1
+        examples = self.examples.setdefault(item.reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(f"{item.sample_id}: {item.detail}"[:300])
 
     @property
     def skipped(self) -> int:
@@ -105,9 +120,11 @@ class SkipReport:
 
     def state(self) -> dict:
         return {"seen": self.seen, "counts": dict(self.counts),
-                "truncated_turns": self.truncated_turns}
+                "truncated_turns": self.truncated_turns,
+                "examples": {k: list(v) for k, v in self.examples.items()}}
 
     def load_state(self, state: dict) -> None:
-        self.seen = int(state["seen"])
-        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self.seen = int(state.get("seen", 0))
+        self.counts = {k: int(v) for k, v in state.get("counts", {}).items()}
         self.truncated_turns = int(state.get("truncated_turns", 0))
+        self.examples = {k: list(v) for k, v in state.get("examples", {}).items()}

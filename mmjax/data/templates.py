@@ -45,7 +45,7 @@ class Rendered:
     num_turns: int  # (question, answer) pairs rendered
 
 
-def normalise_turns(conversations) -> tuple[str | None, list[tuple[str, str]]]:
+def normalize_turns(conversations) -> tuple[str | None, list[tuple[str, str]]]:
     """(system prompt or None, [(question, answer), ...]) with the checks every template needs."""
     if not isinstance(conversations, list) or not conversations:
         raise ConversationError("malformed_record", "no conversations")

@@ -8,13 +8,15 @@ samples) and the sample is refused, counted, instead of trained on.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 
+from mmjax.batch import IGNORE
 from mmjax.data.templates import IMAGE, ConversationError, Template
 
-IGNORE = -100
+__all__ = ["IGNORE", "ConversationEncoder", "Encoded"]
 _SPACES = np.asarray([ord(c) for c in " \t\n\r\x0b\x0c"], np.uint32)
 
 
@@ -31,12 +33,14 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer, template: Template, image_tokens: int, image_token_id: int,
                  max_length: int):
+        if tokenizer.convert_tokens_to_ids(IMAGE) in (None, tokenizer.unk_token_id):
+            # the placeholder needs to be one token; the caller's tokenizer stays as it was
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]},
+                                         replace_extra_special_tokens=False)
         self.tokenizer, self.template = tokenizer, template
         self.image_tokens, self.image_token_id = image_tokens, image_token_id
         self.max_length = max_length
-        if tokenizer.convert_tokens_to_ids(IMAGE) in (None, tokenizer.unk_token_id):
-            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]},
-                                         replace_extra_special_tokens=False)
         self.tok_image_id = tokenizer.convert_tokens_to_ids(IMAGE)
         eot = template.end_of_turn
         if eot and len(tokenizer.encode(eot, add_special_tokens=False)) != 1:
@@ -62,10 +66,22 @@ class ConversationEncoder:
             pairs = pairs[:-1]  # never cut through image tokens: drop whole later turns
             dropped += 1
 
+    def prompt_ids(self, system, pairs) -> np.ndarray:
+        """int32 [L]: the ids of a conversation whose last reply the model is to write, up to
+        where that reply begins, images expanded, as training lays them out (the last pair's
+        answer is ignored)."""
+        rendered = self.template.render(system, [*pairs[:-1], (pairs[-1][0], "")])
+        # the space before a reply belongs to the reply's first token in training
+        # ("ASSISTANT: yes" -> ..., "Ġyes"), so the prompt ends before it
+        text = rendered.text[:rendered.targets[-1][0]].rstrip(" ")
+        ids, _ = self._encode(text)
+        ids, _ = self._expand_images(ids, np.full(len(ids), IGNORE, np.int32))
+        return ids
+
     def _encode(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids [L], character offsets [L, 2]); the Rust backend directly when there is one."""
         add = self.template.add_special_tokens
-        backend = getattr(self.tokenizer, "_tokenizer", None)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None and hasattr(backend, "encode"):
             enc = backend.encode(text, add_special_tokens=add)
             ids, offsets = enc.ids, enc.offsets

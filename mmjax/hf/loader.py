@@ -18,12 +18,12 @@ import jax
 import numpy as np
 
 from mmjax.hf import mapping
-from mmjax.hf.checkpoint import Checkpoint, CheckpointError
 from mmjax.hf.config import LLAVA_ARCHS, LLM_ARCHS, architecture, from_hf
+from mmjax.hf.weight_files import Checkpoint, CheckpointError
 from mmjax.models.config import LlavaConfig, LLMConfig, RuntimeConfig
 from mmjax.models.factory import abstract_variables, build
 from mmjax.models.llava import normalized_feature_layers
-from mmjax.sharding import DEFAULT_RULES, Rules, logical_shardings, plain, single_device_mesh
+from mmjax.sharding import Rules, logical_shardings, plain, single_device_mesh
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ def _place(ckpt, src: mapping.Source, shape, dtype, sharding) -> jax.Array:
 
 
 def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
-         rules: Rules = DEFAULT_RULES, allow_pickle: bool = False) -> Imported:
-    """Imports the checkpoint in `directory` onto `mesh` (default: the first device).
+         rules: Rules | None = None, allow_pickle: bool = False) -> Imported:
+    """Imports the checkpoint in `directory` onto `mesh` split by the logical-axis `rules`
+    (both from config), or, with neither, onto the first device.
 
     LoRA adapters are not part of HF checkpoints: the import ignores `rt.lora_rank` (the
     trainer grafts freshly initialised adapters onto the imported weights)."""
@@ -112,7 +113,11 @@ def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
     cfg = from_hf(hf_cfg, ckpt.dir)
     kind = "llava" if arch in LLAVA_ARCHS else ("llm" if arch in LLM_ARCHS else "vision")
     parts = mapping.resolve_parts(kind, ckpt)
-    mesh = single_device_mesh() if mesh is None else mesh
+    if mesh is None:
+        mesh, rules = single_device_mesh(), ()  # one device: nothing to split
+    elif rules is None:
+        raise ValueError("load(): a mesh needs its logical-axis rules (config "
+                         "logical_axis_rules)")
     boxed = abstract_variables(cfg, rt)["params"]
     shardings = _flat(logical_shardings(boxed, mesh, rules))
     abstract = _flat(plain(boxed))

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from mmjax.hf.checkpoint import Checkpoint, CheckpointError
+from mmjax.hf.weight_files import Checkpoint, CheckpointError
 
 # Candidate HF key prefixes of each part, tried in order against the checkpoint's keys
 # (anchor: a tensor every checkpoint of that part has). Covers the hub's LLaVA layout
@@ -140,7 +140,7 @@ def plan(param_shapes: dict[str, tuple[int, ...]], parts: dict, num_layers: dict
         hf_shape, fn = _leaf_transform(leaf_kind, target, n_in)
         keys = [key.format(i=i) for i in range(num_layers[root])] if stacked else [key]
         for k in keys:
-            if k not in ckpt.tensors and (ckpt._pickled is None or k not in ckpt._pickled):
+            if not ckpt.has(k):
                 missing.append(f"{k} (for {path})")
             elif ckpt.shape(k) != hf_shape:
                 bad_shape.append(f"{k}: checkpoint has {ckpt.shape(k)}, the config implies "

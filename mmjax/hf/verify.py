@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     v.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.pt pickle weights (only for files you trust)")
     args = parser.parse_args(argv)
-    from mmjax.hf.checkpoint import CheckpointError
+    from mmjax.hf.weight_files import CheckpointError
     from mmjax.models.config import ConfigError
 
     try:

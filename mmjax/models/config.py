@@ -15,22 +15,28 @@ RematPolicy = Literal["none", "full", "save_dots", "save_qkv", "save_qkv_context
                       "save_qkv_context_mlp"]
 
 
+def _from_lora(default):
+    """A field the config fills from its `lora` section (configlib skips it in `runtime`)."""
+    return dataclasses.field(default=default, metadata={"derived": "lora.*"})
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """How the networks run (not what they are): dtypes, attention kernel, remat, scan."""
 
-    dtype: str = "float32"  # compute dtype of activations and matmuls
-    param_dtype: str = "float32"  # dtype parameters are created / imported in
-    attention_impl: AttentionImpl = "reference"
-    remat_policy: RematPolicy = "none"
-    scan_layers: bool = False
+    dtype: str = "float32"  # activations and matmuls; bfloat16 on TPU / GPU
+    param_dtype: str = "float32"  # master parameters (created / imported in this dtype)
+    attention_impl: AttentionImpl = "reference"  # reference | xla | cudnn (GPU) | splash (TPU)
+    remat_policy: RematPolicy = "none"  # what the backward keeps; see mmjax.models.remat
+    scan_layers: bool = False  # stack the layers and run them with nn.scan (faster compiles)
     # LoRA adapters on the LLM's linear maps (stage-2 option): y = xW + (alpha/r) drop(x) A B.
-    # They add `lora_a` / `lora_b` next to each targeted kernel; 0 = no adapters.
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0  # active only when a 'dropout' rng is passed (training)
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                     "up_proj", "down_proj")
+    # They add `lora_a` / `lora_b` next to each targeted kernel; 0 = no adapters. Set from the
+    # config's `lora` section (mmjax.training.lora.LoraConfig), not in `runtime`.
+    lora_rank: int = _from_lora(0)
+    lora_alpha: float = _from_lora(0.0)
+    lora_dropout: float = _from_lora(0.0)  # active only when a 'dropout' rng is passed
+    lora_targets: tuple[str, ...] = _from_lora(("q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"))
 
     def lora(self, name: str) -> dict:
         """Keyword arguments that give the linear map `name` its adapter (or none)."""
@@ -176,7 +182,7 @@ class LlavaConfig:
 
 
 class ConfigError(ValueError):
-    """A configuration the model cannot represent."""
+    """A configuration that cannot be used: the message names the field and the fix."""
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -46,7 +46,7 @@ class Linear(nn.Module):
         kernel = param_with_axes(self, "kernel", self.kernel_init,
                                  self.in_shape + self.out_shape, self.param_dtype,
                                  self.in_axes + self.out_axes)
-        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        n_in = len(self.in_shape)
         y = _contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.lora_rank:
             y = y + self._lora(x, n_in)
@@ -54,7 +54,6 @@ class Linear(nn.Module):
             bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
                                    self.param_dtype, self.out_axes)
             y = y + bias.astype(self.dtype)
-        assert y.ndim == x.ndim - n_in + n_out
         return y
 
     def _lora(self, x: jax.Array, n_in: int) -> jax.Array:

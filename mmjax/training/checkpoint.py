@@ -21,10 +21,12 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    save_interval: int = 500
-    keep_last: int = 2
-    keep_every: int | None = None
-    async_save: bool = True
+    """When checkpoints are written and which are kept."""
+
+    save_interval: int = 500  # steps between saves (and at the end, and on preemption)
+    keep_last: int = 2  # the newest N checkpoints are kept
+    keep_every: int = 0  # also keep every N-th step for good; 0 = off
+    async_save: bool = True  # write in the background while training goes on
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.batch import device_pixels
 from mmjax.data.image import decode_image, resize_uint8
-from mmjax.data.pipeline import device_pixels
 from mmjax.data.templates import get_template
 from mmjax.data.tokenize import ConversationEncoder
 
 
-def normalise_answer(text: str) -> str:
+def normalize_answer(text: str) -> str:
     return text.strip().strip(".").lower()
 
 
@@ -25,18 +25,13 @@ def greedy_answers(model, params, tokenizer, encoder: ConversationEncoder, items
     cfg = model.cfg
     v = cfg.vision
     prompts, pixels = [], []
-    eos = tokenizer.convert_tokens_to_ids(encoder.template.end_of_turn or tokenizer.eos_token)
+    eos = encoder.tokenizer.convert_tokens_to_ids(encoder.template.end_of_turn
+                                                  or encoder.tokenizer.eos_token)
     for item in items:
         question = item["question"]
         if "<image>" not in question:
             question = "<image>\n" + question
-        rendered = encoder.template.render(None, [(question, "")])
-        # everything before the reply; the space before it belongs to the reply's first
-        # token in training ("ASSISTANT: yes" -> ..., "Ġyes"), so the prompt ends at ':'
-        text = rendered.text[:rendered.targets[0][0]].rstrip(" ")
-        ids, _ = encoder._encode(text)
-        ids, _ = encoder._expand_images(ids, np.full(len(ids), -100, np.int32))
-        prompts.append(ids)
+        prompts.append(encoder.prompt_ids(None, [(question, "")]))
         if blank_images:
             px = np.full((v.image_size, v.image_size, 3), [int(255 * m) for m in v.image_mean],
                          np.uint8)
@@ -85,7 +80,7 @@ def short_answer_accuracy(model, params, tokenizer, template: str, items, image_
     encoder = ConversationEncoder(tokenizer, get_template(template, tokenizer),
                                   cfg.image_tokens, cfg.image_token_id, 4096)
     answers = greedy_answers(model, params, tokenizer, encoder, items, image_root, blank_images)
-    correct = [normalise_answer(a) == normalise_answer(it["answer"])
+    correct = [normalize_answer(a) == normalize_answer(it["answer"])
                for a, it in zip(answers, items)]
     by_kind: dict[str, list[bool]] = {}
     for ok, it in zip(correct, items):

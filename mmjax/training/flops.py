@@ -47,6 +47,17 @@ class Trained:
     llm: bool = True
     llm_gets_gradients: bool = True  # stage 1: frozen LLM, gradients pass through it
 
+    @classmethod
+    def from_labels(cls, labels) -> "Trained":
+        """What the optimizer updates, by tower, from its group labels (-1 = frozen)."""
+        import jax
+
+        trains = {part: any(g >= 0 for g in jax.tree.leaves(tree))
+                  for part, tree in labels.items()}
+        vision, projector = trains.get("vision_tower", False), trains.get("projector", False)
+        return cls(vision=vision, projector=projector, llm=trains.get("language_model", False),
+                   llm_gets_gradients=vision or projector)
+
 
 def llm_matmul_params(cfg: LlavaConfig) -> int:
     c = cfg.llm
@@ -86,29 +97,39 @@ def projector_flops_per_image(cfg: LlavaConfig, multiplier: int) -> float:
     return multiplier * 2 * params * cfg.image_tokens
 
 
-def coefficients(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained,
-                 row_length: int) -> tuple[float, float]:
-    """(FLOPs per real token, FLOPs per image): a step's FLOPs are linear in both."""
-    c = cfg.llm
-    if trained.llm and not rt.lora_rank:
-        m = 3
-    elif trained.llm_gets_gradients or rt.lora_rank:
-        m = 2
-    else:
-        m = 1
-    per_token = m * 2 * llm_matmul_params(cfg) + 3 * 2 * lora_params(cfg, rt)
-    attn_m = 3 if (trained.llm or trained.llm_gets_gradients or rt.lora_rank) else 1
-    per_token += attn_m * c.num_layers * 4 * row_length * c.num_heads * c.head_size / 2
-    per_image = (vision_flops_per_image(cfg, 3 if trained.vision else 1)
-                 + projector_flops_per_image(cfg, 3 if trained.projector else 1))
-    return per_token, per_image
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """A step's model FLOPs are linear in its real tokens and its images."""
+
+    per_token: float
+    per_image: float
+
+    @classmethod
+    def of(cls, cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained,
+           row_length: int) -> "FlopModel":
+        c = cfg.llm
+        if trained.llm and not rt.lora_rank:
+            m = 3
+        elif trained.llm_gets_gradients or rt.lora_rank:
+            m = 2
+        else:
+            m = 1
+        per_token = m * 2 * llm_matmul_params(cfg) + 3 * 2 * lora_params(cfg, rt)
+        attn_m = 3 if (trained.llm or trained.llm_gets_gradients or rt.lora_rank) else 1
+        per_token += attn_m * c.num_layers * 4 * row_length * c.num_heads * c.head_size / 2
+        per_image = (vision_flops_per_image(cfg, 3 if trained.vision else 1)
+                     + projector_flops_per_image(cfg, 3 if trained.projector else 1))
+        return cls(per_token, per_image)
+
+    def step(self, real_tokens: int, images: int) -> float:
+        """Model FLOPs of steps over `real_tokens` text+image tokens and `images` images."""
+        return self.per_token * real_tokens + self.per_image * images
 
 
 def step_flops(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained, real_tokens: int,
                images: int, row_length: int) -> float:
     """Model FLOPs of one optimizer step over `real_tokens` text+image tokens and `images`."""
-    per_token, per_image = coefficients(cfg, rt, trained, row_length)
-    return per_token * real_tokens + per_image * images
+    return FlopModel.of(cfg, rt, trained, row_length).step(real_tokens, images)
 
 
 def mfu(flops: float, seconds: float, devices: int, peak: float | None) -> float | None:

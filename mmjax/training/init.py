@@ -2,11 +2,13 @@
 the caller), a stage-1 checkpoint's parts, HF weights, random init."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmjax.hf import load as hf_load
 from mmjax.training import lora
@@ -15,32 +17,42 @@ from mmjax.training.checkpoint import restore_subtree
 log = logging.getLogger("mmjax.train")
 
 
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where a fresh run's weights come from (local directories; README 'Hugging Face
+    weights'). Parts no source provides are initialised randomly."""
+
+    hf_llava: str = ""  # a whole LlavaForConditionalGeneration directory, or:
+    hf_vision: str = ""  # CLIPVisionModel / SiglipVisionModel directory
+    hf_llm: str = ""  # LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory
+    stage1_checkpoint: str = ""  # stage 2: a stage-1 work dir (or its checkpoints/ dir)
+    stage1_parts: tuple[str, ...] = ("projector",)  # what stage 2 takes from stage 1
+    random: bool = False  # random init instead of HF weights (the demo)
+
+
 def _checkpoint_dir(path: str) -> Path:
     p = Path(path)
     return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
-def _place(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
-
-
-def initial_params(model, init_cfg, abstract_params, param_shardings, rt, mesh, rules,
-                   rng_seed: int = 0):
-    """Parameters for a fresh run, placed in `param_shardings`."""
-    dummy = (jax.numpy.zeros((1, 8), jax.numpy.int32),
-             jax.numpy.zeros((1, 1) + (model.cfg.vision.image_size,) * 2 + (3,)))
-    params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(rng_seed), *dummy))["params"],
-                     out_shardings=param_shardings)()
+def initial_params(model, init_cfg: InitConfig, abstract_params, param_shardings, rt, mesh,
+                   rules, rng_seed: int = 0):
+    """Parameters for a fresh run, placed in `param_shardings`: what the weight sources give
+    (HF towers or a whole LLaVA, then stage-1 parts), and a random init of only the rest
+    (the projector, LoRA adapters; everything for `init.random`)."""
+    loaded = {}  # part -> subtree, without LoRA adapters
     if init_cfg.hf_llava:
         imported = hf_load(init_cfg.hf_llava, rt, mesh=mesh, rules=rules)
         _check_same_model(imported.config, model.cfg, init_cfg.hf_llava)
-        params = lora.graft(dict(imported.params), params)
+        loaded.update(imported.params)
     else:
         if init_cfg.hf_vision:
-            params["vision_tower"] = _vision_from_hf(init_cfg.hf_vision, params, rt, mesh, rules)
+            loaded["vision_tower"] = _vision_from_hf(
+                init_cfg.hf_vision, abstract_params["vision_tower"],
+                param_shardings["vision_tower"], rt, mesh, rules)
         if init_cfg.hf_llm:
-            imported = hf_load(init_cfg.hf_llm, rt, mesh=mesh, rules=rules)
-            params["language_model"] = lora.graft(imported.params, params["language_model"])
+            loaded["language_model"] = hf_load(init_cfg.hf_llm, rt, mesh=mesh,
+                                               rules=rules).params
     if init_cfg.stage1_checkpoint:
         directory = _checkpoint_dir(init_cfg.stage1_checkpoint)
         # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
@@ -48,26 +60,67 @@ def initial_params(model, init_cfg, abstract_params, param_shardings, rt, mesh, 
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             lora.strip(abstract_params[part]), lora.strip(param_shardings[part]))
             for part in init_cfg.stage1_parts}
-        loaded = restore_subtree(directory, ("params",), abstract)  # one read, all parts
+        loaded.update(restore_subtree(directory, ("params",), abstract))  # one read
         for part in init_cfg.stage1_parts:
-            params[part] = lora.graft(loaded[part], params[part])
             log.info("%s: loaded from stage-1 checkpoint %s", part, directory)
-    return params
+    return _complete(model, loaded, abstract_params, param_shardings, rng_seed)
 
 
-def _vision_from_hf(directory, params, rt, mesh, rules):
-    imported = hf_load(directory, rt, mesh=mesh, rules=rules)
-    ours = params["vision_tower"]
+def _flat(tree) -> dict[tuple[str, ...], object]:
+    return {tuple(k.key for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat: dict[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _complete(model, loaded, abstract_params, param_shardings, rng_seed: int):
+    """`loaded` plus a random init of every parameter it lacks. Only those leaves are
+    computed: the jitted init returns just them and XLA drops the rest, so a 7B model whose
+    towers come from HF weights never materialises a random copy of them."""
+    have, want, shardings = _flat(loaded), _flat(abstract_params), _flat(param_shardings)
+    for path, leaf in have.items():
+        name = "/".join(path)
+        if path not in want:
+            raise ValueError(f"{name} was loaded but the model has no such parameter")
+        if tuple(leaf.shape) != tuple(want[path].shape):
+            raise ValueError(f"{name}: loaded shape {tuple(leaf.shape)}, the model "
+                             f"({model.cfg.llm.family}) needs {tuple(want[path].shape)}")
+    missing = [p for p in want if p not in have]
+    if missing:
+        dummy = (jnp.zeros((1, 8), jnp.int32),
+                 jnp.zeros((1, 1) + (model.cfg.vision.image_size,) * 2 + (3,)))
+
+        def init_missing():
+            params = _flat(nn.unbox(model.init(jax.random.key(rng_seed), *dummy))["params"])
+            return [params[p] for p in missing]
+
+        fresh = jax.jit(init_missing, out_shardings=[shardings[p] for p in missing])()
+        have.update(zip(missing, fresh))
+        log.info("random init: %d of %d parameter arrays", len(missing), len(want))
+    return _unflat({p: have[p] for p in want})
+
+
+def _vision_from_hf(directory, abstract, shardings, rt, mesh, rules):
+    """A standalone HF tower cut to the layers the LLaVA tower builds."""
+    imported = hf_load(directory, rt, mesh=mesh, rules=rules).params
     out = {}
-    for key, value in ours.items():  # keep only the layers the LLaVA tower builds
+    for key, value in abstract.items():
         if key == "layers" and "layer" in value:  # scanned: [L, ...] stacks, keep the first
             out[key] = {"layer": jax.tree.map(
-                lambda full, mine: jax.device_put(full[:mine.shape[0]], mine.sharding),
-                imported.params["layers"]["layer"], value["layer"])}
+                lambda full, mine, sh: jax.device_put(full[:mine.shape[0]], sh),
+                imported["layers"]["layer"], value["layer"], shardings["layers"]["layer"])}
         elif key == "layers":
-            out[key] = {k: imported.params["layers"][k] for k in value}
+            out[key] = {k: imported["layers"][k] for k in value}
         else:
-            out[key] = imported.params[key]
+            out[key] = imported[key]
     return out
 
 

@@ -15,6 +15,30 @@ import jax.numpy as jnp
 from mmjax.models.config import RuntimeConfig
 
 LORA_KEYS = ("lora_a", "lora_b")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA for stage 2 (LLaVA-1.5's LoRA recipe); enabled, it replaces optim.groups."""
+
+    enabled: bool = False  # adapters at lr and the projector at projector_lr, all else frozen
+    rank: int = 128  # adapter rank r
+    alpha: float = 256.0  # scale alpha / r
+    dropout: float = 0.05  # on the adapter input, training only
+    lr: float = 2e-4  # peak learning rate of the adapters
+    projector_lr: float = 2e-5  # peak learning rate of the projector
+    targets: tuple[str, ...] = TARGETS  # the LLM's linear maps that get adapters
+
+    def runtime(self, rt: RuntimeConfig) -> RuntimeConfig:
+        """`rt` with this config's adapters (none when disabled)."""
+        if not self.enabled:
+            return dataclasses.replace(rt, lora_rank=0)
+        return dataclasses.replace(rt, lora_rank=self.rank, lora_alpha=self.alpha,
+                                   lora_dropout=self.dropout, lora_targets=self.targets)
+
+    def groups(self) -> tuple[tuple[str, float | None], ...]:
+        return tuple(groups(self.lr, self.projector_lr))
 
 
 def groups(lr: float = 2e-4, projector_lr: float = 2e-5):

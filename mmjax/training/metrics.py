@@ -1,12 +1,13 @@
 """Where training metrics go: metrics.jsonl, TensorBoard event files, optionally Weights &
 Biases, and a console line with rate and ETA. Only process 0 writes.
 
-    writer = MetricWriter(workdir, tensorboard=True, wandb_project="", config=c)
+    writer = MetricWriter(workdir, MetricsConfig(tensorboard=True), config=c.to_dict())
     writer.write(step, {"loss": ..., "mfu": ...})
     writer.close()
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,24 +15,35 @@ from pathlib import Path
 
 import jax
 
+from mmjax.models.config import ConfigError
+
 log = logging.getLogger("mmjax.train")
 
 
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """Where metrics go besides WORKDIR/metrics.jsonl and the console."""
+
+    tensorboard: bool = True  # event files in WORKDIR/tensorboard
+    wandb_project: str = ""  # set a project to log to Weights & Biases
+    wandb_name: str = ""  # the W&B run name (default: the work dir's name)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: known accelerators from a table
+
+
 class MetricWriter:
-    def __init__(self, workdir: Path, tensorboard: bool = True, wandb_project: str = "",
-                 wandb_name: str = "", config: dict | None = None):
+    def __init__(self, workdir: Path, cfg: MetricsConfig, config: dict | None = None):
         self.active = jax.process_index() == 0
         self.workdir = Path(workdir)
         self._jsonl = self._tb = self._wandb = None
         if not self.active:
             return
         self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-        if tensorboard:
+        if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
-        if wandb_project:
-            self._wandb = _start_wandb(self.workdir, wandb_project, wandb_name, config)
+        if cfg.wandb_project:
+            self._wandb = _start_wandb(self.workdir, cfg.wandb_project, cfg.wandb_name, config)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -58,8 +70,8 @@ def _start_wandb(workdir: Path, project: str, name: str, config: dict | None):
     try:
         import wandb
     except ImportError as e:
-        raise SystemExit("metrics.wandb_project is set but wandb is not installed: "
-                         "pip install wandb (or leave metrics.wandb_project empty)") from e
+        raise ConfigError("metrics.wandb_project is set but wandb is not installed: "
+                          "pip install wandb (or leave metrics.wandb_project empty)") from e
     # one W&B run per work dir: a resumed run continues the same W&B run
     id_file = workdir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()

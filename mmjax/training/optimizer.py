@@ -17,15 +17,18 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    groups: tuple[tuple[str, float | None], ...]  # (regex over param paths, peak lr or None)
-    total_steps: int
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    schedule: str = "cosine"  # cosine | constant
+    """AdamW per trainable group after global-norm clipping; warmup then cosine."""
+
+    groups: tuple[tuple[str, float | None], ...] = ((".*", None),)  # (path regex, peak lr | None)
+    warmup_ratio: float = 0.03  # share of total steps spent warming up linearly from 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    b1: float = 0.9  # Adam beta 1
+    b2: float = 0.999  # Adam beta 2
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    schedule: str = "cosine"  # cosine | constant (after the warmup)
+    total_steps: int = dataclasses.field(default=0, metadata={
+        "derived": "total_steps, or num_epochs over the data"})
 
 
 def path_str(path) -> str:

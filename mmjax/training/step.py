@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax.data.pipeline import DEVICE_KEYS, device_pixels
-from mmjax.data.tokenize import IGNORE
+from mmjax.batch import IGNORE, device_pixels
 from mmjax.training.optimizer import OptimConfig, group_labels, make_optimizer, merge, split
 
 
@@ -165,12 +164,3 @@ def _opt_state_shardings(abstract_opt_state, param_shardings, replicated):
         return sh if sh is not None and getattr(leaf, "ndim", 0) > 0 else replicated
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
-
-def batch_shardings(mesh, rules=None) -> dict:
-    from mmjax.sharding import DEFAULT_RULES, batch_sharding
-
-    rules = DEFAULT_RULES if rules is None else rules
-    ndims = {"input_ids": 2, "targets": 2, "segment_ids": 2, "positions": 2, "pixel_values": 5}
-    return {k: batch_sharding(mesh, ndims[k], rules) for k in DEVICE_KEYS}
-

@@ -92,6 +92,9 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return sorted(self._pickled if self._pickled is not None else self.tensors)
 
+    def has(self, key: str) -> bool:
+        return key in (self._pickled if self._pickled is not None else self.tensors)
+
     def shape(self, key: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[key].shape)

@@ -1,0 +1,75 @@
+"""The batch: the one format the data pipeline produces and the train step consumes.
+
+Axis legend: B rows, T row length, M image slots per row, S image size.
+
+    input_ids    int32 [B, T]   token ids; every image token stands for one patch embedding
+    targets      int32 [B, T]   next-token labels, shifted inside each sample (-100: no loss)
+    segment_ids  int32 [B, T]   packed samples of a row numbered from 1; 0 = padding
+    positions    int32 [B, T]   positions restarting at 0 for each sample
+    pixel_values uint8 [B, M, S, S, 3] (float32 when normalised on the host)
+    ids          host only: the sample ids of each row (logs, debugging)
+    tally        host only: skip counts the batch carries from the workers (data.quality)
+
+`targets[t]` is the label of token t + 1 of the same sample, so no label crosses a sample
+boundary in a packed row and the loss needs no shift.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mmjax.sharding import Rules, batch_sharding
+
+IGNORE = -100  # label of positions without loss (prompts, images, padding)
+
+# name -> (axes, dtype); pixel_values may be float32 (DataConfig.normalize_on_host)
+FIELDS = {
+    "input_ids": ("BT", np.int32),
+    "targets": ("BT", np.int32),
+    "segment_ids": ("BT", np.int32),
+    "positions": ("BT", np.int32),
+    "pixel_values": ("BMSSC", np.uint8),
+}
+DEVICE_KEYS = tuple(FIELDS)
+
+
+def empty(rows: int, length: int, slots: int, image_size: int, pad_id: int,
+          pixel_dtype=np.uint8) -> dict[str, np.ndarray]:
+    """A host batch of padding: ids `pad_id`, no targets, no segments, blank image slots."""
+    return {"input_ids": np.full((rows, length), pad_id, np.int32),
+            "targets": np.full((rows, length), IGNORE, np.int32),
+            "segment_ids": np.zeros((rows, length), np.int32),
+            "positions": np.zeros((rows, length), np.int32),
+            "pixel_values": np.zeros((rows, slots, image_size, image_size, 3), pixel_dtype)}
+
+
+def abstract(rows: int, length: int, slots: int, image_size: int,
+             pixel_dtype=np.uint8) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global batch (for `jax.eval_shape` and ahead-of-time lowering)."""
+    dims = {"B": rows, "T": length, "M": slots, "S": image_size, "C": 3}
+    return {k: jax.ShapeDtypeStruct(tuple(dims[a] for a in axes),
+                                    pixel_dtype if k == "pixel_values" else dtype)
+            for k, (axes, dtype) in FIELDS.items()}
+
+
+def shardings(mesh, rules: Rules) -> dict:
+    """Each device array split over the mesh's batch axes (logical 'activation_batch')."""
+    return {k: batch_sharding(mesh, len(axes), rules) for k, (axes, _) in FIELDS.items()}
+
+
+def global_batch(batch: dict, mesh, rules: Rules) -> dict:
+    """This process's rows -> global jax.Arrays split over the mesh's batch axes."""
+    sh = shardings(mesh, rules)
+    return {k: jax.make_array_from_process_local_data(sh[k], np.asarray(batch[k]))
+            for k in DEVICE_KEYS}
+
+
+def device_pixels(pixel_values, vision):
+    """Batch pixels on the device -> normalised float32 (a no-op for host-normalised input)."""
+    import jax.numpy as jnp
+
+    from mmjax.data.image import normalize
+
+    if pixel_values.dtype == jnp.uint8:
+        return normalize(pixel_values, vision.image_mean, vision.image_std)
+    return pixel_values

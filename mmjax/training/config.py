@@ -1,0 +1,74 @@
+"""The typed training config: one dataclass per section of a `configs/stage*.py` file.
+
+`mmjax.configlib.train_config` builds a `TrainConfig` from the loaded ConfigDict once, at the
+entry point; library code receives these typed values. A field added to any of these
+dataclasses is a config field (settable with `--config.SECTION.FIELD=...`) with nothing else
+to change: `configlib.defaults` makes the ConfigDict from them. Fields marked `derived` are
+filled by `mmjax.train` from other settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mmjax.data.pipeline import DataConfig
+from mmjax.distributed import DistributedConfig
+from mmjax.models.config import RuntimeConfig
+from mmjax.training.checkpoint import CheckpointConfig
+from mmjax.training.init import InitConfig
+from mmjax.training.lora import LoraConfig
+from mmjax.training.metrics import MetricsConfig
+from mmjax.training.optimizer import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A `jax.profiler` trace over a window of steps, into WORKDIR/profile."""
+
+    start_step: int = 0  # first step traced
+    num_steps: int = 0  # steps traced; 0 = off
+
+
+def _section(cls):
+    return dataclasses.field(default_factory=cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training stage: the model, where weights and data come from, how it runs."""
+
+    stage: int = 1  # 1: alignment (projector); 2: instruction tuning (projector + LLM)
+    model: str = "llava15_7b"  # a preset of mmjax.models.presets
+    tokenizer: str = ""  # tokenizer directory; default: init.hf_llava or init.hf_llm
+    seed: int = 0  # data order, random init and dropout
+    batch_size: int = 128  # global rows per step, across processes and accumulation
+    grad_accum: int = 1  # micro-batches per step (rows split across them)
+    num_epochs: int = 1  # passes over the data, when total_steps is 0
+    total_steps: int = 0  # optimizer steps; 0 = num_epochs over the data
+    log_every: int = 10  # steps between metric records and console lines
+    log_sample_ids: bool = False  # write each step's sample ids to samples.jsonl (debugging)
+    max_skipped_in_a_row: int = 5  # stop after this many non-finite or empty steps in a row
+    mesh: dict[str, int] = dataclasses.field(  # per slice / host; one axis may be -1
+        default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    mesh_dcn: dict[str, int] = dataclasses.field(  # across TPU slices or GPU hosts
+        default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1})
+    mesh_granule: str = "auto"  # auto | slice | process: what a DCN granule is
+    logical_axis_rules: tuple[tuple[str, Any], ...] = ()  # logical axis -> mesh axes
+    runtime: RuntimeConfig = _section(RuntimeConfig)
+    data: DataConfig = _section(DataConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    lora: LoraConfig = _section(LoraConfig)
+    checkpoint: CheckpointConfig = _section(CheckpointConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
+    profile: ProfileConfig = _section(ProfileConfig)
+    init: InitConfig = _section(InitConfig)
+    distributed: DistributedConfig = _section(DistributedConfig)
+
+    @property
+    def model_runtime(self) -> RuntimeConfig:
+        """The runtime with the LoRA section's adapters."""
+        return self.lora.runtime(self.runtime)
+
+    @property
+    def optimizer_groups(self) -> tuple[tuple[str, float | None], ...]:
+        return self.lora.groups() if self.lora.enabled else self.optim.groups

@@ -1,0 +1,217 @@
+"""The training loop: steps, metrics, checkpoints, profiling and preemption.
+
+    history = run(Loop(...), state)      # {'loss': [(step, loss)], 'state', 'preempted'}
+
+`Loop` holds the parts `mmjax.train` built (the jitted step, the data iterator, the
+checkpointer, the metric writer) and the few settings the loop reads. Device metrics are
+fetched only every `log_every` steps, so the loop never waits on the device in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mmjax import batch as batch_format
+from mmjax.data.pipeline import skip_report
+from mmjax.data.quality import SkipReport
+from mmjax.sharding import Rules
+from mmjax.training import flops
+from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.config import ProfileConfig
+from mmjax.training.metrics import MetricWriter, format_duration
+from mmjax.training.optimizer import OptimConfig, learning_rates
+
+
+class NonFiniteStop(RuntimeError):
+    """K steps in a row had a non-finite loss or gradient, or no label tokens."""
+
+
+@dataclasses.dataclass
+class Rates:
+    """Per-step device metrics -> tokens/s, step time, data wait, model TFLOP/s and MFU."""
+
+    flop_model: flops.FlopModel
+    peak: float | None  # per-device peak FLOP/s (None: unknown, no MFU)
+    devices: int
+
+    def __call__(self, per_step: list[dict], seconds: float, data_wait: float) -> dict:
+        n = len(per_step)
+        tokens = sum(int(m["real_tokens"]) for m in per_step)
+        model_flops = self.flop_model.step(tokens, sum(int(m["images"]) for m in per_step))
+        out = {"tokens_per_s": tokens / seconds, "step_time_s": seconds / n,
+               "data_wait_s": data_wait / n, "data_wait_share": data_wait / seconds,
+               "tflops_per_s_per_device": model_flops / seconds / self.devices / 1e12}
+        mfu = flops.mfu(model_flops, seconds, self.devices, self.peak)
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
+
+
+@dataclasses.dataclass
+class Loop:
+    step_fn: Callable  # (state, global batch) -> (state, metrics), jitted
+    data: Any  # build_pipeline's iterator (this process's rows)
+    mesh: jax.sharding.Mesh
+    rules: Rules
+    checkpointer: Checkpointer
+    writer: MetricWriter
+    rates: Rates
+    optim: OptimConfig  # for the learning rates in the logs
+    total_steps: int
+    workdir: Path
+    log_every: int = 10
+    log_sample_ids: bool = False
+    max_skipped_in_a_row: int = 5
+    profile: ProfileConfig = ProfileConfig()
+
+
+def run(loop: Loop, state) -> dict:
+    """Trains from `state` to `loop.total_steps` (or a preemption); returns the history."""
+    lead = jax.process_index() == 0
+    start = int(state.step) + int(state.skipped)
+    steps = loop.total_steps
+    ids_file = open(loop.workdir / "samples.jsonl", "a") if loop.log_sample_ids and lead else None
+    history = {"loss": [], "preempted": False}
+    profile = Profile(loop.workdir / "profile", loop.profile)
+    sigterm = Sigterm()
+    pending: list = []
+    t_last, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
+    try:
+        for step in range(start, steps):
+            profile.before(step)
+            t = time.perf_counter()
+            batch = next(loop.data)
+            wait += time.perf_counter() - t
+            state, metrics = loop.step_fn(
+                state, batch_format.global_batch(batch, loop.mesh, loop.rules))
+            pending.append(metrics)
+            done = step + 1
+            profile.after(done, state)
+            if ids_file is not None:
+                ids_file.write(json.dumps({"step": done, "ids": batch["ids"],
+                                           "loss": float(metrics["loss"])}) + "\n")
+                ids_file.flush()
+            if done % loop.log_every == 0 or done == steps:
+                per_step = jax.device_get(pending)
+                _stop_if_skipping(per_step, done, loop.max_skipped_in_a_row)
+                now = time.perf_counter()
+                rec = _record(loop, state, per_step, done, now - t_last, wait)
+                history["loss"].append((done, rec["loss"]))
+                loop.writer.write(done, rec)
+                if lead:
+                    print(_console(done, steps, rec, (now - t0) / (done - start)), flush=True)
+                pending, t_last, wait = [], now, 0.0
+            loop.checkpointer.save(done, state, loop.data, force=done == steps)
+            if sigterm.received or loop.checkpointer.reached_preemption(done):
+                loop.checkpointer.save(done, state, loop.data, force=True)
+                loop.checkpointer.wait()
+                if lead:
+                    print(f"preempted at step {done}: checkpoint saved in "
+                          f"{loop.checkpointer.directory}; rerun the same command to resume",
+                          flush=True)
+                history["preempted"] = True
+                break
+    finally:
+        sigterm.restore()
+        profile.stop(state)
+        if ids_file is not None:
+            ids_file.close()
+    history["state"] = state
+    return history
+
+
+def _record(loop: Loop, state, per_step: list[dict], done: int, seconds: float,
+            wait: float) -> dict:
+    last = per_step[-1]
+    return {"loss": float(last["loss"]), "grad_norm": float(last["grad_norm"]),
+            "param_norm": float(last["param_norm"]),
+            **{k: float(v) for k, v in learning_rates(loop.optim, done - 1).items()},
+            **loop.rates(per_step, seconds, wait),
+            "skipped_steps": int(state.skipped),
+            "skipped_steps_in_window": int(sum(bool(m["skipped"]) for m in per_step)),
+            "label_tokens": int(last["label_tokens"]),
+            **total_report(loop.data).metrics()}
+
+
+def total_report(data_it) -> SkipReport:
+    """The skip tallies of every process, summed (a collective: every process calls it)."""
+    report = skip_report(data_it)
+    if jax.process_count() == 1:
+        return report
+    from jax.experimental import multihost_utils
+
+    vectors = multihost_utils.process_allgather(np.asarray(report.vector(), np.int64))
+    return SkipReport.from_vector(np.sum(vectors, axis=0), report.max_bad_share)
+
+
+def _stop_if_skipping(per_step: list[dict], last_step: int, limit: int) -> None:
+    first = last_step - len(per_step) + 1
+    for i, m in enumerate(per_step):
+        if int(m["skipped_in_a_row"]) >= limit:
+            raise NonFiniteStop(
+                f"step {first + i}: {int(m['skipped_in_a_row'])} steps in a row had a "
+                "non-finite loss or gradient, or no label tokens; stopping (the last "
+                "checkpoint is intact)")
+
+
+def _console(done, steps, rec, sec_per_step) -> str:
+    mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+    lrs = " ".join(f"{v:.2e}" for k, v in rec.items() if k.startswith("lr/"))
+    return (f"step {done}/{steps} loss {rec['loss']:.4f} grad {rec['grad_norm']:.3f} lr {lrs} "
+            f"{rec['tokens_per_s']:.0f} tok/s{mfu} {rec['step_time_s']:.3f}s/step "
+            f"data-wait {rec['data_wait_share']:.0%} "
+            f"eta {format_duration(sec_per_step * (steps - done))}")
+
+
+class Sigterm:
+    """Single process: SIGTERM (SLURM, Kubernetes, a spot VM's notice) means save and exit.
+    Several processes use JAX's preemption sync point instead (all stop at one step)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.received = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Profile:
+    """A `jax.profiler` trace over steps [start, start + num) into `directory` (TensorBoard's
+    profile plugin or Perfetto reads it); off when num is 0."""
+
+    def __init__(self, directory: Path, cfg: ProfileConfig):
+        self.directory, self.start = directory, cfg.start_step
+        self.end = cfg.start_step + cfg.num_steps
+        self.active = False
+        self.enabled = cfg.num_steps > 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.start and not self.active:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, done: int, state) -> None:
+        if self.active and done >= self.end:
+            self.stop(state)
+
+    def stop(self, state) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile written to {self.directory}", flush=True)
