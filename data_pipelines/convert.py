@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     p.add_argument("--limit", type=int, default=0, help="only the first N input samples")
     p.add_argument("--tokenizer", help="tokenizer dir for the report's token lengths")
+    p.add_argument("--template", default="vicuna_v1",
+                   help="template the report's token lengths are counted with")
     p.add_argument("--image-tokens", type=int, default=576,
                    help="LLM tokens per image for the report (576: CLIP-L/336)")
     p.add_argument("--no-progress", action="store_true")
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
 
         progress = lambda it: tqdm(it, desc=cfg.name, unit=" samples")  # noqa: E731
     manifest = build(samples(args), cfg, progress)
-    report = write_report(cfg.out, args.tokenizer, args.image_tokens)
+    report = write_report(cfg.out, args.tokenizer, args.image_tokens, args.template)
     print(summary(manifest, report))
     return manifest
 

@@ -1,12 +1,16 @@
 """A report per built dataset, written beside its shards: what to look at before spending a
 pod-day on the data.
 
-    python -m data_pipelines.report DIR [--tokenizer TOK] [--image-tokens 576]
+    python -m data_pipelines.report DIR [--tokenizer TOK [--template vicuna_v1]]
+                                        [--image-tokens 576]
 
 report.json (all numbers), report.md (the same, readable) and report_lengths.png (histograms
 of sample length in tokens, with and without image tokens): samples per source, skipped
 records by reason (from manifest.json), token lengths, image sizes, turns per conversation.
-Without a tokenizer, lengths are word-based estimates and say so.
+With a tokenizer, lengths are the training encoder's (`mmjax.data.tokenize`, the template's
+full layout) and the report records the encoding version they were made with; samples the
+encoder refuses are counted by reason. Without one, lengths are word-based estimates of the
+message text and say so.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ import numpy as np
 
 from data_pipelines.adapt import approx_tokens
 from mmjax.data.sources import ArrayRecordSource
+from mmjax.data.templates import ConversationError, normalize_turns
+from mmjax.data.tokenize import ENCODING_VERSION
 
 
-def iter_samples(out: Path):
+def iter_samples(out: Path | str):
+    out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text())
     for shard in manifest["shards"]:
         path = out / shard
@@ -46,21 +53,34 @@ def _stats(values) -> dict:
             "p99": int(np.percentile(a, 99)), "max": int(a.max())}
 
 
-def compute(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576) -> dict:
+def compute(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576,
+            template: str = "vicuna_v1") -> dict:
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    tok = None
+    encoder = None
     if tokenizer_dir:
+        from mmjax.data.templates import get_template
+        from mmjax.data.tokenize import ConversationEncoder
         from mmjax.hf import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
-    per_source = collections.Counter()
+        # image tokens are counted apart; a placeholder id outside the vocabulary
+        encoder = ConversationEncoder(tok, get_template(template, tok), 1, -1, 1 << 30)
+    per_source, unencodable = collections.Counter(), collections.Counter()
     text_len, full_len, widths, heights, turns, images_per = [], [], [], [], [], []
     for rec in iter_samples(out):
         per_source[rec.get("source", "")] += 1
-        text = "\n".join(t["value"].replace("<image>", "") for t in rec["conversations"])
-        n = len(tok(text, add_special_tokens=False)["input_ids"]) if tok else approx_tokens(text)
         n_images = len(rec.get("image_wh", []))
+        if encoder is not None:
+            try:
+                n = len(encoder.encode(*normalize_turns(rec["conversations"]),
+                                       n_images).input_ids) - n_images
+            except ConversationError as e:
+                unencodable[e.reason] += 1
+                continue
+        else:
+            text = "\n".join(t["value"].replace("<image>", "") for t in rec["conversations"])
+            n = approx_tokens(text)
         text_len.append(n)
         full_len.append(n + n_images * image_tokens)
         for w, h in rec.get("image_wh", []):
@@ -73,7 +93,10 @@ def compute(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576
         "per_source": dict(sorted(per_source.items())),
         "skipped": manifest["skipped"],
         "skipped_share": round(sum(manifest["skipped"].values()) / max(manifest["inputs"], 1), 4),
-        "length_unit": "tokens" if tok else "approx. tokens (1.3 x words; pass --tokenizer)",
+        "length_unit": (f"tokens ({template})" if encoder else
+                        "approx. tokens (1.3 x words; pass --tokenizer)"),
+        "encoding_version": ENCODING_VERSION if encoder else None,
+        "unencodable": dict(sorted(unencodable.items())),
         "tokens_text": _stats(text_len), "tokens_with_images": _stats(full_len),
         "image_tokens_per_image": image_tokens,
         "image_width": _stats(widths), "image_height": _stats(heights),
@@ -84,9 +107,10 @@ def compute(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576
     return report
 
 
-def write_report(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576) -> dict:
+def write_report(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576,
+                 template: str = "vicuna_v1") -> dict:
     out = Path(out)
-    report = compute(out, tokenizer_dir, image_tokens)
+    report = compute(out, tokenizer_dir, image_tokens, template)
     text_len, full_len = report.pop("_lengths")
     histogram_png(out / "report_lengths.png", {"text only": text_len,
                                                "with image tokens": full_len},
@@ -160,9 +184,11 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir")
     p.add_argument("--tokenizer")
+    p.add_argument("--template", default="vicuna_v1",
+                   help="the training template the lengths are counted with (with --tokenizer)")
     p.add_argument("--image-tokens", type=int, default=576)
     args = p.parse_args(argv)
-    r = write_report(Path(args.dir), args.tokenizer, args.image_tokens)
+    r = write_report(Path(args.dir), args.tokenizer, args.image_tokens, args.template)
     print((Path(args.dir) / "report.md").read_text())
     return r
 

@@ -132,3 +132,44 @@ CORPUS = [
     "or phrase. Brown. What differs? A cup and a rocket. What is two plus two? Four.",
     "Describe it. A thing. Hi Hello. Again? very long? Yes.",
 ]
+
+
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llama_sp_tokenizer(out_dir: Path, corpus: list[str], legacy: bool, vocab_size: int = 600):
+    """A Llama-style tokenizer: sentencepiece BPE with byte fallback and split digits,
+    trained here, saved as `tokenizer.model` + `tokenizer_config.json` (how Llama-2 / Vicuna
+    ship it) and loaded through AutoTokenizer with `legacy` as given; plus the chat
+    templates' special tokens (added, as a Llama-3 / Qwen2 vocabulary has them)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # no newline in the vocabulary: it is the byte <0x0A>, as in Llama's
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t.replace("\n", " ") for t in corpus),
+        model_prefix=str(out_dir / "sp"),
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
+        add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (out_dir / "sp.model").rename(out_dir / "tokenizer.model")
+    (out_dir / "sp.vocab").unlink()
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 4096}))
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS})
+    return tok
+
+
+def byte_level_tokenizer(out_dir: Path, corpus: list[str], vocab_size: int = 600):
+    """A byte-level BPE (GPT-2 / Qwen2 / Llama-3 style: no dummy prefix, no BOS added)."""
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(corpus, vocab_size, out_dir,
+                               extra_special_tokens=tuple(CHAT_SPECIALS))

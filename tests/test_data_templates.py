@@ -1,5 +1,6 @@
-"""Token/label layouts for each template, checked exactly against hand-written expectations
-with a real (locally made) word-level HF tokenizer; mismatch detection and truncation."""
+"""Token/label layouts for each template, written out by hand with a real (locally made)
+word-level HF tokenizer so that they read as documentation; mismatch detection and
+truncation. (Equality with LLaVA's own preprocessing: tests/test_llava_encoding.py.)"""
 import pytest
 
 from data_fixtures import CORPUS, bpe_tokenizer, conv, word_tokenizer
@@ -38,8 +39,8 @@ def test_plain_layout(tok):
 
 def test_vicuna_v1_layout(tok):
     text, _ = layout(tok, "vicuna_v1", TWO_TURNS)
-    system = ("A chat between a curious human and an artificial intelligence assistant . The "
-              "assistant gives helpful , detailed , and polite answers to the human ' s "
+    system = ("A chat between a curious user and an artificial intelligence assistant . The "
+              "assistant gives helpful , detailed , and polite answers to the user ' s "
               "questions .")
     assert text == (f"{system} USER : IMG IMG What animal is this ? ASSISTANT : A* cat* .* </s>* "
                     "USER : What colour is it ? ASSISTANT : Brown* .* </s>*")
@@ -50,19 +51,23 @@ def test_llama_3_layout(tok):
     system = ("You are a helpful language and vision assistant . You are able to understand the "
               "visual content that the user provides , and assist the user with a variety of "
               "tasks using natural language .")
-    h = "<|start_header_id|> {} <|end_header_id|>"
-    assert text == (f"<|begin_of_text|> {h.format('system')} {system} <|eot_id|> "
-                    f"{h.format('user')} IMG IMG What is in the picture ? <|eot_id|> "
-                    f"{h.format('assistant')} An* astronaut* .* <|eot_id|>*")
+    # LLaVA-NeXT: the assistant message is learned whole, header included; the header and
+    # end-of-turn tokens are learned everywhere; the chat template starts with bos_token
+    h = "<|start_header_id|>* {} <|end_header_id|>*"
+    assert text == (f"<s> {h.format('system')} {system} <|eot_id|>* "
+                    f"{h.format('user')} IMG IMG What is in the picture ? <|eot_id|>* "
+                    f"{h.format('assistant*')} An* astronaut* .* <|eot_id|>*")
 
 
 def test_chatml_layout(tok):
     text, _ = layout(tok, "chatml", TWO_TURNS)
-    assert text == ("<|im_start|> system You are a helpful assistant . <|im_end|> "
-                    "<|im_start|> user IMG IMG What animal is this ? <|im_end|> "
-                    "<|im_start|> assistant A* cat* .* <|im_end|>* "
-                    "<|im_start|> user What colour is it ? <|im_end|> "
-                    "<|im_start|> assistant Brown* .* <|im_end|>*")
+    # LLaVA-NeXT: assistant messages learned whole, <|im_start|> / <|im_end|> everywhere
+    # (and newline tokens, which this word-level tokenizer does not have)
+    assert text == ("<|im_start|>* system You are a helpful assistant . <|im_end|>* "
+                    "<|im_start|>* user IMG IMG What animal is this ? <|im_end|>* "
+                    "<|im_start|>* assistant* A* cat* .* <|im_end|>* "
+                    "<|im_start|>* user What colour is it ? <|im_end|>* "
+                    "<|im_start|>* assistant* Brown* .* <|im_end|>*")
 
 
 def test_tokenizer_chat_template_layout(tok):
@@ -112,8 +117,9 @@ def test_byte_level_bpe_masks_exactly(tmp_path):
     _, e = layout(tok, "vicuna_v1", TWO_TURNS)
     learned = [tok.convert_ids_to_tokens(int(i)) for i, lab in zip(e.input_ids, e.labels)
                if lab != -100]
-    # "ĠA" carries the space before the reply; a bare "Ġ" token (before "Bro") stays context.
-    assert learned == ["ĠA", "Ġc", "at", ".", "</s>", "Bro", "w", "n", ".", "</s>"]
+    # "ĠA" carries the space before the reply; a bare "Ġ" separator (before "Bro") is
+    # learned too, as LLaVA learns it
+    assert learned == ["ĠA", "Ġc", "at", ".", "</s>", "Ġ", "Bro", "w", "n", ".", "</s>"]
 
 
 def test_truncation_drops_later_turns_never_image_tokens(tok):

@@ -20,6 +20,7 @@ import numpy as np
 
 from mmjax import batch as batch_format
 from mmjax.data.quality import Skipped, SkipReport, log
+from mmjax.data.tokenize import ENCODING_VERSION
 
 
 class SkipFilterDataset(grain.IterDataset):
@@ -97,11 +98,18 @@ class _ReportIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self):
-        return {"parent": self._parent.get_state(), "report": self.report.state()}
+        return {"parent": self._parent.get_state(), "report": self.report.state(),
+                "encoding_version": ENCODING_VERSION}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self.report.load_state(state["report"])
+        saved = state.get("encoding_version", 1)
+        if saved != ENCODING_VERSION:
+            log.warning("the data position was saved under conversation encoding version %s; "
+                        "this mmjax encodes with version %s (see mmjax.data.tokenize): the "
+                        "run continues in the same sample order, with the new token layout",
+                        saved, ENCODING_VERSION)
 
 
 @dataclasses.dataclass(frozen=True)

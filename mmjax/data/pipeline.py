@@ -47,6 +47,7 @@ class DataConfig:
 
     sources: tuple[SourceConfig, ...] = ()  # [{kind, path, image_root, weight, split, name}]
     template: str = "vicuna_v1"  # plain | vicuna_v1 | llama_3 | chatml | chat_template
+    special_token_text: str = "skip"  # sample text that would be a control token: skip | keep
     max_length: int = 2048  # tokens per sample, image tokens included
     seq_len: int = 0  # row length; 0 = max_length (longer rows pack more samples)
     packing: str = "pad"  # pad | first_fit | best_fit
@@ -89,7 +90,8 @@ def open_source(src: SourceConfig, cfg: DataConfig):
 
 def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> ConversationEncoder:
     return ConversationEncoder(tokenizer, get_template(cfg.template, tokenizer),
-                               model.image_tokens, model.image_token_id, cfg.max_length)
+                               model.image_tokens, model.image_token_id, cfg.max_length,
+                               cfg.special_token_text)
 
 
 def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,

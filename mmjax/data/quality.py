@@ -27,6 +27,7 @@ REASONS = (
     "empty_reply",  # an assistant turn with no text
     "too_long",  # does not fit max_length even after dropping later turns
     "tokenization_mismatch",  # rendered text and token/label layout disagree
+    "special_token_text",  # sample text the tokenizer would read as a control token
     # dataset conversion (data_pipelines) only:
     "no_answer",  # a question without an annotated answer
     "bad_choice",  # a multiple-choice answer that is not one of the choices

@@ -1,16 +1,29 @@
-"""Conversation templates: a conversation -> rendered text + the character spans to learn.
+"""Conversation templates: a conversation -> text segments to tokenize + character spans to learn.
 
-Labels are decided on characters, then mapped to tokens by the tokenizer's offsets
-(`mmjax.data.tokenize`): the span of each assistant reply (with its end-of-turn marker) is
-the target, everything else is context. This is exact whatever the tokenizer does at the
-boundaries, and a token that straddles a span boundary is detected rather than guessed.
+Each template reproduces the preprocessing of the LLaVA code base it comes from, down to
+what is tokenized as one unit, because token ids depend on it:
 
-Templates (LLaVA's conversation styles):
-- `plain` (stage 1): `<image>` + caption + "\\n"; the caption and its newline are learned.
-- `vicuna_v1` (LLaVA-1.5): "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."
-- `llama_3`: Llama-3 header tokens, turns end with <|eot_id|>.
-- `chatml` (Qwen): <|im_start|>role\\n...<|im_end|>\\n
-- `chat_template`: the tokenizer's own Jinja chat template.
+- `plain` (stage 1; LLaVA `preprocess_plain`): `<image>` + caption + "\\n" (the question is
+  dropped); everything after the image is learned.
+- `vicuna_v1` (LLaVA-1.5, `conv_vicuna_v1` + `preprocess_v1`):
+  "{system} USER: {q} ASSISTANT: {a}</s>USER: ..."; the reply is learned from the space after
+  "ASSISTANT:" (LLaVA trains that separator, a token of its own before digits, newlines or
+  spaces) through its "</s>".
+  Both split the text at each `<image>` and tokenize the pieces one by one, as LLaVA's
+  `tokenizer_image_token` does (the text after an image starts a new piece: with a Llama
+  tokenizer it gets its own "▁").
+- `llama_3` (LLaVA-NeXT `preprocess_llama3`): Llama-3 headers, each message tokenized on its
+  own with `<image>` as a special token inside it and its content stripped (the Llama-3 chat
+  template's `trim`); an assistant message is learned whole (header included), and the
+  header and end-of-turn special tokens are learned wherever they occur.
+- `chatml` (LLaVA-NeXT `preprocess_qwen`): "<|im_start|>role\\n{content}<|im_end|>\\n" per
+  message, tokenized on its own; assistant messages learned whole, plus every
+  `<|im_start|>`, `<|im_end|>` and newline token.
+- `chat_template`: the tokenizer's own Jinja chat template (no LLaVA counterpart).
+
+Labels are decided on characters and mapped to tokens by the tokenizer's offsets
+(`mmjax.data.tokenize`), so they are exact whatever the tokenizer does at the boundaries; a
+token straddling a span boundary is detected, not guessed.
 """
 from __future__ import annotations
 
@@ -21,8 +34,9 @@ HUMAN_ROLES = {"human", "user"}
 GPT_ROLES = {"gpt", "assistant"}
 SYSTEM_ROLES = {"system"}
 
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's "
+# LLaVA's conv_vicuna_v1 (what LLaVA-1.5 trains with; "curious human" is conv_llava_v1)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
                  "questions.")
 LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand "
                  "the visual content that the user provides, and assist the user with a "
@@ -38,11 +52,35 @@ class ConversationError(ValueError):
         self.reason, self.detail = reason, detail
 
 
+Span = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Text the tokenizer encodes as one unit (LLaVA-NeXT: one message)."""
+
+    text: str
+    targets: tuple[Span, ...] = ()  # [start, end) character spans whose tokens are learned
+    data: tuple[Span, ...] = ()  # spans of the sample's own text (checked for control tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rendered:
-    text: str
-    targets: tuple[tuple[int, int], ...]  # [start, end) character spans to learn
+    segments: tuple[Segment, ...]
+    replies: tuple[tuple[int, int], ...]  # (segment, character) where each reply begins
     num_turns: int  # (question, answer) pairs rendered
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    def prompt(self) -> tuple[Segment, ...]:
+        """The segments up to where the last reply begins (what generation starts from)."""
+        seg, pos = self.replies[-1]
+        last = self.segments[seg]
+        cut = Segment(last.text[:pos], (), tuple((a, min(b, pos)) for a, b in last.data
+                                                  if a < pos))
+        return self.segments[:seg] + (cut,)
 
 
 def normalize_turns(conversations) -> tuple[str | None, list[tuple[str, str]]]:
@@ -77,87 +115,148 @@ def normalize_turns(conversations) -> tuple[str | None, list[tuple[str, str]]]:
     return system, pairs
 
 
-def _image_first(question: str) -> str:
-    # LLaVA puts the image placeholder at the start of its message.
-    if IMAGE in question and not question.startswith(IMAGE):
-        question = IMAGE + "\n" + question.replace(IMAGE, "").strip()
-    return question
-
-
 class Template:
     name = "base"
-    add_special_tokens = True  # whether the tokenizer should add its BOS
+    add_special_tokens = True  # whether each unit is tokenized with the tokenizer's BOS
+    image_chunks = False  # True: split at <image>, pieces tokenized alone (LLaVA-1.5)
     end_of_turn = ""
+    always_trained: tuple[str, ...] = ()  # vocabulary tokens learned wherever they occur
 
     def render(self, system, pairs) -> Rendered:
         raise NotImplementedError
 
+    def tidy(self, question: str) -> str:
+        """The first question's image layout, as the reference preprocessing rewrites it."""
+        return question
+
+
+def _tidy_llava15(question: str) -> str:
+    # LLaVA-1.5 preprocess_multimodal: "<image>\n" + the rest stripped, whatever the layout
+    if IMAGE not in question:
+        return question
+    return (IMAGE + "\n" + question.replace(IMAGE, "").strip()).strip()
+
+
+def _tidy_next(question: str) -> str:
+    # LLaVA-NeXT: only a question that does not start with its (single) image is rewritten
+    if question.count(IMAGE) != 1 or question.startswith(IMAGE):
+        return question
+    return (IMAGE + "\n" + question.replace(IMAGE, "").strip()).strip()
+
 
 class Plain(Template):
     name = "plain"
+    image_chunks = True
 
     def render(self, system, pairs):
         question, caption = pairs[0]
-        images = question.count(IMAGE)
-        text = IMAGE * images
+        text = IMAGE * question.count(IMAGE)
         start = len(text)
         text += caption + "\n"
-        return Rendered(text, ((start, len(text)),), 1)
+        seg = Segment(text, ((start, len(text)),), ((start, start + len(caption)),))
+        return Rendered((seg,), ((0, start),), 1)
 
 
 class Vicuna(Template):
     name = "vicuna_v1"
+    image_chunks = True
     end_of_turn = "</s>"
 
+    def tidy(self, question):
+        return _tidy_llava15(question)
+
     def render(self, system, pairs):
-        text = (system if system is not None else VICUNA_SYSTEM) + " "
-        targets = []
-        for k, (q, a) in enumerate(pairs):
-            q = _image_first(q) if k == 0 else q
-            text += f"USER: {q} ASSISTANT: "
-            start = len(text)
-            text += a + "</s>"
+        system = system if system is not None else VICUNA_SYSTEM
+        text = system + " "
+        data, targets, replies = [(0, len(system))], [], []
+        for q, a in pairs:
+            text += "USER: "
+            data.append((len(text), len(text) + len(q)))
+            text += q + " ASSISTANT:"
+            start = len(text)  # the separator space belongs to the reply's first token
+            data.append((start + 1, start + 1 + len(a)))
+            text += " " + a + "</s>"
             targets.append((start, len(text)))
-        return Rendered(text, tuple(targets), len(pairs))
+            replies.append((0, start))
+        return Rendered((Segment(text, tuple(targets), tuple(data)),), tuple(replies),
+                        len(pairs))
 
 
-class Llama3(Template):
+class _PerMessage(Template):
+    """LLaVA-NeXT style: one segment per message, `<image>` a special token inside it."""
+
+    add_special_tokens = False
+    default_system = ""
+
+    def tidy(self, question):
+        return _tidy_next(question)
+
+    def header(self, role: str) -> str:
+        raise NotImplementedError
+
+    def content(self, text: str) -> str:
+        return text
+
+    def footer(self) -> str:
+        raise NotImplementedError
+
+    def first_prefix(self) -> str:
+        return ""
+
+    def _segment(self, role, text, prefix="", learned=False):
+        head = prefix + self.header(role)
+        body = self.content(text)
+        seg_text = head + body + self.footer()
+        targets = ((0, len(seg_text)),) if learned else ()
+        return Segment(seg_text, targets, ((len(head), len(head) + len(body)),)), len(head)
+
+    def render(self, system, pairs):
+        system = system if system is not None else self.default_system
+        segments = [self._segment("system", system, self.first_prefix())[0]]
+        replies = []
+        for q, a in pairs:
+            segments.append(self._segment("user", q)[0])
+            seg, reply_at = self._segment("assistant", a, learned=True)
+            replies.append((len(segments), reply_at))
+            segments.append(seg)
+        return Rendered(tuple(segments), tuple(replies), len(pairs))
+
+
+class Llama3(_PerMessage):
     name = "llama_3"
-    add_special_tokens = False
     end_of_turn = "<|eot_id|>"
+    default_system = LLAMA3_SYSTEM
+    # LLaVA-NeXT's unmask list ("\n\n" is looked up as a vocabulary entry, as it does there)
+    always_trained = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>", "\n\n")
 
-    def render(self, system, pairs):
-        def header(role):
-            return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+    def __init__(self, bos_token: str | None = None):
+        self.bos = bos_token or "<|begin_of_text|>"
 
-        text = "<|begin_of_text|>" + header("system")
-        text += (system if system is not None else LLAMA3_SYSTEM) + "<|eot_id|>"
-        targets = []
-        for k, (q, a) in enumerate(pairs):
-            q = _image_first(q) if k == 0 else q
-            text += header("user") + q + "<|eot_id|>" + header("assistant")
-            start = len(text)
-            text += a + "<|eot_id|>"
-            targets.append((start, len(text)))
-        return Rendered(text, tuple(targets), len(pairs))
+    def first_prefix(self):
+        return self.bos  # the chat template's bos_token, once at the start
+
+    def header(self, role):
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    def content(self, text):
+        return text.strip()  # the Llama-3 chat template's `| trim`
+
+    def footer(self):
+        return "<|eot_id|>"
 
 
-class ChatML(Template):
+class ChatML(_PerMessage):
     name = "chatml"
-    add_special_tokens = False
     end_of_turn = "<|im_end|>"
+    default_system = CHATML_SYSTEM
+    always_trained = ("<|im_start|>", "<|im_end|>", "\n")  # "\n": Qwen2's id 198 there
 
-    def render(self, system, pairs):
-        text = f"<|im_start|>system\n{system if system is not None else CHATML_SYSTEM}<|im_end|>\n"
-        targets = []
-        for k, (q, a) in enumerate(pairs):
-            q = _image_first(q) if k == 0 else q
-            text += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-            start = len(text)
-            text += a + "<|im_end|>"
-            targets.append((start, len(text)))
-            text += "\n"
-        return Rendered(text, tuple(targets), len(pairs))
+    def header(self, role):
+        return f"<|im_start|>{role}\n"
+
+    def footer(self):
+        return "<|im_end|>\n"
 
 
 class TokenizerChatTemplate(Template):
@@ -165,6 +264,9 @@ class TokenizerChatTemplate(Template):
 
     name = "chat_template"
     add_special_tokens = False
+
+    def tidy(self, question):
+        return _tidy_next(question)
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
@@ -177,9 +279,9 @@ class TokenizerChatTemplate(Template):
 
     def render(self, system, pairs):
         messages = [] if system is None else [{"role": "system", "content": system}]
-        targets, renderings = [], []
-        for k, (q, a) in enumerate(pairs):
-            messages.append({"role": "user", "content": _image_first(q) if k == 0 else q})
+        targets, renderings, replies = [], [], []
+        for q, a in pairs:
+            messages.append({"role": "user", "content": q})
             prefix = self._apply(messages, prompt=True)
             messages.append({"role": "assistant", "content": a})
             text = self._apply(messages, prompt=False)
@@ -191,10 +293,12 @@ class TokenizerChatTemplate(Template):
             end = reply + len(a)
             end += len(text[end:].split("\n", 1)[0])
             targets.append((reply, end))
+            replies.append((0, len(prefix)))
             renderings.append(text)
         if not all(text.startswith(r) for r in renderings):
             raise ConversationError("tokenization_mismatch", "chat template rewrites turns")
-        return Rendered(text, tuple(targets), len(pairs))
+        # the sample's text is not located inside the rendering: no control-token check
+        return Rendered((Segment(text, tuple(targets)),), tuple(replies), len(pairs))
 
 
 TEMPLATES = {t.name: t for t in (Plain, Vicuna, Llama3, ChatML)}
@@ -203,6 +307,8 @@ TEMPLATES = {t.name: t for t in (Plain, Vicuna, Llama3, ChatML)}
 def get_template(name: str, tokenizer=None) -> Template:
     if name == "chat_template":
         return TokenizerChatTemplate(tokenizer)
+    if name == "llama_3":
+        return Llama3(getattr(tokenizer, "bos_token", None))
     try:
         return TEMPLATES[name]()
     except KeyError:
