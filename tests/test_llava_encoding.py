@@ -216,3 +216,17 @@ def test_prompt_ids_are_the_training_ids_up_to_the_reply(template, tokenizers):
         assert np.array_equal(full.input_ids[:n], prompt)
         reply = tok.decode(full.input_ids[n:][full.labels[n:] != IGNORE_INDEX])
         assert pairs[-1][1].strip()[:6] in reply
+
+
+def test_layout_command_prints_the_encoding(tokenizers, tmp_path, capsys):
+    from mmjax.data import layout
+
+    tokenizers["llama_sp_nonlegacy"].save_pretrained(str(tmp_path / "tok"))
+    out = layout.main(["--tokenizer", str(tmp_path / "tok"), "--template", "vicuna_v1",
+                       "--image-tokens", "4"])
+    assert "USER: <image>\\nWhat is in the picture? ASSISTANT: 2 cats.</s>" in out
+    assert "<image x 4>" in out and "'</s>':2*" in out
+    prompt = layout.main(["--tokenizer", str(tmp_path / "tok"), "--prompt"])
+    colon = tokenizers["llama_sp_nonlegacy"].convert_tokens_to_ids(":")
+    assert prompt.rstrip().endswith(f"':':{colon}")  # ends at "ASSISTANT:", nothing learned
+    assert "*" not in prompt.split("learned):", 1)[1]

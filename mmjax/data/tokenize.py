@@ -68,6 +68,10 @@ class ConversationEncoder:
         self.trained_ids = np.asarray(sorted(_vocab_ids(tokenizer, template.always_trained)),
                                       np.int64)
 
+    def render(self, system, pairs) -> Rendered:
+        """The template's rendering, after the reference's image tidying."""
+        return self.template.render(system, self._tidy(pairs))
+
     def encode(self, system, pairs, num_images: int) -> Encoded:
         """Raises ConversationError for samples that cannot be used."""
         pairs = self._tidy(pairs)
@@ -91,8 +95,7 @@ class ConversationEncoder:
         """int32 [L]: the ids of a conversation whose last reply the model is to write, up to
         where that reply begins, images expanded, as training lays them out (the last pair's
         answer is ignored). What evaluation and generation feed the model."""
-        pairs = self._tidy([*pairs[:-1], (pairs[-1][0], "")])
-        rendered = self.template.render(system, pairs)
+        rendered = self.render(system, [*pairs[:-1], (pairs[-1][0], "")])
         ids, _ = self._tokenize(rendered.prompt(), learn=False)
         ids, _ = self._expand_images(ids, np.full(len(ids), IGNORE, np.int32))
         return ids
