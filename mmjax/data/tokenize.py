@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from mmjax.batch import IGNORE
-from mmjax.data.templates import IMAGE, ConversationError, Segment, Template
+from mmjax.data.templates import IMAGE, ConversationError, Rendered, Segment, Template
 
 __all__ = ["ENCODING_VERSION", "IGNORE", "ConversationEncoder", "Encoded"]
 _SPACES = np.asarray([ord(c) for c in " \t\n\r\x0b\x0c"], np.uint32)
