@@ -5,13 +5,12 @@
 - Multiple choice lays out the options as `A. ...` lines and asks for the letter.
 - Several questions about one image become one multi-turn conversation (capped in turns and
   in approximate tokens); only the first human turn carries `<image>`.
-- Answers are normalised the way the VQA evaluation normalises them where a source needs it.
+- Answers stay as released: the VQA evaluation's normalisation (`mmjax.evaluation.vqa`)
+  is for scoring predictions, not for training targets.
 """
 from __future__ import annotations
 
-import collections
 import random
-import re
 import string
 import zlib
 
@@ -39,57 +38,6 @@ def choice_letter(index: int, n_choices: int) -> str:
     if not 0 <= index < n_choices:
         raise ValueError(f"answer index {index} is outside the {n_choices} choices")
     return LETTERS[index]
-
-
-# --------------------------------------------------------------------- VQA normalisation
-# After the official VQA evaluation script (vqaEval.py): punctuation, digits, articles and
-# contractions handled the same way so that "Two." and "2" and "two" compare equal.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm",
-    "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
-    "shouldnt": "shouldn't", "thats": "that's", "theres": "there's", "theyre": "they're",
-    "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
-    "wheres": "where's", "whos": "who's", "wont": "won't", "wouldnt": "wouldn't",
-    "youre": "you're", "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
-          "`", ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or re.search(_COMMA_STRIP, text):
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _PERIOD_STRIP.sub("", out)
-    words = []
-    for word in out.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def most_common_answer(answers: list[str]) -> str | None:
-    """The most frequent normalised answer (ties: the first seen), or None if none."""
-    normalised = [normalize_answer(a) for a in answers if a and a.strip()]
-    normalised = [a for a in normalised if a]
-    if not normalised:
-        return None
-    counts = collections.Counter(normalised)
-    best = max(counts.values())
-    return next(a for a in normalised if counts[a] == best)
 
 
 # ------------------------------------------------------------------- multi-turn merging

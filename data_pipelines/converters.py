@@ -171,9 +171,10 @@ def _wds_sample(key, group, tar_path, source) -> Raw | Skipped:
 def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id:012d}.jpg",
           prompt: str = adapt.SHORT_ANSWER_PROMPT, max_turns: int = 0, max_tokens: int = 0,
           seed: int = 0, source: str = "vqav2") -> Iterator[Raw | Skipped]:
-    """VQAv2 question + annotation files; the answer is the most common of the annotators'
-    (normalised as the VQA evaluation does). Questions about one image are merged into
-    multi-turn conversations (caps: max_turns, max_tokens; 0 = none)."""
+    """VQAv2 question + annotation files; the answer is the released `multiple_choice_answer`
+    as it is (the evaluation's normalisation is for scoring predictions, not for targets).
+    Questions about one image are merged into one multi-turn conversation, as in LLaVA-1.5's
+    mix (caps: max_turns, max_tokens; 0 = none)."""
     qs = _load_json(questions)
     anns = _load_json(annotations)
     answers = {}
@@ -186,13 +187,9 @@ def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id
             yield Skipped("malformed_record", f"{source}:q{n}",
                           "question without image_id/question")
             continue
-        ann = answers.get(q["question_id"])
-        answer = None
-        if ann is not None:
-            answer = adapt.most_common_answer([x.get("answer", "") for x in
-                                               ann.get("answers", []) if isinstance(x, dict)])
-            answer = answer or adapt.normalize_answer(ann.get("multiple_choice_answer", ""))
-        if not answer:
+        ann = answers.get(q["question_id"]) or {}
+        answer = ann.get("multiple_choice_answer")
+        if not isinstance(answer, str) or not answer.strip():
             yield Skipped("no_answer", f"{source}:{q['question_id']}", "no annotated answer")
             continue
         per_image[q["image_id"]].append((adapt.short_answer(q["question"], prompt), answer))
@@ -203,8 +200,8 @@ def vqav2(questions, annotations, image_pattern: str = "COCO_train2014_{image_id
 def gqa(questions, image_pattern: str = "{image_id}.jpg", prompt: str = adapt.SHORT_ANSWER_PROMPT,
         max_turns: int = 0, max_tokens: int = 0, seed: int = 0,
         source: str = "gqa") -> Iterator[Raw | Skipped]:
-    """GQA questions ({question_id: {imageId, question, answer}}), short answers, merged per
-    image."""
+    """GQA questions ({question_id: {imageId, question, answer}}), the released answer as it
+    is, merged per image."""
     data = _load_json(questions)
     items = data.items() if isinstance(data, dict) else enumerate(data)
     per_image = collections.defaultdict(list)
@@ -212,8 +209,8 @@ def gqa(questions, image_pattern: str = "{image_id}.jpg", prompt: str = adapt.SH
         if not isinstance(q, dict) or not q.get("imageId") or not q.get("question"):
             yield Skipped("malformed_record", f"{source}:{qid}", "needs imageId and question")
             continue
-        answer = str(q.get("answer", "")).strip()
-        if not answer:
+        answer = q.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
             yield Skipped("no_answer", f"{source}:{qid}", "no answer")
             continue
         per_image[q["imageId"]].append((adapt.short_answer(q["question"], prompt), answer))

@@ -14,6 +14,10 @@ training pipeline's reasons and report) in a deterministic order.
   samples it consumed; a rerun skips those inputs (without reading their images) and
   continues with the next shard. A shard is written to a temporary name and renamed.
 - Nothing is lost silently: every input sample is either written or counted under a reason.
+  Ids are made unique without dropping anything: a record whose id was seen before (the
+  released LLaVA files repeat ids a lot: one COCO image's conversation, detail and reasoning
+  records, the VQA parts of the 665K mix) is written as `ID#POSITION` (its input position);
+  every record keeps the input's id as `source_id`.
 """
 from __future__ import annotations
 
@@ -121,14 +125,15 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
     report = SkipReport(max_bad_share=1.0)  # counts; converters never abort on a share
     report.load_state(prog["report"])
     resume_at = report.seen
-    seen_ids: set[str] = set()
+    ids = _Ids()
     if (out / "index.jsonl").exists():
         _truncate_index(out, prog["written"])  # lines past the last finished shard go
     if resume_at:
         for line in (out / "index.jsonl").read_text().splitlines():
-            seen_ids.add(json.loads(line)["id"])
+            rec = json.loads(line)
+            ids.add(rec["id"], rec.get("source_id", rec["id"]))
         print(f"{out}: resuming after {len(prog['shards'])} shard(s), {resume_at} inputs")
-    pending: list[tuple[str, bytes | dict]] = []
+    pending: list[tuple[str, str, bytes | dict]] = []  # (id, source id, record)
     index = open(out / "index.jsonl", "a")
     it = iter(samples)
     if progress is not None:
@@ -140,7 +145,7 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
             if n < resume_at:  # consumed by finished shards
                 continue
             report.seen += 1
-            item = _prepare(sample, cfg, seen_ids)
+            item = _prepare(sample, cfg, ids, n)
             if isinstance(item, Skipped):
                 report.skip(item)
             else:
@@ -163,14 +168,32 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
     return manifest
 
 
-def _prepare(sample, cfg: BuildConfig, seen_ids: set[str]):
+class _Ids:
+    """Output ids so far, and the input ids they came from."""
+
+    def __init__(self):
+        self.written: set[str] = set()
+        self.sources: set[str] = set()
+
+    def add(self, out_id: str, source_id: str) -> None:
+        self.written.add(out_id)
+        self.sources.add(source_id)
+
+    def unique(self, source_id: str, position: int) -> str:
+        if source_id not in self.sources and source_id not in self.written:
+            return source_id
+        out = f"{source_id}#{position}"
+        while out in self.written:  # an input id that already looks like this
+            out += "#"
+        return out
+
+
+def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
     if isinstance(sample, Skipped):
         return sample
     bad = check_conversation(sample)
     if bad is not None:
         return bad
-    if sample.id in seen_ids:
-        return Skipped("duplicate_id", sample.id, "id seen before")
     images, sizes = [], []
     for item in sample.images:
         try:
@@ -180,25 +203,26 @@ def _prepare(sample, cfg: BuildConfig, seen_ids: set[str]):
             return Skipped(reason, sample.id, e.detail)
         images.append(data)
         sizes.append(size)
-    seen_ids.add(sample.id)
-    extra = {"image_wh": sizes}
+    out_id = ids.unique(sample.id, position)
+    ids.add(out_id, sample.id)
+    extra = {"image_wh": sizes, "source_id": sample.id}
     if cfg.output == "arrayrecord":
-        return sample.id, records.encode(sample.id, sample.conversations, images,
-                                         sample.source or cfg.name, extra)
-    rec = {"id": sample.id, "conversations": sample.conversations,
+        return out_id, sample.id, records.encode(out_id, sample.conversations, images,
+                                                 sample.source or cfg.name, extra)
+    rec = {"id": out_id, "conversations": sample.conversations,
            "source": sample.source or cfg.name, **extra}
     paths = [p for p in sample.images if isinstance(p, str)]
     if len(paths) != len(sample.images) or (cfg.reencode or cfg.max_side):
         # images that are not files under the root (tar members, re-encoded) go to OUT/images
         paths = []
         for k, data in enumerate(images):
-            name = f"images/{hashlib.sha1(f'{sample.id}/{k}'.encode()).hexdigest()}.jpg"
+            name = f"images/{hashlib.sha1(f'{out_id}/{k}'.encode()).hexdigest()}.jpg"
             (cfg.out / "images").mkdir(exist_ok=True)
             (cfg.out / name).write_bytes(data)
             paths.append(name)
     if paths:
         rec["image"] = paths[0] if len(paths) == 1 else paths
-    return sample.id, rec
+    return out_id, sample.id, rec
 
 
 def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, pending,
@@ -207,14 +231,16 @@ def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, pending,
     if cfg.output == "arrayrecord":
         name = f"{cfg.name}-{k:05d}.arrayrecord"
         tmp = out / (name + ".tmp")
-        records.write_shard(tmp, [rec for _, rec in pending])
+        records.write_shard(tmp, [rec for _, _, rec in pending])
     else:
         name = f"{cfg.name}-{k:05d}.jsonl"
         tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n" for _, rec in pending))
+        tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n"
+                               for _, _, rec in pending))
     os.replace(tmp, out / name)
-    for pos, (sample_id, _) in enumerate(pending):
-        index.write(json.dumps({"id": sample_id, "shard": name, "position": pos}) + "\n")
+    for pos, (sample_id, source_id, _) in enumerate(pending):
+        index.write(json.dumps({"id": sample_id, "source_id": source_id, "shard": name,
+                                "position": pos}) + "\n")
     index.flush()
     prog["written"] += len(pending)
     prog["shards"].append({"file": name, "samples": len(pending)})

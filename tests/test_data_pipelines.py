@@ -68,22 +68,34 @@ def raw(tmp_path_factory):
         add("00009.txt", b"caption without image")
         add("00010.jpg", (root / "images" / photos[0]).read_bytes())
         add("00010.json", b"{not json")
-    vq = {"questions": [{"image_id": 1, "question": "What is shown?", "question_id": 11},
+    # the released layout: v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_annotations.json
+    vq = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+          "data_subtype": "train2014", "license": {},
+          "questions": [{"image_id": 1, "question": "What is she wearing?", "question_id": 11},
                         {"image_id": 1, "question": "How many people?", "question_id": 12},
                         {"image_id": 1, "question": "Is it day?", "question_id": 13},
-                        {"image_id": 2, "question": "What animal?", "question_id": 21},
+                        {"image_id": 2, "question": "Which band?", "question_id": 21},
                         {"image_id": 2, "question": "Unanswered?", "question_id": 22},
                         {"question": "no image", "question_id": 23}]}
-    va = {"annotations": [
-        {"question_id": 11, "answers": [{"answer": "an astronaut"}, {"answer": "Astronaut."},
-                                        {"answer": "woman"}]},
-        {"question_id": 12, "answers": [{"answer": "Two."}, {"answer": "one"}, {"answer": "2"}]},
-        {"question_id": 13, "answers": [{"answer": "yes"}]},
-        {"question_id": 21, "answers": [{"answer": "cat"}, {"answer": "the cat"}]}]}
+
+    def ann(qid, image_id, mca, answers, answer_type="other"):
+        return {"question_id": qid, "image_id": image_id, "question_type": "what",
+                "answer_type": answer_type, "multiple_choice_answer": mca,
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, a in enumerate(answers)]}
+
+    va = {"info": {}, "data_type": "mscoco", "data_subtype": "train2014", "license": {},
+          "annotations": [
+              ann(11, 1, "t-shirt", ["t-shirt", "T-Shirt", "shirt", "t-shirt", "tee"] * 2),
+              ann(12, 1, "2", ["2", "two", "2", "Two.", "2"] * 2, "number"),
+              ann(13, 1, "yes", ["yes"] * 10, "yes/no"),
+              ann(21, 2, "the beatles", ["the beatles", "beatles", "The Beatles"] * 3
+                  + ["abba"])]}
     (root / "vqa_q.json").write_text(json.dumps(vq))
     (root / "vqa_a.json").write_text(json.dumps(va))
     (root / "gqa.json").write_text(json.dumps({
-        "q1": {"imageId": "astronaut", "question": "Who is this?", "answer": "astronaut"},
+        "q1": {"imageId": "astronaut", "question": "Who is this?", "answer": "astronaut",
+               "fullAnswer": "This is an astronaut.", "semantic": [], "types": {}},
         "q2": {"imageId": "chelsea", "question": "What animal is it?", "answer": "cat"},
         "q3": {"imageId": "chelsea", "question": "No answer?", "answer": ""},
         "q4": {"question": "no image"}}))
@@ -182,14 +194,22 @@ def test_vqav2_adapted_and_merged(raw, tmp_path):
     assert first[0]["value"].startswith("<image>\n") and len(first) == 4
     assert all(t["value"].endswith(adapt.SHORT_ANSWER_PROMPT) for t in first[::2])
     answers = {t["value"] for r in recs.values() for t in r["conversations"][1::2]}
-    assert {"astronaut", "2", "yes", "cat"} == answers  # most common, normalised
+    # the released multiple_choice_answer as it is: no article or hyphen rewriting
+    assert {"t-shirt", "2", "yes", "the beatles"} == answers
     _batches(out, raw)
+    # LLaVA-1.5 has one record per image: without --max-turns nothing is split
+    m = _convert("vqav2", raw, tmp_path / "whole", raw / "vqa_q.json", raw / "vqa_a.json",
+                 "--image-root", raw / "images", "--image-pattern", "coco/{image_id}.jpg")
+    assert m["samples"] == 2
+    assert [len(r["conversations"]) for r in iter_samples(tmp_path / "whole")] == [6, 2]
 
 
 def test_gqa_chartqa_multiple_choice(raw, tmp_path):
     g = _convert("gqa", raw, tmp_path / "gqa", raw / "gqa.json", "--image-root",
                  raw / "images", "--image-pattern", "coco/{image_id}.jpg")
     assert g["samples"] == 2 and g["skipped"] == {"no_answer": 1, "malformed_record": 1}
+    assert [r["conversations"][1]["value"] for r in iter_samples(tmp_path / "gqa")] == [
+        "astronaut", "cat"]  # GQA's `answer` as released
     c = _convert("chartqa", raw, tmp_path / "chart", raw / "chartqa.json", "--image-root",
                  raw / "images", "--image-dir", "coco")
     assert c["samples"] == 1 and c["skipped"] == {"no_answer": 1}
@@ -276,12 +296,6 @@ def test_reencode_and_llava_jsonl_output(raw, tmp_path):
 
 
 def test_adaptation_rules():
-    assert adapt.normalize_answer("Two.") == "2"
-    assert adapt.normalize_answer("The Cat!") == "cat"
-    assert adapt.normalize_answer("dont") == "don't"
-    assert adapt.normalize_answer("3.5") == "3.5"
-    assert adapt.most_common_answer(["yes", "Yes.", "no"]) == "yes"
-    assert adapt.most_common_answer(["", "  "]) is None
     pairs = [(f"q{i} " + "word " * 20, "a") for i in range(5)]
     convs = adapt.merge_turns(pairs, max_turns=2)
     assert [len(c) // 2 for c in convs] == [2, 2, 1]
@@ -336,3 +350,36 @@ def test_self_instruct_output_converts_and_trains(raw, tmp_path):
                  "--image-root", raw / "images" / "coco")
     assert m["samples"] == 8 and m["skipped"] == {"corrupt_image": 2, "missing_image": 2}
     _batches(tmp_path / "out", raw)
+
+
+@pytest.mark.parametrize("kind", ["lcs558k", "sharegpt4v", "llava_instruct"])
+def test_repeated_ids_keep_every_record(raw, tmp_path, kind):
+    """The released files repeat ids (LLaVA-Instruct's conversation / detail / reasoning
+    records of one COCO image share its id; the 665K mix's VQA parts do too): every record
+    is kept under a unique id, with the input's id as source_id."""
+    photo = "coco/astronaut.jpg"
+
+    def rec(i, text):
+        return {"id": i, "image": photo, "conversations": [
+            {"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": "Yes."}]}
+
+    mix = [rec("000000033471", "conversation"), rec("000000033471", "detail"),
+           rec("000000033471", "reasoning"), rec("vqa7", "Is it day?"),
+           rec("vqa7", "Is it night?"), rec("000000033471#1", "an id that looks renamed"),
+           {"id": "vqa7", "conversations": [{"from": "human", "value": "Text only?"},
+                                            {"from": "gpt", "value": "Yes."}]}]
+    (tmp_path / "mix.json").write_text(json.dumps(mix))
+    m = _convert(kind, raw, tmp_path / "out", tmp_path / "mix.json", "--image-root",
+                 raw / "images")
+    assert m["samples"] == len(mix) and m["skipped"] == {}
+    recs = list(iter_samples(tmp_path / "out"))
+    ids = [r["id"] for r in recs]
+    assert len(set(ids)) == len(mix)
+    assert ids == ["000000033471", "000000033471#1", "000000033471#2", "vqa7", "vqa7#4",
+                   "000000033471#1#5", "vqa7#6"]
+    assert [r["source_id"] for r in recs] == [r["id"] for r in mix]
+    assert [r["conversations"][0]["value"] for r in recs] == [
+        r["conversations"][0]["value"] for r in mix]
+    index = [json.loads(x) for x in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in index] == ids and [x["source_id"] for x in index] == [
+        r["id"] for r in mix]

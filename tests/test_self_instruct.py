@@ -21,6 +21,7 @@ from data_pipelines.self_instruct.prompts import (
     load_prompt,
     normalize_box,
     parse_xywh_text,
+    render_context,
 )
 
 REPLIES = {
@@ -130,9 +131,9 @@ def test_retries_cache_and_validation(server, tmp_path, monkeypatch):
     assert [d["id"] for d in data] == [j.id for j in jobs if j.id.split("_")[0] in
                                        {"0", "1", "2", "3", "4"}]
     conv = data[0]["conversations"]
-    assert conv[0]["value"] == "<image>\nWhat is in the picture?" and len(conv) == 4
+    assert _question(conv) == "What is in the picture?" and len(conv) == 4
     detail = data[1]["conversations"]
-    assert detail[0]["value"].removeprefix("<image>\n") in si_parse.DETAIL_INSTRUCTIONS
+    assert _question(detail) in si_parse.DETAIL_INSTRUCTIONS
     rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().split(
         "\n") if x]
     assert {r["reason"] for r in rejected} == {"truncated", "mentions_annotation"}
@@ -195,6 +196,14 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
         server.close()
 
 
+def _question(turns) -> str:
+    """The first question without its image, which comes before or after it."""
+    value = turns[0]["value"]
+    assert value.count("<image>") == 1
+    assert value.startswith("<image>\n") or value.endswith("\n<image>")
+    return value.replace("<image>", "").strip()
+
+
 def test_contexts_and_prompts(tmp_path):
     assert normalize_box([10, 5, 40, 50], 96, 64) == [0.1, 0.08, 0.52, 0.86]
     assert normalize_box(parse_xywh_text("20 10 100 50"), 200, 100) == [0.1, 0.1, 0.6, 0.6]
@@ -203,9 +212,31 @@ def test_contexts_and_prompts(tmp_path):
                             {"image_id": 1, "caption": "A dog runs."}]}
     inst = {"images": caps["images"], "categories": [{"id": 3, "name": "dog"}],
             "annotations": [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 50, 25]}]}
+    # COCO captions + instances in their released layout, several regions
+    caps["annotations"].append({"image_id": 1, "caption": "A dog with a ball."})
+    inst["categories"].append({"id": 37, "name": "sports ball"})
+    inst["annotations"].append({"image_id": 1, "category_id": 37, "bbox": [72.6, 30.2, 8, 7.9],
+                                "area": 63.2, "iscrowd": 0, "id": 9})
     ctx = coco_contexts(caps, inst)
-    assert ctx == [{"image_id": 1, "file_name": "a.jpg",
-                    "context": "A dog.\nA dog runs.\ndog: [0.10, 0.20, 0.60, 0.70]"}]
+    assert len(ctx) == 1 and ctx[0]["width"] == 100
+    captions = "A dog.\nA dog runs.\nA dog with a ball."
+    # conversation: the captions only (LLaVA's conversation prompt has no boxes)
+    assert render_context(ctx[0], "conversation") == captions
+    # detail / complex reasoning: captions + normalised [x1, y1, x2, y2]
+    for kind in ("detail", "complex_reasoning"):
+        assert render_context(ctx[0], kind) == (
+            f"{captions}\ndog: [0.10, 0.20, 0.60, 0.70]\nsports ball: [0.73, 0.60, 0.81, 0.76]")
+    # multitask: the seed's layout, one line per region, left-top corner and size in pixels
+    assert render_context(ctx[0], "multitask") == (
+        f"{captions}\ndog X: 10 Y: 10 Width: 50 Height: 25\n"
+        "sports ball X: 73 Y: 30 Width: 8 Height: 8")
+    jobs = make_jobs(ctx, ["conversation", "multitask"], n_instructions=20)
+    users = [dict(j.messages[-1])["content"] for j in jobs]
+    assert users == [render_context(ctx[0], "conversation"), render_context(ctx[0], "multitask")]
+    multitask = dict(jobs[1].messages[0])["content"]
+    assert "Come up with 20 diverse instructions" in multitask and "less than 30 words" in multitask
+    assert "X: 282 Y: 144 Width: 51 Height: 29" in "".join(
+        dict(m)["content"] for m in jobs[1].messages)  # the few-shot example uses it too
     for kind in ("conversation", "detail", "complex_reasoning", "multitask"):
         p = load_prompt(kind)
         assert p.system and p.examples
@@ -221,18 +252,27 @@ def test_contexts_and_prompts(tmp_path):
 
 def test_parse_and_validate():
     ok = si_parse.parse("multitask", REPLIES["Come up with"], "stop", "k")
-    assert [t["value"] for t in ok] == ["<image>\nCount the cats.", "There is one cat.",
-                                        "What colour is the sofa?", "Red."]
+    assert _question(ok) == "Count the cats."
+    assert [t["value"] for t in ok[1:]] == ["There is one cat.", "What colour is the sofa?",
+                                            "Red."]
+    # <image> before or after the first question, seeded per job: both occur, reproducibly
+    firsts = [si_parse.parse("multitask", REPLIES["Come up with"], "stop", f"job{i}")[0]
+              ["value"] for i in range(20)]
+    assert firsts == [si_parse.parse("multitask", REPLIES["Come up with"], "stop", f"job{i}")[0]
+                      ["value"] for i in range(20)]
+    assert {f.startswith("<image>") for f in firsts} == {True, False}
     cases = {
         "truncated": ("conversation", REPLIES["Design a conversation"], "length"),
         "unparsable": ("conversation", "Just some text.", "stop"),
         "empty": ("detail", "  ", "stop"),
         "answer_too_long": ("multitask", "Instruction: x\nAnswer: " + "word " * 40, "stop"),
         "mentions_annotation": ("detail", "The bounding boxes show a dog.", "stop"),
+        "mentions_annotation ": ("multitask", "Instruction: Where?\nAnswer: At X: 10 Y: 20.",
+                                 "stop"),
     }
     for reason, (kind, text, finish) in cases.items():
         with pytest.raises(si_parse.Rejected) as e:
             si_parse.parse(kind, text, finish, "k")
-        assert e.value.reason == reason
+        assert e.value.reason == reason.strip()
     with pytest.raises(si_parse.Rejected, match="mentions_annotation"):
         si_parse.parse("detail", "A dog at [0.12, 0.40] in the park.", "stop", "k")

@@ -22,13 +22,7 @@ from pathlib import Path
 
 from data_pipelines.self_instruct.client import ClientConfig
 from data_pipelines.self_instruct.generate import make_jobs, run
-from data_pipelines.self_instruct.prompts import (
-    KINDS,
-    coco_contexts,
-    context,
-    normalize_box,
-    parse_xywh_text,
-)
+from data_pipelines.self_instruct.prompts import KINDS, coco_contexts, parse_xywh_text
 
 
 def load_contexts(args) -> list[dict]:
@@ -38,12 +32,12 @@ def load_contexts(args) -> list[dict]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            objs = []
-            for o in rec.get("objects", []):
-                box = o["box"] if isinstance(o["box"], list) else parse_xywh_text(o["box"])
-                objs.append((o["name"], normalize_box(box, rec["width"], rec["height"], "xywh")))
+            objs = [(o["name"], [float(v) for v in (o["box"] if isinstance(o["box"], list)
+                                                    else parse_xywh_text(o["box"]))])
+                    for o in rec.get("objects", [])]
             out.append({"image_id": rec.get("image_id", n), "file_name": rec["file_name"],
-                        "context": context(rec.get("captions", []), objs)})
+                        "width": rec["width"], "height": rec["height"],
+                        "captions": rec.get("captions", []), "objects": objs})
         return out
     caps = json.loads(Path(args.captions).read_text())
     inst = json.loads(Path(args.instances).read_text()) if args.instances else None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data_pipelines.self_instruct.client import ChatClient, ClientConfig, RequestFailed
 from data_pipelines.self_instruct.parse import Rejected, parse
-from data_pipelines.self_instruct.prompts import load_prompt
+from data_pipelines.self_instruct.prompts import load_prompt, render_context
 
 log = logging.getLogger("data_pipelines.self_instruct")
 
@@ -43,7 +43,7 @@ def make_jobs(contexts: list[dict], kinds: list[str], prompt_dir=None, n_instruc
     for ctx in contexts:
         for kind in kinds:
             fields = {"n": n_instructions} if kind == "multitask" else {}
-            msgs = prompts[kind].messages(ctx["context"], **fields)
+            msgs = prompts[kind].messages(render_context(ctx, kind), **fields)
             jobs.append(Job(f"{ctx['image_id']}_{kind}", str(ctx["image_id"]), ctx["file_name"],
                             kind, tuple(tuple(sorted(m.items())) for m in msgs)))
     return jobs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from data_pipelines.adapt import stable_choice
+from data_pipelines.adapt import stable_choice, stable_seed
 
 REJECT_REASONS = ("truncated", "unparsable", "empty", "answer_too_long", "mentions_annotation")
 
@@ -35,7 +35,7 @@ DETAIL_INSTRUCTIONS = (
 
 _ANNOTATION = re.compile(
     r"\b(the |these |those |given |provided )?(captions?|bounding[- ]box(es)?|"
-    r"coordinates?|annotations?)\b|\[\s*0?\.\d+\s*,\s*0?\.\d+|"
+    r"coordinates?|annotations?)\b|\[\s*0?\.\d+\s*,\s*0?\.\d+|\bX:\s*\d+\s*,?\s*Y:\s*\d+|"
     r"\b(described|mentioned|stated|according to the) (in )?(the )?(description|caption)",
     re.I)
 
@@ -83,8 +83,9 @@ def instruction_pairs(text: str) -> list[tuple[str, str]]:
 
 
 def parse(kind: str, content: str, finish_reason: str, key: str) -> list[dict]:
-    """A reply -> LLaVA conversation turns (first human turn carries <image>); raises
-    Rejected."""
+    """A reply -> LLaVA conversation turns; raises Rejected. The first human turn carries
+    `<image>` before or after the question, chosen at random per job (seeded by `key`), as
+    LLaVA-Instruct has both."""
     if finish_reason == "length":
         raise Rejected("truncated", "the reply hit max_tokens")
     content = (content or "").strip()
@@ -109,7 +110,9 @@ def parse(kind: str, content: str, finish_reason: str, key: str) -> list[dict]:
             if m:
                 raise Rejected("mentions_annotation", f"{m.group(0)!r} in {text[:60]!r}")
     turns = []
+    image_first = stable_seed(key, "image") % 2 == 0
     for i, (q, a) in enumerate(pairs):
-        turns += [{"from": "human", "value": f"<image>\n{q}" if i == 0 else q},
-                  {"from": "gpt", "value": a}]
+        if i == 0:
+            q = f"<image>\n{q}" if image_first else f"{q}\n<image>"
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return turns

@@ -4,9 +4,15 @@ A prompt file (`prompts/KIND.txt`, or any file passed with --prompt-dir) has a `
 section and any number of `### example` sections, each with `## context` and `## response`:
 the examples become few-shot user/assistant turns before the real context.
 
-The context of an image is its captions, one per line, then its objects as
-`name: [x1, y1, x2, y2]` with coordinates normalised to [0, 1] and two decimals (LLaVA's form),
-from COCO instance boxes (`[x, y, width, height]` in pixels) or from "X Y Width Height".
+The context of an image depends on the kind, as the prompts that made LLaVA-Instruct and
+the seed's multitask data present it:
+- `conversation`: the captions only, one per line (its instructions speak of "the image",
+  never of boxes);
+- `detail`, `complex_reasoning`: the captions, then each object as `name: [x1, y1, x2, y2]`,
+  normalised to [0, 1] with two decimals (LLaVA's form);
+- `multitask`: the captions, then one line per region with its left-top corner and size in
+  pixels: `elephant heard on rocks X: 73 Y: 80 Width: 418 Height: 418`.
+Boxes come from COCO instances (`[x, y, width, height]` in pixels) or "X Y Width Height".
 """
 from __future__ import annotations
 
@@ -74,13 +80,36 @@ def parse_xywh_text(text: str) -> list[float]:
 
 
 def context(captions: list[str], objects: list[tuple[str, list[float]]]) -> str:
+    """Captions, then `name: [x1, y1, x2, y2]` (normalised boxes)."""
     lines = [c.strip() for c in captions if c and c.strip()]
     lines += [f"{name}: [{', '.join(f'{v:.2f}' for v in box)}]" for name, box in objects]
     return "\n".join(lines)
 
 
+def region_lines(objects: list[tuple[str, list[float]]]) -> list[str]:
+    """`name X: 73 Y: 80 Width: 418 Height: 418` per pixel box [x, y, width, height]."""
+    return [f"{name} X: {round(b[0])} Y: {round(b[1])} Width: {round(b[2])} "
+            f"Height: {round(b[3])}" for name, b in objects]
+
+
+def render_context(ctx: dict, kind: str) -> str:
+    """The text a kind's prompt gets for one image (see the module docstring). A context
+    given as text (`ctx["context"]`) is used as it is for every kind."""
+    if "context" in ctx:
+        return ctx["context"]
+    captions = [c.strip() for c in ctx.get("captions", []) if c and c.strip()]
+    objects = ctx.get("objects", [])
+    if kind == "conversation":
+        return "\n".join(captions)
+    if kind == "multitask":
+        return "\n".join(captions + region_lines(objects))
+    w, h = ctx["width"], ctx["height"]
+    return context(captions, [(n, normalize_box(b, w, h, "xywh")) for n, b in objects])
+
+
 def coco_contexts(captions_json: dict, instances_json: dict | None = None) -> list[dict]:
-    """[{image_id, file_name, context}] from COCO captions (+ instances) dicts, by image id."""
+    """[{image_id, file_name, width, height, captions, objects: [(name, [x, y, w, h])]}] from
+    COCO captions (+ instances) dicts, by image id; images without captions are left out."""
     images = {img["id"]: img for img in captions_json.get("images", [])}
     if instances_json:
         for img in instances_json.get("images", []):
@@ -95,12 +124,14 @@ def coco_contexts(captions_json: dict, instances_json: dict | None = None) -> li
             img = images.get(ann.get("image_id"))
             if img is None or ann.get("category_id") not in names or "bbox" not in ann:
                 continue
-            box = normalize_box(ann["bbox"], img["width"], img["height"], "xywh")
-            objs.setdefault(img["id"], []).append((names[ann["category_id"]], box))
+            objs.setdefault(img["id"], []).append(
+                (names[ann["category_id"]], [float(v) for v in ann["bbox"]]))
     out = []
     for image_id in sorted(images):
         if not caps.get(image_id):
             continue
-        out.append({"image_id": image_id, "file_name": images[image_id]["file_name"],
-                    "context": context(caps[image_id], objs.get(image_id, []))})
+        img = images[image_id]
+        out.append({"image_id": image_id, "file_name": img["file_name"],
+                    "width": img["width"], "height": img["height"],
+                    "captions": caps[image_id], "objects": objs.get(image_id, [])})
     return out

@@ -64,7 +64,7 @@ class DataConfig:
     max_bad_share: float = 0.05  # abort when more of the samples read were skipped
     min_samples_before_abort: int = 200  # samples read before the share is checked
     tfds_data_dir: str | None = None  # TFDS data_dir of locally prepared datasets
-    index_cache_dir: str | None = None  # where LLaVA-JSON offset indexes are cached
+    index_cache_dir: str | None = None  # LLaVA-JSON offset indexes (default: ~/.cache/mmjax)
     batch_size: int = _set_by_trainer(8, "batch_size / processes")  # rows per process
     seed: int = _set_by_trainer(0, "seed")
     num_epochs: int | None = _set_by_trainer(1, "None: repeat; total_steps decides")

@@ -32,7 +32,6 @@ REASONS = (
     "no_answer",  # a question without an annotated answer
     "bad_choice",  # a multiple-choice answer that is not one of the choices
     "empty_text",  # a caption or question with no text
-    "duplicate_id",  # an id seen before in the same conversion
 )
 EXAMPLES_PER_REASON = 5
 

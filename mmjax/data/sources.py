@@ -31,14 +31,20 @@ class DataSourceError(ValueError):
     """A source that cannot be read at all (as opposed to one bad record)."""
 
 
+def default_cache_dir() -> Path:
+    """Where derived files go unless asked otherwise: $MMJAX_CACHE_DIR, else
+    $XDG_CACHE_HOME/mmjax (~/.cache/mmjax); never beside the data."""
+    if os.environ.get("MMJAX_CACHE_DIR"):
+        return Path(os.environ["MMJAX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmjax"
+
+
 def _index_path(path: Path, cache_dir: str | None) -> Path:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir else path.parent
-    if not cache_dir and not os.access(folder, os.W_OK):
-        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmjax"
+    folder = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f".{path.name}.{key}.index.npy"
+    return folder / f"{path.name}.{key}.index.npy"
 
 
 def _scan_jsonl(path: Path) -> np.ndarray:

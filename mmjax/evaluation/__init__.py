@@ -1,0 +1,1 @@
+"""Benchmark scoring, to the official definitions (VQA accuracy and its normalisation first)."""
