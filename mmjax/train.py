@@ -20,7 +20,7 @@ import jax
 
 from mmjax import batch as batch_format
 from mmjax import configlib, distributed
-from mmjax.data.pipeline import build_pipeline, open_source
+from mmjax.data.pipeline import build_pipeline
 from mmjax.hf import load_tokenizer
 from mmjax.models import Llava
 from mmjax.models.config import ConfigError
@@ -56,22 +56,6 @@ def validate(tc: TrainConfig) -> None:
         raise ConfigError("logical_axis_rules is empty: start from configs/common.py")
 
 
-def data_config(tc: TrainConfig, process_count: int):
-    """The data section with what the trainer derives: rows per process, seed, repeats."""
-    if tc.batch_size % (process_count * tc.grad_accum):
-        raise ConfigError(f"batch_size {tc.batch_size} is not divisible by processes "
-                          f"({process_count}) x grad_accum ({tc.grad_accum})")
-    return dataclasses.replace(tc.data, batch_size=tc.batch_size // process_count,
-                               seed=tc.seed, num_epochs=None)
-
-
-def total_steps(tc: TrainConfig, dcfg) -> int:
-    if tc.total_steps:
-        return tc.total_steps
-    n = sum(len(open_source(s, dcfg)) for s in dcfg.sources)
-    return max(1, tc.num_epochs * n // tc.batch_size)
-
-
 def train(c, workdir: Path) -> dict:
     """Runs (or resumes) one stage in `workdir` from a TrainConfig (or its ConfigDict);
     returns {'loss': [(step, loss)], 'state', 'preempted'}."""
@@ -86,8 +70,8 @@ def train(c, workdir: Path) -> dict:
     cfg = configlib.model(tc)
     model = Llava(cfg, rt)
     tokenizer = load_tokenizer(tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm)
-    dcfg = data_config(tc, jax.process_count())
-    steps = total_steps(tc, dcfg)
+    dcfg = tc.data_config(jax.process_count())
+    steps = tc.steps(dcfg)
     optim = dataclasses.replace(tc.optim, groups=tc.optimizer_groups, total_steps=steps)
     trainer = Trainer(model, optim, StepConfig(tc.grad_accum, tc.seed))
     boxed = abstract_variables(cfg, rt)["params"]

@@ -1,6 +1,7 @@
 """The Grain pipeline end to end on real files: every source kind, bad input accounting,
 packing, resumption through Orbax, per-process sharding and global batches."""
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def _ids(batches):
     return [i for b in batches for row in b["ids"] for i in row]
 
 
-def test_json_and_jsonl_give_the_same_records(files, tmp_path):
+def test_json_and_jsonl_give_the_same_records(files, tmp_path, monkeypatch):
     a = LlavaJsonSource(files["json"], files["root"], cache_dir=str(tmp_path))
     lines = write_llava_json(tmp_path / "good.jsonl", files["good"], jsonl=True)
     b = LlavaJsonSource(lines, files["root"], cache_dir=str(tmp_path))
@@ -72,7 +73,14 @@ def test_json_and_jsonl_give_the_same_records(files, tmp_path):
         assert a[i]["id"] == b[i]["id"] and a[i]["conversations"] == b[i]["conversations"]
     assert a[2]["images"] == files["photos"][2:4]  # a list of paths
     assert a[3]["images"] == []  # text only
-    assert len(list(tmp_path.glob(".*.index.npy"))) == 2  # indexed once, cached
+    assert len(list(tmp_path.glob("*.index.npy"))) == 2  # indexed once, cached
+    # without a cache dir the index goes to $MMJAX_CACHE_DIR (or ~/.cache/mmjax), never
+    # beside the data
+    monkeypatch.setenv("MMJAX_CACHE_DIR", str(tmp_path / "cache"))
+    before = set(Path(files["json"]).parent.iterdir())
+    assert len(LlavaJsonSource(files["json"], files["root"])) == 4
+    assert set(Path(files["json"]).parent.iterdir()) == before
+    assert len(list((tmp_path / "cache" / "index").glob("*.index.npy"))) == 1
 
 
 def test_json_index_handles_unicode_and_large_files(tmp_path):

@@ -1,6 +1,6 @@
 """Throughput and memory of the data pipeline on LLaVA-style samples.
 
-    python -m mmjax.benchmarks.data_pipeline [--workers 2] [--samples 600] [--batches 40]
+    python -m mmjax.benchmarks.data_pipeline [--workers 2] [--samples 600] [--batches 100]
 
 Samples: a 640x480 JPEG (real photos) padded to a square and resized to 336 (CLIP-L/336,
 576 image tokens), and a two-turn vicuna_v1 conversation of about 300 text tokens, tokenized
@@ -10,7 +10,7 @@ with a BPE tokenizer trained here. Prints, from one run:
 - the N-worker rate shipping uint8 pixels (normalised on the device) against float32
   pixels normalised on the host,
 - the peak host memory (RSS summed over the main process and its workers) with N workers,
-and checks the target: N-worker throughput >= 75% of N x the raw single-core rate.
+and checks the target: N-worker throughput >= 90% of N x the raw single-core rate.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--raw-count", type=int, default=300)
     args = parser.parse_args(argv)
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
 
     raw = max(raws)  # the best of three: the most demanding baseline
     print(f"raw single-core rates measured: {', '.join(f'{r:.1f}' for r in raws)}")
-    target = 0.75 * args.workers * raw
+    target = 0.9 * args.workers * raw
     print(f"samples: 640x480 JPEG -> pad -> 336, vicuna_v1 two-turn, "
           f"{np.mean(n_text):.0f} text tokens + {model.image_tokens} image tokens; "
           f"batch {args.batch_size}, {args.batches} batches timed")
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     print(f"{f'pipeline, {args.workers} workers (float32, host normalise)':48s} {host:8.1f} "
           f"samples/s ({host / many:.2f} x the uint8 rate)")
     print(f"{'peak RSS, main + workers':48s} {mem.peak:8.0f} MiB")
-    print(f"target {args.workers} workers >= 0.75 x {args.workers} x raw = {target:.1f}: "
+    print(f"target {args.workers} workers >= 0.9 x {args.workers} x raw = {target:.1f}: "
           f"{'MET' if many >= target else 'MISSED'}")
     return {"raw": raw, "one": one, "many": many, "host_normalise": host, "peak_mib": mem.peak,
             "target": target, "real_token_share": real}

@@ -21,7 +21,6 @@ from mmjax.batch import IGNORE
 from mmjax.data.templates import IMAGE, ConversationError, Rendered, Segment, Template
 
 __all__ = ["ENCODING_VERSION", "IGNORE", "ConversationEncoder", "Encoded"]
-_SPACES = np.asarray([ord(c) for c in " \t\n\r\x0b\x0c"], np.uint32)
 # Bumped whenever the ids or labels produced for the same data change; anything derived
 # from encoded data and kept (token-length reports) records it.
 #   2: LLaVA-1.5 / LLaVA-NeXT reference layouts (pieces between images, per-message units,
@@ -63,8 +62,10 @@ class ConversationEncoder:
                              "matches the model's tokenizer")
         special = ({i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
                    | set(tokenizer.all_special_ids))
-        self.special_ids = np.asarray(
-            sorted(special - {tokenizer.unk_token_id, self.tok_image_id}), np.int64)
+        special -= {tokenizer.unk_token_id, self.tok_image_id}
+        self.special_ids = np.asarray(sorted(special), np.int64)
+        # a control token can only come from text that holds its string: checked first
+        self.special_strings = tuple(tokenizer.convert_ids_to_tokens(sorted(special)))
         self.trained_ids = np.asarray(sorted(_vocab_ids(tokenizer, template.always_trained)),
                                       np.int64)
 
@@ -160,7 +161,8 @@ class ConversationEncoder:
         """Labels of one tokenized unit: ids inside the target spans, IGNORE elsewhere."""
         start, end = offsets[:, 0], offsets[:, 1]
         real = end > start  # added special tokens (BOS) have empty spans
-        if not self.keep_special_text and len(self.special_ids):
+        if (not self.keep_special_text and len(self.special_ids)
+                and any(t in text[a:b] for a, b in data for t in self.special_strings)):
             special = real & np.isin(ids, self.special_ids)
             for ds, de in data:
                 inside = special & (start >= ds) & (end <= de)
@@ -171,7 +173,7 @@ class ConversationEncoder:
         if not targets:
             return np.full(len(ids), IGNORE, np.int32)
         chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        space = np.isin(chars, _SPACES)
+        space = (chars == 32) | ((chars >= 9) & (chars <= 13))  # " \t\n\v\f\r"
         # next_solid[i]: first non-space character at or after i (len(text) if none)
         solid = np.where(space, len(text), np.arange(len(text)))
         next_solid = np.append(np.minimum.accumulate(solid[::-1])[::-1], len(text))

@@ -13,7 +13,7 @@ from typing import Any
 
 from mmjax.data.pipeline import DataConfig
 from mmjax.distributed import DistributedConfig
-from mmjax.models.config import RuntimeConfig
+from mmjax.models.config import ConfigError, RuntimeConfig
 from mmjax.training.checkpoint import CheckpointConfig
 from mmjax.training.init import InitConfig
 from mmjax.training.lora import LoraConfig
@@ -72,3 +72,20 @@ class TrainConfig:
     @property
     def optimizer_groups(self) -> tuple[tuple[str, float | None], ...]:
         return self.lora.groups() if self.lora.enabled else self.optim.groups
+
+    def data_config(self, process_count: int) -> DataConfig:
+        """The data section with what the trainer derives: rows per process, seed, repeats."""
+        if self.batch_size % (process_count * self.grad_accum):
+            raise ConfigError(f"batch_size {self.batch_size} is not divisible by processes "
+                              f"({process_count}) x grad_accum ({self.grad_accum})")
+        return dataclasses.replace(self.data, batch_size=self.batch_size // process_count,
+                                   seed=self.seed, num_epochs=None)
+
+    def steps(self, data: DataConfig) -> int:
+        """total_steps, or num_epochs over the data's samples."""
+        if self.total_steps:
+            return self.total_steps
+        from mmjax.data.pipeline import open_source
+
+        n = sum(len(open_source(s, data)) for s in data.sources)
+        return max(1, self.num_epochs * n // self.batch_size)
