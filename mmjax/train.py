@@ -63,9 +63,9 @@ def train(c, workdir: Path) -> dict:
     lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if lead:
-        text = json.dumps(dataclasses.asdict(tc), indent=2)
-        (workdir / "config.json").write_text(text)
-        print(f"config ({workdir / 'config.json'}):\n{text}", flush=True)
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
+        print(f"config: {workdir / 'config.json'} (model {tc.model}, stage {tc.stage})",
+              flush=True)
     rt, rules, mesh = tc.model_runtime, tc.logical_axis_rules, configlib.make_mesh(tc)
     cfg = configlib.model(tc)
     model = Llava(cfg, rt)
