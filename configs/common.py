@@ -41,8 +41,9 @@ def runtime(**overrides) -> ml_collections.ConfigDict:
 
 
 def mesh(**sizes) -> ml_collections.ConfigDict:
-    """Mesh axis sizes; one may be -1 (all remaining devices)."""
-    return ml_collections.ConfigDict(dict({"data": 1, "fsdp": -1, "tensor": 1}, **sizes))
+    """Mesh axis sizes (TrainConfig's defaults, changed by `sizes`); one may be -1 (all
+    remaining devices)."""
+    return ml_collections.ConfigDict(dict(TrainConfig().mesh, **sizes))
 
 
 def logical_axis_rules() -> list:

@@ -110,15 +110,20 @@ class _RssSampler:
         self._thread.join()
 
 
-def raw_rate(root: Path, photos: list[str], vision, count: int) -> float:
-    """Single-core samples/s of decode + pad + resize + normalise, no pipeline."""
+def _raw_work(blob: bytes, vision) -> None:
+    """The baseline: decode + pad + resize + normalise one image, nothing else."""
     from mmjax.data.image import decode_image, normalize, resize_uint8
 
+    pixels = resize_uint8(decode_image(blob), vision.image_size, vision.image_mean, "pad")
+    normalize(pixels, vision.image_mean, vision.image_std)
+
+
+def raw_rate(root: Path, photos: list[str], vision, count: int) -> float:
+    """Single-core samples/s of the raw work, no pipeline."""
     blobs = [(root / photos[i % len(photos)]).read_bytes() for i in range(count)]
     t = time.perf_counter()
     for blob in blobs:
-        pixels = resize_uint8(decode_image(blob), vision.image_size, vision.image_mean, "pad")
-        normalize(pixels, vision.image_mean, vision.image_std)
+        _raw_work(blob, vision)
     return count / (time.perf_counter() - t)
 
 
@@ -218,7 +223,6 @@ def worker_efficiency(root: Path, photos: list[str], cfg, tokenizer, model, roun
                       chunk: int = 40) -> float:
     """Raw image work / everything a worker does per sample, timed in alternating chunks in
     one process, so that the machine's drift hits both alike."""
-    from mmjax.data.image import decode_image, normalize, resize_uint8
     from mmjax.data.pipeline import make_encoder, open_source
     from mmjax.data.processing import ImageSpec, SampleProcessor
 
@@ -233,8 +237,7 @@ def worker_efficiency(root: Path, photos: list[str], cfg, tokenizer, model, roun
     for r in range(rounds):
         t = time.perf_counter()
         for blob in blobs:
-            normalize(resize_uint8(decode_image(blob), v.image_size, v.image_mean, "pad"),
-                      v.image_mean, v.image_std)
+            _raw_work(blob, v)
         t_raw += time.perf_counter() - t
         t = time.perf_counter()
         for i in range(r * chunk, (r + 1) * chunk):

@@ -77,10 +77,7 @@ class Rendered:
     def prompt(self) -> tuple[Segment, ...]:
         """The segments up to where the last reply begins (what generation starts from)."""
         seg, pos = self.replies[-1]
-        last = self.segments[seg]
-        cut = Segment(last.text[:pos], (), tuple((a, min(b, pos)) for a, b in last.data
-                                                  if a < pos))
-        return self.segments[:seg] + (cut,)
+        return self.segments[:seg] + (Segment(self.segments[seg].text[:pos]),)
 
 
 def normalize_turns(conversations) -> tuple[str | None, list[tuple[str, str]]]:
