@@ -123,6 +123,28 @@ def typed(cls, section, where: str = ""):
     return cls(**kwargs)
 
 
+def from_saved(cls, data: dict):
+    """The dataclass `cls` from its `dataclasses.asdict` form (a run's `config.json`): the
+    fields the trainer derived are dropped, the rest checked as any config."""
+    return typed(cls, _settable(cls, data))
+
+
+def _settable(tp, value):
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        derived = {f.name for f in dataclasses.fields(tp)} - {
+            f.name for f in settable_fields(tp)}
+        return {k: (_settable(hints[k], v) if k in hints else v) for k, v in value.items()
+                if k not in derived}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        return _settable(classes[0], value) if classes else value
+    if typing.get_origin(tp) is tuple and args and isinstance(value, list):
+        return [_settable(args[0], v) for v in value]
+    return value
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 

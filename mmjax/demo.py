@@ -121,6 +121,7 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
     from mmjax import train as train_lib
     from mmjax.data.synthetic import vocabulary_text, write_split
     from mmjax.data.templates import VICUNA_SYSTEM
+    from mmjax.inference.load import from_checkpoint
     from mmjax.training.evaluate import short_answer_accuracy
 
     t0 = time.time()
@@ -146,12 +147,14 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
         print(f"\n== stage {stage}: trains {[g for g, lr in c.optim.groups if lr]} ==",
               flush=True)
         results[stage] = train_lib.train(c, workdir / f"stage{stage}")
-    model = Llava(presets.get("demo"))
-    params = results[2]["state"].params
+    # the trained model as `python -m mmjax.generate --checkpoint WORKDIR/stage2` loads it
+    m = from_checkpoint(str(workdir / "stage2"))
     items = json.loads(heldout["qa"].read_text())
-    with_images = short_answer_accuracy(model, params, tok, "vicuna_v1", items, data)
-    blank = short_answer_accuracy(model, params, tok, "vicuna_v1", items, data,
-                                  blank_images=True)
+    ask = dict(mesh=m.mesh, rules=m.rules)
+    with_images = short_answer_accuracy(m.model, m.params, m.tokenizer, m.template, items,
+                                        data, **ask)
+    blank = short_answer_accuracy(m.model, m.params, m.tokenizer, m.template, items, data,
+                                  blank_images=True, **ask)
     chance = float(np.mean([1 / {"colour": 4, "shape": 3, "side": 2, "count": 3}[it["kind"]]
                             for it in items]))
     print(f"\n== held-out short-answer accuracy ({len(items)} questions on {n_heldout} "

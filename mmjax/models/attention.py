@@ -141,24 +141,32 @@ def dot_product_attention(
     scale: Optional[float] = None,
     impl: str = "reference",
     packed: bool = True,
+    q_positions: Optional[jax.Array] = None,  # [B, T]
+    kv_positions: Optional[jax.Array] = None,  # [B, S]
 ) -> jax.Array:
     """Attention of q over k/v within segments; returns [B, T, N, H] in q's dtype.
 
     `packed=False` promises one sample per row with padding only on the right, which lets
-    the cuDNN path use its cheaper length-based mask; other kernels ignore it.
+    the cuDNN path use its cheaper length-based mask; other kernels ignore it. Positions
+    (both or neither) make causality and the window follow them instead of the token order:
+    decoding against a KV cache, where the queries are the last tokens of the keys. Only
+    the mask-based kernels (reference, xla) take them.
     """
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
-    if impl == "reference":
+    if (q_positions is None) != (kv_positions is None):
+        raise ValueError("pass both q_positions and kv_positions, or neither")
+    if q_positions is not None and impl not in ("reference", "xla"):
+        raise ValueError(f"attention over given positions runs on 'reference' or 'xla', not "
+                         f"{impl!r}")
+    if impl in ("reference", "xla"):
         mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
-                              sliding_window=sliding_window)
-        out = reference_attention(q, k, v, mask, scale)
-    elif impl == "xla":
-        mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
-                              sliding_window=sliding_window)
-        out = _xla_attention(q, k, v, mask, scale)
+                              sliding_window=sliding_window, q_positions=q_positions,
+                              kv_positions=kv_positions)
+        attend = reference_attention if impl == "reference" else _xla_attention
+        out = attend(q, k, v, mask, scale)
     elif impl == "cudnn":
         if q.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cuDNN flash attention runs in bfloat16 or float16, got {q.dtype}: "
@@ -172,6 +180,35 @@ def dot_product_attention(
         raise ValueError(f"unknown attention implementation {impl!r}")
     # Padding queries (segment 0) attend to nothing; kernels differ on what they leave
     # there (uniform average, undefined, padding-to-padding), so define it as zero.
+    return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def cached_attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, K, S, H]: a KV cache's layout (key/value heads before slots)
+    v: jax.Array,  # [B, K, S, H]
+    *,
+    q_segment_ids: jax.Array,  # [B, T]
+    kv_segment_ids: jax.Array,  # [B, S]
+    q_positions: jax.Array,  # [B, T]
+    kv_positions: jax.Array,  # [B, S]
+    sliding_window: Optional[int] = None,
+    scale: Optional[float] = None,
+) -> jax.Array:
+    """The reference attention for decoding against a KV cache: causal and windowed by
+    position, float32 softmax. With heads ahead of slots in the cache, both contractions are
+    plain batched matmuls over (B, K) (several times faster on CPU than the [B, S, K, H]
+    layout for one query token)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal=True,
+                          sliding_window=sliding_window, q_positions=q_positions,
+                          kv_positions=kv_positions)
+    qg = einops.rearrange(q, "B T (K G) H -> B K G T H", K=k.shape[1])
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits * scale, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
+    out = einops.rearrange(out, "B K G T H -> B T (K G) H")
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 

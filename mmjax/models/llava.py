@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.config import LlavaConfig, RuntimeConfig
+from mmjax.models.kv_cache import KVCache
 from mmjax.models.llm import LLM, default_positions
 from mmjax.models.projector import Projector
 from mmjax.models.vision import VisionTower
@@ -70,8 +71,12 @@ class Llava(nn.Module):
         positions: jax.Array | None = None,  # [B, T]
         segment_ids: jax.Array | None = None,  # [B, T], 0 = padding
         return_hidden: bool = False,
+        cache: KVCache | None = None,  # decoding: see LLM.decode
+        prefill: bool = False,
+        last_only: bool = False,
     ):
-        """Logits [B, T, V] float32 (and the final hidden states [B, T, D])."""
+        """Logits [B, T, V] float32 (and the final hidden states [B, T, D]); with a cache,
+        (that, the cache with the T tokens appended)."""
         positions, segment_ids = default_positions(input_ids, positions, segment_ids)
         lm = self.language_model
         is_image = input_ids == self.cfg.image_token_id
@@ -79,4 +84,5 @@ class Llava(nn.Module):
         embeds = lm.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is not None:
             embeds = merge_embeddings(embeds, self.encode_images(pixel_values), is_image)
-        return lm.decode(embeds, positions, segment_ids, return_hidden)
+        return lm.decode(embeds, positions, segment_ids, return_hidden, cache, prefill,
+                         last_only)

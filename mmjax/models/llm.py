@@ -5,6 +5,12 @@ F MLP hidden, V vocabulary, L layers.
 
 Parameters mirror transformers' names (`layers_{i}/self_attn/q_proj/kernel`, ...), stacked
 along a leading 'layers' axis (`layers/...`) when `scan_layers` is set.
+
+Decoding passes a `KVCache` (mmjax.models.kv_cache): each layer writes the new tokens' keys
+and values into its slice of the cache, in place, and attends over the cache. A `prefill`
+call fills an empty cache and attends over its own tokens with the configured kernel; later
+calls attend over the cache with the mask-based kernels. The cache runs unscanned
+(`unstack_layers` turns scanned parameters into per-layer ones).
 """
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from mmjax.models.attention import dot_product_attention
+from mmjax.models.attention import cached_attention, dot_product_attention
 from mmjax.models.config import LLMConfig, RuntimeConfig
+from mmjax.models.kv_cache import CACHE_AXES, KVCache
 from mmjax.models.layers import Linear, RMSNorm, param_with_axes
 from mmjax.models.remat import remat_block
 from mmjax.models.rotary import apply_rope
@@ -25,10 +32,13 @@ ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 class Attention(nn.Module):
     cfg: LLMConfig
     rt: RuntimeConfig
+    layer_index: int = 0  # this layer's slice of a KV cache
+    prefill: bool = False  # with a cache: fill an empty one, attending over the new tokens
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        """x [B, T, D], positions/segment_ids [B, T] -> [B, T, D]."""
+    def __call__(self, x, positions, segment_ids, cache: KVCache | None = None):
+        """x [B, T, D], positions/segment_ids [B, T] -> [B, T, D] (and this layer's cache
+        k, v [B, K, S, H] with the new keys and values written in)."""
         c, dt, pdt = self.cfg, self.rt.dtype, self.rt.param_dtype
         d, h = c.hidden_size, c.head_size
         kw = dict(dtype=dt, param_dtype=pdt)
@@ -41,11 +51,34 @@ class Attention(nn.Module):
         q = checkpoint_name(apply_rope(q, positions, c.rope), "query_proj")
         k = checkpoint_name(apply_rope(k, positions, c.rope), "key_proj")
         v = checkpoint_name(v, "value_proj")
-        out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, causal=True,
-                                    sliding_window=c.sliding_window, impl=self.rt.attention_impl)
+        impl = self.rt.attention_impl
+        if cache is None or self.prefill:
+            out = dot_product_attention(q, k, v, q_segment_ids=segment_ids, causal=True,
+                                        sliding_window=c.sliding_window, impl=impl)
+        if cache is not None:
+            i = self.layer_index
+            k_all = _write_layer(cache.k[i], k, cache.index)
+            v_all = _write_layer(cache.v[i], v, cache.index)
+            if not self.prefill:
+                out = cached_attention(
+                    q, k_all, v_all, q_segment_ids=segment_ids,
+                    kv_segment_ids=cache.segment_ids, q_positions=positions,
+                    kv_positions=cache.positions, sliding_window=c.sliding_window)
         out = checkpoint_name(out, "context")
-        return Linear((c.num_heads, h), (d,), ("heads", "head_dim"), ("embed",),
-                      c.attention_out_bias, name="o_proj", **kw, **self.rt.lora("o_proj"))(out)
+        out = Linear((c.num_heads, h), (d,), ("heads", "head_dim"), ("embed",),
+                     c.attention_out_bias, name="o_proj", **kw, **self.rt.lora("o_proj"))(out)
+        return out if cache is None else (out, k_all, v_all)
+
+
+def _put(layers: tuple, i: int, value) -> tuple:
+    return layers[:i] + (value,) + layers[i + 1:]
+
+
+def _write_layer(layer_cache, new, index):
+    """layer_cache [B, K, S, H] with new [B, T, K, H] written at slot `index`."""
+    new = jnp.swapaxes(new.astype(layer_cache.dtype), 1, 2)  # [B, K, T, H]
+    layer_cache = jax.lax.dynamic_update_slice(layer_cache, new, (0, 0, index, 0))
+    return nn.with_logical_constraint(layer_cache, CACHE_AXES)
 
 
 class MLP(nn.Module):
@@ -71,16 +104,24 @@ class DecoderLayer(nn.Module):
     rt: RuntimeConfig
     scanned: bool = False
     collect: bool = False
+    layer_index: int = 0
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache: KVCache | None = None):
         norm = dict(eps=self.cfg.rms_norm_eps, dtype=self.rt.dtype, param_dtype=self.rt.param_dtype)
         x = nn.with_logical_constraint(x, ACT_AXES)
-        h = x + Attention(self.cfg, self.rt, name="self_attn")(
-            RMSNorm(name="input_layernorm", **norm)(x), positions, segment_ids)
+        attn = Attention(self.cfg, self.rt, self.layer_index, self.prefill, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), positions, segment_ids, cache)
+        if cache is not None:
+            attn, k_all, v_all = attn
+        h = x + attn
         out = h + MLP(self.cfg, self.rt, name="mlp")(RMSNorm(name="post_attention_layernorm",
                                                             **norm)(h))
         out = nn.with_logical_constraint(checkpoint_name(out, "layer_out"), ACT_AXES)
+        if cache is not None:
+            i = self.layer_index
+            return out, cache.replace(k=_put(cache.k, i, k_all), v=_put(cache.v, i, v_all))
         return (out, out if self.collect else None) if self.scanned else out
 
 
@@ -109,9 +150,21 @@ class LLM(nn.Module):
         x = jnp.take(table, ids, axis=0).astype(self.rt.dtype)
         return nn.with_logical_constraint(x, ACT_AXES)
 
-    def decode(self, x, positions, segment_ids, return_hidden: bool = False):
-        """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D])."""
-        x = self.layers(x, positions, segment_ids)
+    def decode(self, x, positions, segment_ids, return_hidden: bool = False,
+               cache: KVCache | None = None, prefill: bool = False, last_only: bool = False):
+        """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D]).
+
+        With a cache: returns (logits, cache) with the T tokens appended; `prefill` for the
+        first call on an empty cache; `last_only` keeps the last position's logits [B, 1, V]
+        (left-padded prompts end together)."""
+        if cache is not None:
+            cache = cache.with_tokens(positions, segment_ids)
+            x, cache = self.layers(x, positions, segment_ids, cache=cache, prefill=prefill)
+            cache = cache.replace(index=cache.index + x.shape[1])
+        else:
+            x = self.layers(x, positions, segment_ids)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if self.cfg.tie_word_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens.astype(self.rt.dtype))
@@ -120,7 +173,8 @@ class LLM(nn.Module):
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32),
             ("activation_batch", "activation_length", "activation_vocab"))
-        return (logits, x) if return_hidden else logits
+        out = (logits, x) if return_hidden else logits
+        return out if cache is None else (out, cache)
 
     def __call__(self, ids, positions=None, segment_ids=None, return_hidden: bool = False):
         """ids [B, T] -> logits [B, T, V]; positions default to 0..T-1, segments to one sample."""
@@ -152,8 +206,16 @@ class LayerStack(nn.Module):
     collect: bool = False
 
     @nn.compact
-    def __call__(self, x, *args):
+    def __call__(self, x, *args, cache: KVCache | None = None, prefill: bool = False):
         block = remat_block(self.layer_cls, self.rt.remat_policy, scanned=self.rt.scan_layers)
+        if cache is not None:
+            if self.rt.scan_layers:
+                raise ValueError("a KV cache runs unscanned layers: load the parameters with "
+                                 "scan_layers=False (mmjax.models.llm.unstack_layers)")
+            for i in range(self.num_layers):
+                x, cache = block(**self.kwargs, layer_index=i, prefill=prefill,
+                                 name=f"layers_{i}")(x, *args, cache)
+            return x, cache
         if not self.rt.scan_layers:
             outs = []
             for i in range(self.num_layers):
@@ -166,3 +228,19 @@ class LayerStack(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, outs = scanned(**self.kwargs, scanned=True, collect=self.collect, name="layer")(x, *args)
         return (x, outs) if self.collect else x
+
+
+def unstack_layers(params: dict) -> dict:
+    """Parameters with every scanned stack (`layer/...` with a leading 'layers' axis) split
+    into per-layer trees `layers_{i}/...` (what unscanned modules read)."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for k, v in params.items():
+        if k == "layer" and isinstance(v, dict):
+            n = jax.tree_util.tree_leaves(v)[0].shape[0]
+            for i in range(n):
+                out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], v)
+        else:
+            out[k] = unstack_layers(v)
+    return out

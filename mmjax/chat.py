@@ -1,0 +1,116 @@
+"""An interactive chat with a trained or imported LLaVA, in the terminal.
+
+    python -m mmjax.chat (--hf DIR | --checkpoint WORKDIR) [--image PATH]
+
+Type a message and the reply streams as it is generated. Commands:
+    /image PATH   chat about another image (starts a new conversation)
+    /reset        start a new conversation with the same image
+    /exit         quit (also Ctrl-D)
+Works with piped input too: one message or command per line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmjax.inference import cli
+
+
+class Chat:
+    """The conversation so far and its image; `say` streams the reply to `out`."""
+
+    def __init__(self, m, engine, sampling, out=sys.stdout, seed: int = 0):
+        self.m, self.engine, self.sampling, self.out = m, engine, sampling, out
+        self.seed = seed
+        self.images: list = []
+        self.pairs: list[tuple[str, str]] = []
+        self.turn = 0
+
+    def set_image(self, path: str) -> None:
+        self.images = [cli.read_image(self.m, path)]
+        self.pairs = []
+
+    def reset(self) -> None:
+        self.pairs = []
+
+    def say(self, message: str) -> str:
+        req = cli.request(self.m, self.pairs + [(message, "")], self.images)
+        ids: list[int] = []
+        shown = [""]
+
+        def stream(_row: int, token: int) -> None:
+            ids.append(token)
+            text = self.m.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            # print what is new; text ending in a partial character waits for the rest
+            if text.startswith(shown[0]) and not text.endswith("\ufffd"):
+                self.out.write(text[len(shown[0]):])
+                self.out.flush()
+                shown[0] = text
+
+        result = self.engine.generate([req], self.sampling, seed=self.seed + self.turn,
+                                      on_token=stream)[0]
+        reply, full = result.text.strip(), result.text.lstrip()
+        if full.startswith(shown[0]):
+            self.out.write(full[len(shown[0]):].rstrip() + "\n")
+        else:  # a stop string was cut after it was shown: the reply again, on its own line
+            self.out.write(f"\n[reply] {reply}\n")
+        self.out.flush()
+        self.pairs.append((message, reply))
+        self.turn += 1
+        return reply
+
+
+def main(argv=None, stdin=None, out=None) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m mmjax.chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser, step=True)
+    parser.add_argument("--image", default=None, metavar="PATH")
+    cli.add_sampling_args(parser)
+    args = parser.parse_args(argv)
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    m = cli.load_model(args)
+    chat = Chat(m, cli.engine(m), cli.sampling(args), out, seed=args.seed)
+    if args.image:
+        chat.set_image(args.image)
+    interactive = stdin.isatty()
+    replies = []
+    while True:
+        if interactive:
+            out.write("USER: ")
+            out.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            out.write("(new conversation)\n")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                chat.set_image(path)
+            except cli.UsageError as e:
+                out.write(f"error: {e}\n")
+                continue
+            out.write(f"(image {path}; new conversation)\n")
+            continue
+        if line.startswith("/"):
+            out.write("commands: /image PATH, /reset, /exit\n")
+            continue
+        out.write("ASSISTANT: ")
+        out.flush()
+        try:
+            replies.append(chat.say(line))
+        except cli.UsageError as e:
+            out.write(f"\nerror: {e}\n")
+    out.flush()
+    return replies
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

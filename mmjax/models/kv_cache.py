@@ -1,0 +1,56 @@
+"""The key/value cache of the decoder for incremental decoding.
+
+Axis legend: L layers, B rows, S cache slots, K key/value heads, H head dim, T new tokens.
+
+Keys and values are one array per layer, laid out [B, K, S, H]: heads ahead of slots, so
+that attention of a new token over the cache is a plain batched matmul over (B, K), and no
+layer's cache is ever copied out of a stack (each is updated in place).
+
+Rows are left-padded so that every row writes its next token into the same slot: one
+`index` for the batch, with per-row `positions` (a row's first real token is position 0)
+and `segment_ids` (1 for a filled slot, 0 for padding and slots not written yet). Masks
+come from these (the same segment / causal / window rules as training), so rows of
+different prompt lengths share one cache and one compiled step.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.config import LLMConfig
+
+CACHE_AXES = ("activation_batch", "kv_heads", "activation_length", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    positions: jax.Array  # int32 [B, S]: the position of the token held in each slot
+    segment_ids: jax.Array  # int32 [B, S]: 1 filled, 0 padding or not written yet
+    index: jax.Array  # int32 []: the next slot to write (the same for every row)
+
+    @classmethod
+    def empty(cls, cfg: LLMConfig, batch: int, length: int, dtype) -> "KVCache":
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_size)
+        layers = range(cfg.num_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   positions=jnp.zeros((batch, length), jnp.int32),
+                   segment_ids=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+    def with_tokens(self, positions: jax.Array, segment_ids: jax.Array) -> "KVCache":
+        """Records T new tokens' positions / segments [B, T] at `index` (keys and values are
+        written by the layers; `index` moves on with `advanced`)."""
+        at = (0, self.index)
+        return self.replace(
+            positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32),
+                                                   at),
+            segment_ids=jax.lax.dynamic_update_slice(
+                self.segment_ids, (segment_ids != 0).astype(jnp.int32), at))
