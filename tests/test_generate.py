@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+
 from data_fixtures import bpe_tokenizer, write_photos
 from hf_fixtures import llava_config, make_model, normalize, real_images, save
-
 from mmjax.hf import load
 from mmjax.inference import Engine, Request, Sampling
-from mmjax.inference.load import inference_mesh, default_rules
+from mmjax.inference.load import default_rules, inference_mesh
 from mmjax.models.kv_cache import KVCache
 
 NEW = 32
@@ -146,8 +146,8 @@ def test_tensor_parallel_decode_matches_one_device(tmp_path):
     assert dict(mesh.shape)["tensor"] == 2 and dict(mesh.shape)["data"] == 4
     rules = default_rules()
     split = load(tmp_path, mesh=mesh, rules=rules)
-    assert "tensor" in str(split.params["language_model"]["layers"]["layers_0"]["self_attn"]["k_proj"]
-                           ["kernel"].sharding.spec)
+    layer = split.params["language_model"]["layers"]["layers_0"]
+    assert "tensor" in str(layer["self_attn"]["k_proj"]["kernel"].sharding.spec)
     requests = _requests(one.config, _images(one.config))
     sampling = Sampling(max_new_tokens=16)
     a = Engine(one.model, one.params, IdTokenizer()).generate(requests, sampling)

@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         ids = torch.tensor(np.stack([r.ids for r in reqs]), dtype=torch.long)
         pixels = torch.tensor(np.stack([r.images[0] for r in reqs])).permute(0, 3, 1, 2)
 
-        def theirs(n):
+        def theirs(n, ids=ids, pixels=pixels):
             with torch.no_grad():
                 return hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False)
