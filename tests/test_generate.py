@@ -331,3 +331,24 @@ def test_predict_resumes_after_kill_answering_each_question_once(hf_dir, tmp_pat
     assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id",
                                "metadata"}
     assert answers[0]["prompt"] == "What is in the image?" and answers[0]["model_id"] == root.name
+
+
+def test_unstacked_scanned_parameters_run_unscanned():
+    """Checkpoints trained with scan_layers decode with per-layer parameters."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from mmjax.models import Llava, presets
+    from mmjax.models.config import RuntimeConfig
+    from mmjax.models.llm import unstack_layers
+
+    cfg = presets.get("demo")
+    scanned_rt = RuntimeConfig(scan_layers=True)
+    scanned = Llava(cfg, scanned_rt)
+    s = cfg.vision.image_size
+    ids = jnp.arange(3, 30, dtype=jnp.int32)[None]
+    params = nn.unbox(scanned.init(jax.random.key(0), ids, jnp.zeros((1, 1, s, s, 3))))["params"]
+    plain = Llava(cfg, dataclasses.replace(scanned_rt, scan_layers=False))
+    np.testing.assert_allclose(plain.apply({"params": unstack_layers(params)}, ids),
+                               scanned.apply({"params": params}, ids), atol=1e-5, rtol=1e-5)

@@ -59,6 +59,29 @@ def test_stage1_then_stage2_from_its_checkpoint(demo_data, tmp_path):
                     jax.tree.leaves(jax.device_get(h2["state"].params["vision_tower"]))):
         np.testing.assert_array_equal(a, b)
 
+    # generation reads the run back: a LoRA run gives the model that the trainer's own
+    # (unmerged) parameters compute, merged
+    c3 = configlib.load(f"{ROOT}/configs/stage2.py:demo", _overrides(
+        demo_data, 2, 1, [f"--config.init.stage1_checkpoint={tmp_path / 's1'}",
+                          "--config.lora.enabled=True"]))
+    h3 = train_lib.train(c3, tmp_path / "s3")
+    from mmjax.inference import Engine, Request, Sampling
+    from mmjax.inference.load import from_checkpoint
+    from mmjax.models import Llava
+
+    m = from_checkpoint(str(tmp_path / "s3"))
+    assert m.template == "vicuna_v1" and m.model_id == "s3"
+    tc3 = configlib.train_config(c3)
+    assert tc3.model_runtime.lora_rank
+    ids = np.arange(3, 40, dtype=np.int32)
+    ids = ids[ids != m.cfg.image_token_id][None]
+    trained = Llava(m.cfg, tc3.model_runtime).apply({"params": h3["state"].params}, ids)
+    loaded = m.model.apply({"params": m.params}, ids)
+    np.testing.assert_allclose(loaded, trained, atol=2e-5, rtol=1e-4)
+    reply = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules).generate(
+        [Request(ids[0])], Sampling(max_new_tokens=3))[0]
+    assert len(reply.token_ids) <= 3 and reply.finish in ("stop", "length")
+
 
 def test_recipe_without_weights_or_data_fails_at_start():
     c = configlib.train_config(configlib.load(f"{ROOT}/configs/stage2.py:llava15_7b"))
