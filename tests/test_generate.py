@@ -107,7 +107,17 @@ def test_greedy_generation_matches_transformers(pair):
 def test_cached_logits_equal_full_forward(pair):
     """At every decode step the logits from the cache equal the full forward's logits over
     the same (left-padded) prefix."""
-    _, imported = pair
+    _check_cached_logits(pair[1], jnp.float32, tol=1e-5)
+
+
+def test_bfloat16_cached_logits_follow_the_full_forward(clip_llama):
+    from mmjax.models.config import RuntimeConfig
+
+    bf16 = load(clip_llama.directory, RuntimeConfig(dtype="bfloat16", param_dtype="bfloat16"))
+    _check_cached_logits(bf16, jnp.bfloat16, tol=3e-2)
+
+
+def _check_cached_logits(imported, dtype, tol):
     model, params, cfg = imported.model, imported.params, imported.config
     requests = _requests(cfg, _images(cfg), seed=1)
     length = max(len(r.ids) for r in requests) + 2
@@ -121,7 +131,7 @@ def test_cached_logits_equal_full_forward(pair):
             pixels[i, m] = im
     steps = 12
     pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
-    cache = KVCache.empty(cfg.llm, rows, length + steps, jnp.float32)
+    cache = KVCache.empty(cfg.llm, rows, length + steps, dtype)
     apply = jax.jit(model.apply, static_argnames=("prefill", "last_only"))
     logits, cache = apply({"params": params}, ids, pixels, pos, seg, cache=cache, prefill=True,
                           last_only=True)
@@ -129,7 +139,8 @@ def test_cached_logits_equal_full_forward(pair):
     for step in range(steps):
         full = apply({"params": params}, full_ids, pixels,
                      np.maximum(np.cumsum(full_seg, 1) - 1, 0), full_seg)[:, -1]
-        np.testing.assert_allclose(logits[:, 0], full, atol=1e-5, rtol=1e-5)
+        scale = 1.0 if dtype == jnp.float32 else float(np.max(np.abs(full)))
+        np.testing.assert_allclose(logits[:, 0], full, atol=tol * scale, rtol=tol)
         token = np.asarray(jnp.argmax(logits[:, 0], -1), np.int32)
         next_pos = pos[:, -1:] + 1 + step
         logits, cache = apply({"params": params}, token[:, None], None, next_pos,
