@@ -81,9 +81,10 @@ class Result:
 
 
 class Engine:
-    """Generates replies for batches of requests with `model` / `params` on `mesh`."""
+    """Generates replies for batches of requests with `model` / `params` on `mesh`, split
+    by the logical-axis `rules` (both from config; neither: where the parameters are)."""
 
-    def __init__(self, model: Llava, params, tokenizer, *, mesh=None, rules=(),
+    def __init__(self, model: Llava, params, tokenizer, *, mesh=None, rules=None,
                  stop_ids: Sequence[int] = (), pad_id: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS,
                  length_buckets: Sequence[int] = LENGTH_BUCKETS):
@@ -92,8 +93,12 @@ class Engine:
                              "False; mmjax.models.llm.unstack_layers for scanned parameters)")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.cfg = model.cfg
+        if mesh is not None and rules is None:
+            raise ValueError("Engine: a mesh needs its logical-axis rules (config "
+                             "logical_axis_rules)")
+        # without a mesh: the parameters' own placement, nothing split by rules
         self.mesh = mesh if mesh is not None else _mesh_of(params)
-        self.rules = tuple(rules)
+        self.rules = tuple(rules or ())
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids if i is not None}))
         if pad_id is None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -19,7 +19,7 @@ def normalize_answer(text: str) -> str:
 
 def greedy_answers(model, params, tokenizer, template: str, items, image_root,
                    blank_images: bool = False, max_new: int = 8, mesh=None,
-                   rules=()) -> list[str]:
+                   rules=None) -> list[str]:
     """Replies for items [{question, image}] (image paths under image_root)."""
     cfg = model.cfg
     v = cfg.vision
@@ -45,7 +45,7 @@ def greedy_answers(model, params, tokenizer, template: str, items, image_root,
 
 
 def short_answer_accuracy(model, params, tokenizer, template: str, items, image_root,
-                          blank_images: bool = False, mesh=None, rules=()) -> dict:
+                          blank_images: bool = False, mesh=None, rules=None) -> dict:
     answers = greedy_answers(model, params, tokenizer, template, items, image_root,
                              blank_images, mesh=mesh, rules=rules)
     correct = [normalize_answer(a) == normalize_answer(it["answer"])
