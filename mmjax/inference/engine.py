@@ -26,6 +26,7 @@ from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.batch import device_pixels
+from mmjax.data.image import normalize
 from mmjax.inference.sampling import Sampling, knobs, next_token
 from mmjax.models.kv_cache import CACHE_AXES, KVCache
 from mmjax.models.llava import Llava
@@ -184,6 +185,8 @@ class Engine:
                 if im.shape != (v.image_size, v.image_size, 3):
                     raise ValueError(f"request {i} image {m}: shape {im.shape}, the tower "
                                      f"takes ({v.image_size}, {v.image_size}, 3)")
+                if pixels.dtype != im.dtype and im.dtype == np.uint8:  # mixed: normalise
+                    im = normalize(im, v.image_mean, v.image_std)
                 pixels[i, m] = im
         return {"ids": ids, "segment_ids": seg, "pixels": pixels, "new": new}
 
