@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -150,7 +151,13 @@ def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",
     shardings = logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             plain(boxed), shardings)
-    params = restore_subtree(workdir / "checkpoints", ("params",), abstract, step)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # Orbax's notices about opening read-only
+    try:
+        params = restore_subtree(workdir / "checkpoints", ("params",), abstract, step)
+    finally:
+        absl.setLevel(level)
     if train_rt.lora_rank:
         params = lora.merge(params, train_rt)
     if train_rt.scan_layers:
