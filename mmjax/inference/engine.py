@@ -241,7 +241,8 @@ class Engine:
     def _run(self, params, ids, segment_ids, pixels, key, k, max_new, stop_ids, stop_seqs,
              *, new: int, stream: bool, logprobs: bool):
         """ids/segment_ids [B, P] left-padded, pixels [B, M, Y, X, C] or None ->
-        tokens [B, N], lengths [B], stopped [B], log-probs [B, N]."""
+        tokens [B, N], lengths [B], stopped [B] (by a stop token or string), log-probs
+        [B, N]."""
         model, cfg = self.model, self.cfg
         rows, length = ids.shape
         positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
@@ -292,14 +293,13 @@ class Engine:
                     "tokens": s["tokens"].at[:, i].set(tok),
                     "logps": s["logps"].at[:, i].set(logp),
                     "lengths": s["lengths"] + emitted.astype(jnp.int32),
-                    "stopped": s["stopped"] | (live & stop_hit),
                     "done": s["done"] | stop_hit, "recent": recent}
 
         state = {"step": jnp.int32(0), "key": key, "logits": logits[:, 0], "cache": cache,
                  "tokens": jnp.full((rows, new), self.pad_id, jnp.int32),
                  "logps": jnp.zeros((rows, new), jnp.float32),
-                 "lengths": jnp.zeros((rows,), jnp.int32),
-                 "stopped": jnp.zeros((rows,), bool), "done": ~real,
+                 "lengths": jnp.zeros((rows,), jnp.int32), "done": ~real,
                  "recent": jnp.full((rows, STOP_WINDOW), -2, jnp.int32)}
         s = jax.lax.while_loop(cond, body, state)
-        return s["tokens"], s["lengths"], s["stopped"], s["logps"]
+        # real rows are done only by a stop; padding rows were done from the start
+        return s["tokens"], s["lengths"], s["done"] & real, s["logps"]

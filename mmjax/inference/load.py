@@ -54,13 +54,7 @@ class Loaded:
                                    special_token_text="keep")
 
     def stop_ids(self) -> list[int]:
-        """The tokenizer's EOS and the template's end-of-turn token."""
-        ids = [self.tokenizer.eos_token_id]
-        if self.template != RAW:
-            eot = get_template(self.template, self.tokenizer).end_of_turn
-            if eot:
-                ids.append(self.tokenizer.convert_tokens_to_ids(eot))
-        return [i for i in ids if i is not None]
+        return stop_ids(self.tokenizer, self.template)
 
     def raw_prompt_ids(self, text: str) -> np.ndarray:
         """The prompt text tokenized as given (with the tokenizer's BOS), each <image>
@@ -71,6 +65,16 @@ class Loaded:
                 ids += [self.cfg.image_token_id] * self.cfg.image_tokens
             ids += self.tokenizer.encode(piece, add_special_tokens=k == 0)
         return np.asarray(ids, np.int32)
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """What ends a reply: the tokenizer's EOS and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    if template != RAW:
+        eot = get_template(template, tokenizer).end_of_turn
+        if eot:
+            ids.append(tokenizer.convert_tokens_to_ids(eot))
+    return [i for i in ids if i is not None]
 
 
 def default_dtype() -> str:

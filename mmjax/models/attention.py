@@ -141,32 +141,24 @@ def dot_product_attention(
     scale: Optional[float] = None,
     impl: str = "reference",
     packed: bool = True,
-    q_positions: Optional[jax.Array] = None,  # [B, T]
-    kv_positions: Optional[jax.Array] = None,  # [B, S]
 ) -> jax.Array:
     """Attention of q over k/v within segments; returns [B, T, N, H] in q's dtype.
 
     `packed=False` promises one sample per row with padding only on the right, which lets
-    the cuDNN path use its cheaper length-based mask; other kernels ignore it. Positions
-    (both or neither) make causality and the window follow them instead of the token order:
-    decoding against a KV cache, where the queries are the last tokens of the keys. Only
-    the mask-based kernels (reference, xla) take them.
+    the cuDNN path use its cheaper length-based mask; other kernels ignore it.
     """
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
-    if (q_positions is None) != (kv_positions is None):
-        raise ValueError("pass both q_positions and kv_positions, or neither")
-    if q_positions is not None and impl not in ("reference", "xla"):
-        raise ValueError(f"attention over given positions runs on 'reference' or 'xla', not "
-                         f"{impl!r}")
-    if impl in ("reference", "xla"):
+    if impl == "reference":
         mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
-                              sliding_window=sliding_window, q_positions=q_positions,
-                              kv_positions=kv_positions)
-        attend = reference_attention if impl == "reference" else _xla_attention
-        out = attend(q, k, v, mask, scale)
+                              sliding_window=sliding_window)
+        out = reference_attention(q, k, v, mask, scale)
+    elif impl == "xla":
+        mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
+                              sliding_window=sliding_window)
+        out = _xla_attention(q, k, v, mask, scale)
     elif impl == "cudnn":
         if q.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"cuDNN flash attention runs in bfloat16 or float16, got {q.dtype}: "

@@ -41,10 +41,6 @@ class KVCache:
                    segment_ids=jnp.zeros((batch, length), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[2]
-
     def with_tokens(self, positions: jax.Array, segment_ids: jax.Array) -> "KVCache":
         """Records T new tokens' positions / segments [B, T] at `index` (keys and values are
         written by the layers; `index` moves on with `advanced`)."""

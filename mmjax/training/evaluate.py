@@ -11,6 +11,7 @@ from mmjax.data.image import decode_image, resize_uint8
 from mmjax.data.templates import IMAGE, get_template
 from mmjax.data.tokenize import ConversationEncoder
 from mmjax.inference import Engine, Request, Sampling
+from mmjax.inference.load import stop_ids
 
 
 def normalize_answer(text: str) -> str:
@@ -25,9 +26,8 @@ def greedy_answers(model, params, tokenizer, template: str, items, image_root,
     v = cfg.vision
     tmpl = get_template(template, tokenizer)
     encoder = ConversationEncoder(tokenizer, tmpl, cfg.image_tokens, cfg.image_token_id, 1 << 30)
-    stop = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(tmpl.end_of_turn)]
-                                       if tmpl.end_of_turn else [])
-    engine = Engine(model, params, tokenizer, mesh=mesh, rules=rules, stop_ids=stop)
+    engine = Engine(model, params, tokenizer, mesh=mesh, rules=rules,
+                    stop_ids=stop_ids(tokenizer, template))
     requests = []
     for item in items:
         question = item["question"]
