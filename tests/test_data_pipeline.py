@@ -384,3 +384,44 @@ def test_global_batch_on_the_mesh(files):
     for key, (axes, dtype) in batch_format.FIELDS.items():
         assert batch[key].dtype == dtype and batch[key].ndim == len(axes), key
         assert arrays[key].shape == abstract[key].shape, key
+
+
+def _llava_expand2square(pil_img, background_color):
+    """Port of `expand2square` from haotian-liu/LLaVA llava/mm_utils.py (LLaVA-1.5 `pad`)."""
+    from PIL import Image
+
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (500, 333), (200, 100), (336, 336),
+                                  (1000, 999), (2000, 30)])
+def test_pad_resize_equals_llava_and_the_clip_processor(size):
+    # LLaVA-1.5: expand2square with the mean colour, then CLIPImageProcessor (PIL bicubic
+    # shortest edge 336, centre crop, rescale, normalise). mmjax's resize skips the padded
+    # rows in PIL's horizontal pass; the pixels must still be the same uint8 values.
+    from PIL import Image
+    from skimage import data
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from mmjax.data.image import normalize, resize_uint8
+
+    v = presets.get("llava15_7b").vision
+    proc = CLIPImageProcessorPil(size={"shortest_edge": v.image_size},
+                                 crop_size={"height": v.image_size, "width": v.image_size},
+                                 image_mean=list(v.image_mean), image_std=list(v.image_std))
+    image = Image.fromarray(data.astronaut()).resize(size, Image.BICUBIC)
+    padded = _llava_expand2square(image, tuple(int(x * 255) for x in v.image_mean))
+    ref = proc(padded, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = normalize(resize_uint8(image, v.image_size, v.image_mean, "pad"), v.image_mean,
+                     v.image_std)
+    step = 1 / (255 * max(v.image_std))  # one uint8 level, normalised
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=step / 100)

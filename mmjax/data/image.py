@@ -76,6 +76,25 @@ def expand_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Im
     return out
 
 
+def _pad_and_resize(image: Image.Image, size: int, fill) -> Image.Image:
+    """`expand_to_square(image, fill).resize((size, size), BICUBIC)`, bit for bit, with less
+    work for landscape images.
+
+    PIL resamples in two passes, horizontal then vertical, through a uint8 image. For a
+    landscape image the padding is rows above and below, whose horizontal pass is the fill
+    colour exactly, so the horizontal pass runs on the image alone (3/4 of the rows for 4:3)
+    and only its output is padded before the vertical pass. Portrait images pad columns,
+    which the horizontal pass reads, so they take the plain path.
+    """
+    w, h = image.size
+    if w <= h:
+        return expand_to_square(image, fill).resize((size, size), Image.BICUBIC)
+    rows = image.resize((size, h), Image.BICUBIC)  # the horizontal pass only
+    canvas = Image.new("RGB", (size, w), tuple(int(255 * c) for c in fill))
+    canvas.paste(rows, (0, (w - h) // 2))
+    return canvas.resize((size, size), Image.BICUBIC)  # the vertical pass only
+
+
 def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np.ndarray:
     """RGB image -> uint8 [size, size, 3].
 
@@ -85,7 +104,7 @@ def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np
     if image.mode != "RGB":
         image = image.convert("RGB")
     if aspect == "pad":
-        image = expand_to_square(image, mean).resize((size, size), Image.BICUBIC)
+        image = _pad_and_resize(image, size, mean)
     elif aspect == "resize":
         image = image.resize((size, size), Image.BICUBIC)
     elif aspect == "crop":
