@@ -2,10 +2,13 @@
 
     python -m mmjax.train --config configs/stage2.py[:VARIANT] --workdir DIR [--config.x=y ...]
 
-Resume order: a checkpoint in DIR (the newest finished one, data iterator included), else
-fresh parameters (stage-1 checkpoint parts, HF weights, random; see mmjax.training.init).
-Exit status: 0 done, 75 preempted (checkpoint saved; rerun the same command), 2 a config
-mistake (one line says which), else an error.
+Resume order: a checkpoint in DIR (the newest one that reads and matches the checksums
+recorded when it was saved, data iterator included), else fresh parameters (stage-1
+checkpoint parts, HF weights, random; see mmjax.training.init). One run per work dir (a
+lock); a resume with another config is refused unless --allow-config-change.
+Exit status: 0 done, 75 preempted (checkpoint saved; rerun the same command), 2 a mistake in
+the config or input (one line says which and the fix; --debug shows the traceback), 1 the
+run stopped (non-finite steps, bad data, a failed save), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -21,17 +25,30 @@ import jax
 from mmjax import batch as batch_format
 from mmjax import configlib, distributed
 from mmjax.data.pipeline import build_pipeline
+from mmjax.data.quality import BadShareExceeded, DataStalled
+from mmjax.data.sources import DataSourceError
 from mmjax.hf import load_tokenizer
 from mmjax.models import Llava
 from mmjax.models.config import ConfigError
 from mmjax.models.factory import abstract_variables
 from mmjax.sharding import logical_shardings, mesh_rules, plain
 from mmjax.training import flops, loop
-from mmjax.training.checkpoint import Checkpointer, abstract_with_shardings
+from mmjax.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_with_shardings,
+    quiet_orbax_errors,
+)
 from mmjax.training.config import TrainConfig
 from mmjax.training.init import initial_params
 from mmjax.training.metrics import MetricWriter
 from mmjax.training.step import StepConfig, Trainer
+from mmjax.training.workdir import (
+    WorkdirLock,
+    WorkdirLocked,
+    check_resume_config,
+    truncate_logs,
+)
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on a preemption notice; rerun to resume
 
@@ -54,19 +71,65 @@ def validate(tc: TrainConfig) -> None:
                           "demo: make demo")
     if not tc.logical_axis_rules:
         raise ConfigError("logical_axis_rules is empty: start from configs/common.py")
+    paths = [("tokenizer", tc.tokenizer), ("init.hf_llava", tc.init.hf_llava),
+             ("init.hf_vision", tc.init.hf_vision), ("init.hf_llm", tc.init.hf_llm),
+             ("init.stage1_checkpoint", tc.init.stage1_checkpoint)]
+    for i, src in enumerate(tc.data.sources):
+        if src.kind != "tfds":
+            paths.append((f"data.sources[{i}].path", src.path))
+        if src.image_root:
+            paths.append((f"data.sources[{i}].image_root", src.image_root))
+    for name, path in paths:
+        if path and not Path(path).exists():
+            raise ConfigError(f"{name}: {path} does not exist")
+    if tc.grad_accum < 1 or tc.batch_size < 1:
+        raise ConfigError(f"batch_size {tc.batch_size} and grad_accum {tc.grad_accum} must "
+                          "be at least 1")
 
 
-def train(c, workdir: Path) -> dict:
+def check_batch_fits_mesh(tc: TrainConfig, mesh) -> None:
+    """Each micro-batch's rows split evenly over the mesh axes the batch is sharded on."""
+    spec = batch_format.shardings(mesh, tc.logical_axis_rules)["input_ids"].spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    rows = tc.batch_size // tc.grad_accum
+    if tc.batch_size % tc.grad_accum or rows % ways:
+        split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
+        good = ways * tc.grad_accum
+        raise ConfigError(
+            f"batch_size {tc.batch_size} / grad_accum {tc.grad_accum} does not split into "
+            f"micro-batches over the {ways} devices the batch is sharded on (mesh {split}); "
+            f"use a multiple of {good}, e.g. --config.batch_size="
+            f"{max(good, round(tc.batch_size / good) * good)}")
+
+
+def train(c, workdir: Path, allow_config_change: bool = False) -> dict:
     """Runs (or resumes) one stage in `workdir` from a TrainConfig (or its ConfigDict);
-    returns {'loss': [(step, loss)], 'state', 'preempted'}."""
+    returns {'loss': [(step, loss)], 'state', 'preempted'}. Holds the work dir's lock."""
     tc = c if isinstance(c, TrainConfig) else configlib.train_config(c)
-    lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(tc, workdir, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
+    lead = jax.process_index() == 0
+    say = (lambda m: print(m, flush=True)) if lead else (lambda m: None)
+    rt, rules, mesh = tc.model_runtime, tc.logical_axis_rules, configlib.make_mesh(tc)
+    check_batch_fits_mesh(tc, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", tc.checkpoint)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        check_resume_config(workdir, dataclasses.asdict(tc), latest, allow_config_change, say)
     if lead:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
-        print(f"config: {workdir / 'config.json'} (model {tc.model}, stage {tc.stage})",
-              flush=True)
-    rt, rules, mesh = tc.model_runtime, tc.logical_axis_rules, configlib.make_mesh(tc)
+        say(f"config: {workdir / 'config.json'} (model {tc.model}, stage {tc.stage})")
     cfg = configlib.model(tc)
     model = Llava(cfg, rt)
     tokenizer = load_tokenizer(tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm)
@@ -78,30 +141,41 @@ def train(c, workdir: Path) -> dict:
     param_sh, abstract_params = logical_shardings(boxed, mesh, rules), plain(boxed)
     state_sh = trainer.state_shardings(param_sh, abstract_params)
     data_it = build_pipeline(dcfg, tokenizer, cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", tc.checkpoint)
+    ckpt.meta = {"data_workers": dcfg.workers, "processes": jax.process_count()}
     trained = flops.Trained.from_labels(trainer.labels(abstract_params))
     rates = loop.Rates(flops.FlopModel.of(cfg, rt, trained, dcfg.row_len),
                        flops.peak_flops(jax.devices()[0].device_kind, tc.metrics.peak_tflops),
                        jax.device_count())
-    if lead:
-        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices "
-              f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es); "
-              f"{steps} steps; trained: {trained}", flush=True)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+        f"({jax.devices()[0].device_kind}), {jax.process_count()} process(es); "
+        f"{steps} steps; trained: {trained}")
+
+    def check_meta(step: int, meta: dict) -> None:
+        saved = meta.get("data_workers")
+        if saved is not None and saved != dcfg.workers:
+            raise ConfigError(
+                f"checkpoint step {step} was saved with data.workers={saved} and the data "
+                f"position is kept per worker; resume with --config.data.workers={saved}")
 
     with mesh_rules(mesh, rules):
-        latest = ckpt.latest_step()
+        restored = None
         if latest is not None:
             abstract = abstract_with_shardings(
                 jax.eval_shape(trainer.create_state, abstract_params), state_sh)
-            state = ckpt.restore(latest, abstract, data_it)
-            if lead:
-                print(f"resumed from {workdir / 'checkpoints'} step {latest}", flush=True)
+            restored = ckpt.restore_latest(abstract, data_it, check_meta, say)
+        if restored is not None:
+            state, start = restored
+            say(f"resumed from {workdir / 'checkpoints'} step {start}")
         else:
+            start = 0
             params = initial_params(model, tc.init, abstract_params, param_sh, rt, mesh, rules,
                                     tc.seed)
             state = jax.jit(trainer.create_state, out_shardings=state_sh)(params)
+        if lead:
+            truncate_logs(workdir, start)  # steps past the checkpoint are replayed
         step_fn = trainer.jit_step(state_sh, batch_format.shardings(mesh, rules))
-        writer = MetricWriter(workdir, tc.metrics, dataclasses.asdict(tc) if lead else None)
+        writer = MetricWriter(workdir, tc.metrics, dataclasses.asdict(tc) if lead else None,
+                              purge_step=start + 1 if start else None)
         try:
             history = loop.run(loop.Loop(
                 step_fn, data_it, mesh, rules, ckpt, writer, rates, optim, steps, workdir,
@@ -111,27 +185,54 @@ def train(c, workdir: Path) -> dict:
     ckpt.wait()
     ckpt.close()
     report = loop.total_report(data_it)  # a collective: every process takes part
-    if lead:
-        print(report.summary(), flush=True)
+    say(report.summary())
     return history
+
+
+# Mistakes in the config or the input: one line (and the fix), exit 2.
+USER_ERRORS = (ConfigError, DataSourceError, WorkdirLocked)
+# The run stopped for a reason it states: one line, exit 1.
+RUN_STOPS = (loop.NonFiniteStop, DataStalled, BadShareExceeded, CheckpointError)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m mmjax.train", description=__doc__)
     parser.add_argument("--config", required=True, help="configs/stage1.py[:VARIANT]")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the config differs from the saved one")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of the errors that are otherwise one line")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tc = configlib.train_config(configlib.load(args.config, overrides))
-    validate(tc)
-    distributed.initialize(tc.distributed)
-    return train(tc, Path(args.workdir))
+    if not args.debug:
+        quiet_orbax_errors()
+    try:
+        tc = configlib.train_config(configlib.load(args.config, overrides))
+        validate(tc)
+        distributed.initialize(tc.distributed)
+        result = train(tc, Path(args.workdir), args.allow_config_change)
+    except USER_ERRORS + RUN_STOPS as e:
+        if args.debug:
+            raise
+        _exit(f"error: {e}", 2 if isinstance(e, USER_ERRORS) else 1)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        _exit("interrupted (the newest checkpoint in the work dir resumes the run)", 130)
+    return result
+
+
+def _exit(message: str, status: int):
+    """Prints the one line and exits now: background writer threads of a failed save would
+    otherwise print tracebacks into a closed event loop at interpreter shutdown."""
+    import os
+
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    try:
-        result = main()
-    except (ConfigError, loop.NonFiniteStop) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    sys.exit(PREEMPTED_EXIT if result.get("preempted") else 0)
+    sys.exit(PREEMPTED_EXIT if main().get("preempted") else 0)

@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 from mmjax import batch as batch_format
-from mmjax.data.quality import Skipped, SkipReport, log
+from mmjax.data.quality import DataStalled, Skipped, SkipReport, log
 from mmjax.data.tokenize import ENCODING_VERSION
 
 
@@ -28,11 +28,21 @@ class SkipFilterDataset(grain.IterDataset):
 
     Runs where the samples are made (a Grain worker, or the main process without workers);
     `BatchDataset` hands the tallies downstream inside the batches and `ReportDataset`, in
-    the main process, adds them up, so the totals cover every worker.
+    the main process, adds them up, so the totals cover every worker. Liveness is checked
+    here, on the samples read (not the batches delivered, which never come when every sample
+    is bad): the bad share of this reader's samples, and `max_bad_in_a_row` skipped samples
+    with none usable stop the run with the top reasons and an example.
     """
 
+    def __init__(self, parent: grain.IterDataset, report_factory=None,
+                 max_bad_in_a_row: int = 0):
+        super().__init__(parent)
+        self._report_factory = report_factory
+        self._max_bad_in_a_row = max_bad_in_a_row
+
     def __iter__(self):
-        return _SkipFilterIterator(self._parent.__iter__())
+        report = self._report_factory() if self._report_factory else None
+        return _SkipFilterIterator(self._parent.__iter__(), report, self._max_bad_in_a_row)
 
 
 def empty_tally() -> dict:
@@ -40,9 +50,12 @@ def empty_tally() -> dict:
 
 
 class _SkipFilterIterator(grain.DatasetIterator):
-    def __init__(self, parent):
+    def __init__(self, parent, report: SkipReport | None = None, max_bad_in_a_row: int = 0):
         super().__init__(parent)
         self.tally = empty_tally()
+        self.report = report  # everything this reader has read (share and stall checks)
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self.bad_in_a_row = 0
         self._logged: dict[str, int] = {}
 
     def take_tally(self) -> dict:
@@ -53,23 +66,46 @@ class _SkipFilterIterator(grain.DatasetIterator):
         while True:
             item = next(self._parent)
             self.tally["seen"] += 1
+            if self.report is not None:
+                self.report.seen += 1
             if isinstance(item, Skipped):
-                counts = self.tally["counts"]
-                counts[item.reason] = counts.get(item.reason, 0) + 1
-                n = self._logged[item.reason] = self._logged.get(item.reason, 0) + 1
-                if n <= 3:
-                    log.warning("skipped sample %s: %s%s", item.sample_id, item.reason,
-                                f" ({item.detail})" if item.detail else "")
+                self._skipped(item)
                 continue
+            self.bad_in_a_row = 0
             self.tally["truncated_turns"] += int(item.get("dropped_turns", 0))
             return item
 
+    def _skipped(self, item: Skipped) -> None:
+        counts = self.tally["counts"]
+        counts[item.reason] = counts.get(item.reason, 0) + 1
+        n = self._logged[item.reason] = self._logged.get(item.reason, 0) + 1
+        if n <= 3:
+            log.warning("skipped sample %s: %s%s", item.sample_id, item.reason,
+                        f" ({item.detail})" if item.detail else "")
+        self.bad_in_a_row += 1
+        if self.report is None:
+            return
+        self.report.skip(item)
+        if self.max_bad_in_a_row and self.bad_in_a_row >= self.max_bad_in_a_row:
+            raise DataStalled(
+                f"{self.bad_in_a_row} samples in a row were skipped and none was usable "
+                f"(data.max_bad_in_a_row): {self.report.top_reasons()}. Check the sources' "
+                "paths and image_root, and max_length.")
+        self.report.check()
+
     def get_state(self):
-        return {"parent": self._parent.get_state(), "tally": self.tally}
+        state = {"parent": self._parent.get_state(), "tally": self.tally,
+                 "bad_in_a_row": self.bad_in_a_row}
+        if self.report is not None:
+            state["read"] = self.report.state()
+        return state
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self.tally = state["tally"]
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        if self.report is not None and "read" in state:
+            self.report.load_state(state["read"])
 
 
 class ReportDataset(grain.IterDataset):

@@ -63,6 +63,7 @@ class DataConfig:
     worker_buffer: int = 2  # batches buffered per worker
     max_bad_share: float = 0.05  # abort when more of the samples read were skipped
     min_samples_before_abort: int = 200  # samples read before the share is checked
+    max_bad_in_a_row: int = 2000  # stop when this many samples in a row were skipped; 0 = off
     tfds_data_dir: str | None = None  # TFDS data_dir of locally prepared datasets
     index_cache_dir: str | None = None  # LLaVA-JSON offset indexes (default: ~/.cache/mmjax)
     batch_size: int = _set_by_trainer(8, "batch_size / processes")  # rows per process
@@ -124,7 +125,9 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     # mmjax.benchmarks.data_pipeline: 16 threads thrash on the GIL in every worker).
     threads = 1 if cfg.workers > 0 else 16
     read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(4, threads))
-    it = SkipFilterDataset(ds.map(processor).to_iter_dataset(read))
+    report = lambda: SkipReport(cfg.max_bad_share, cfg.min_samples_before_abort)  # noqa: E731
+    it = SkipFilterDataset(ds.map(processor).to_iter_dataset(read), report,
+                           cfg.max_bad_in_a_row)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,
                      cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed,
@@ -133,9 +136,25 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     if cfg.workers > 0:  # workers make whole batches: one transfer per batch, not per sample
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer))
-    report = lambda: SkipReport(cfg.max_bad_share, cfg.min_samples_before_abort)  # noqa: E731
+            num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer),
+            worker_init_fn=die_with_parent)
     return ReportDataset(it, report).__iter__()
+
+
+def die_with_parent(*_) -> None:
+    """In a worker process: the kernel kills it when the process that started it dies, even
+    by SIGKILL (Linux `PR_SET_PDEATHSIG`), so no worker outlives a killed run."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
 
 
 def _absl_flags_ready() -> None:

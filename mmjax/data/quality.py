@@ -40,6 +40,11 @@ class BadShareExceeded(RuntimeError):
     """Raised when skipped samples pass the configured maximum share."""
 
 
+class DataStalled(RuntimeError):
+    """Raised when many samples in a row were skipped and none was usable (a wrong image
+    root, a max_length below every sample): the run would otherwise spin forever."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
     """Stands in the stream for a sample that was dropped, and says why."""
@@ -90,8 +95,14 @@ class SkipReport:
         if share > self.max_bad_share:
             raise BadShareExceeded(
                 f"{self.skipped} of {self.seen} samples ({share:.1%}) were skipped, more than "
-                f"the allowed {self.max_bad_share:.1%} (data.max_bad_share): {self.counts}. "
-                "Fix the data or raise the limit.")
+                f"the allowed {self.max_bad_share:.1%} (data.max_bad_share): "
+                f"{self.top_reasons()}. Fix the data or raise the limit.")
+
+    def top_reasons(self, n: int = 3) -> str:
+        """'missing_image 812 (e.g. s17: img/3.jpg), too_long 4 (e.g. ...)'."""
+        top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]
+        return ", ".join(f"{r} {c}" + (f" (e.g. {self.examples[r][0]})"
+                                       if self.examples.get(r) else "") for r, c in top)
 
     def metrics(self) -> dict[str, float]:
         out = {f"data/skipped/{k}": float(v) for k, v in sorted(self.counts.items())}

@@ -24,7 +24,7 @@ from mmjax.data.pipeline import skip_report
 from mmjax.data.quality import SkipReport
 from mmjax.sharding import Rules
 from mmjax.training import flops
-from mmjax.training.checkpoint import Checkpointer
+from mmjax.training.checkpoint import Checkpointer, NonFiniteState
 from mmjax.training.config import ProfileConfig
 from mmjax.training.metrics import MetricWriter, format_duration
 from mmjax.training.optimizer import OptimConfig, learning_rates
@@ -88,7 +88,18 @@ def run(loop: Loop, state) -> dict:
         for step in range(start, steps):
             profile.before(step)
             t = time.perf_counter()
-            batch = next(loop.data)
+            try:
+                sigterm.waiting = True  # SIGTERM now interrupts the wait (see Sigterm)
+                batch = next(loop.data)
+            except InterruptedWait:
+                if lead:
+                    print(f"SIGTERM while waiting for the data of step {step + 1}: stopping "
+                          f"without a new checkpoint; {_intact(loop.checkpointer)} resumes "
+                          "the run", flush=True)
+                history["preempted"] = True
+                break
+            finally:
+                sigterm.waiting = False
             wait += time.perf_counter() - t
             state, metrics = loop.step_fn(
                 state, batch_format.global_batch(batch, loop.mesh, loop.rules))
@@ -99,9 +110,11 @@ def run(loop: Loop, state) -> dict:
                 ids_file.write(json.dumps({"step": done, "ids": batch["ids"],
                                            "loss": float(metrics["loss"])}) + "\n")
                 ids_file.flush()
+            loop.checkpointer.check_for_errors()  # a failed background save stops the run
             if done % loop.log_every == 0 or done == steps:
                 per_step = jax.device_get(pending)
-                _stop_if_skipping(per_step, done, loop.max_skipped_in_a_row)
+                _stop_if_skipping(per_step, done, loop.max_skipped_in_a_row,
+                                  loop.checkpointer)
                 now = time.perf_counter()
                 rec = _record(loop, state, per_step, done, now - t_last, wait)
                 history["loss"].append((done, rec["loss"]))
@@ -109,9 +122,10 @@ def run(loop: Loop, state) -> dict:
                 if lead:
                     print(_console(done, steps, rec, (now - t0) / (done - start)), flush=True)
                 pending, t_last, wait = [], now, 0.0
-            loop.checkpointer.save(done, state, loop.data, force=done == steps)
+            if done == steps or loop.checkpointer.should_save(done):
+                _save_unless_skipping(loop, state, done, force=done == steps)
             if sigterm.received or loop.checkpointer.reached_preemption(done):
-                loop.checkpointer.save(done, state, loop.data, force=True)
+                _save(loop, state, done, force=True)
                 loop.checkpointer.wait()
                 if lead:
                     print(f"preempted at step {done}: checkpoint saved in "
@@ -152,14 +166,46 @@ def total_report(data_it) -> SkipReport:
     return SkipReport.from_vector(np.sum(vectors, axis=0), report.max_bad_share)
 
 
-def _stop_if_skipping(per_step: list[dict], last_step: int, limit: int) -> None:
+def _intact(ckpt: Checkpointer) -> str:
+    return (f"the newest intact checkpoint, step {ckpt.intact}," if ckpt.intact is not None
+            else "no checkpoint of this run is intact yet; the initial state")
+
+
+def _nonfinite(step: int, in_a_row: int, ckpt: Checkpointer) -> NonFiniteStop:
+    return NonFiniteStop(
+        f"step {step}: {in_a_row} steps in a row had a non-finite loss or gradient, or no "
+        f"label tokens; stopping without saving ({_intact(ckpt)} is where a rerun resumes)")
+
+
+def _stop_if_skipping(per_step: list[dict], last_step: int, limit: int,
+                      ckpt: Checkpointer) -> None:
     first = last_step - len(per_step) + 1
     for i, m in enumerate(per_step):
         if int(m["skipped_in_a_row"]) >= limit:
-            raise NonFiniteStop(
-                f"step {first + i}: {int(m['skipped_in_a_row'])} steps in a row had a "
-                "non-finite loss or gradient, or no label tokens; stopping (the last "
-                "checkpoint is intact)")
+            raise _nonfinite(first + i, int(m["skipped_in_a_row"]), ckpt)
+
+
+def _save(loop: Loop, state, done: int, force: bool) -> None:
+    try:
+        loop.checkpointer.save(done, state, loop.data, force=force)
+    except NonFiniteState as e:
+        raise NonFiniteStop(f"{e} ({_intact(loop.checkpointer)} is where a rerun "
+                            "resumes)") from None
+
+
+def _save_unless_skipping(loop: Loop, state, done: int, force: bool) -> None:
+    """A save due now, unless the run is inside a streak of skipped (non-finite) steps: then
+    the older checkpoints stay (retention would drop the last good one) and the save waits
+    for a good step; at the limit the run stops without saving."""
+    in_a_row = int(state.skipped_in_a_row)  # a host sync, only on save steps
+    if in_a_row >= loop.max_skipped_in_a_row:
+        raise _nonfinite(done, in_a_row, loop.checkpointer)
+    if in_a_row:
+        if jax.process_index() == 0:
+            print(f"step {done}: checkpoint deferred, the last {in_a_row} step(s) were "
+                  "skipped as non-finite", flush=True)
+        return
+    _save(loop, state, done, force)
 
 
 def _console(done, steps, rec, sec_per_step) -> str:
@@ -171,18 +217,28 @@ def _console(done, steps, rec, sec_per_step) -> str:
             f"eta {format_duration(sec_per_step * (steps - done))}")
 
 
+class InterruptedWait(Exception):
+    """SIGTERM arrived while the loop was waiting for data."""
+
+
 class Sigterm:
     """Single process: SIGTERM (SLURM, Kubernetes, a spot VM's notice) means save and exit.
-    Several processes use JAX's preemption sync point instead (all stop at one step)."""
+    Several processes use JAX's preemption sync point instead (all stop at one step).
+    While the loop waits for data (`waiting`), SIGTERM interrupts the wait: the run stops
+    at once without a new checkpoint (the data iterator is mid-batch)."""
 
     def __init__(self):
         self.received = False
+        self.waiting = False
         self._previous = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, *_):
         self.received = True
+        if self.waiting:
+            self.waiting = False
+            raise InterruptedWait()
 
     def restore(self):
         if self._previous is not None:

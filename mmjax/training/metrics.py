@@ -31,7 +31,10 @@ class MetricsConfig:
 
 
 class MetricWriter:
-    def __init__(self, workdir: Path, cfg: MetricsConfig, config: dict | None = None):
+    def __init__(self, workdir: Path, cfg: MetricsConfig, config: dict | None = None,
+                 purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard drops events from it on (the
+        steps replayed after the checkpoint appear once)."""
         self.active = jax.process_index() == 0
         self.workdir = Path(workdir)
         self._jsonl = self._tb = self._wandb = None
@@ -41,7 +44,8 @@ class MetricWriter:
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30)
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=30,
+                                     purge_step=purge_step)
         if cfg.wandb_project:
             self._wandb = _start_wandb(self.workdir, cfg.wandb_project, cfg.wandb_name, config)
 

@@ -1,0 +1,308 @@
+"""Runs that cannot be silently poisoned, on the demo model: a corrupted newest checkpoint
+falls back to the older one and the losses continue bitwise; all-bad data stops in bounded
+time; a killed run leaves no Grain worker; one run per work dir; a changed config is refused
+on resume; logs hold each step once after kills; user mistakes are one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import ROOT, _overrides, demo_data  # noqa: F401  (fixture)
+from test_train_ops import _tensorboard_scalars
+
+from mmjax import configlib
+from mmjax import train as train_lib
+from mmjax.models.config import ConfigError
+
+
+def _cmd(workdir, data, steps, extra=()):
+    return [sys.executable, "-m", "mmjax.train", "--config", f"{ROOT}/configs/stage1.py:demo",
+            "--workdir", str(workdir), *_overrides(data, 1, steps, list(extra))]
+
+
+def _env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+
+def _cli(workdir, data, steps, extra=(), timeout=600):
+    return subprocess.run(_cmd(workdir, data, steps, extra), env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _steps(workdir, name):
+    return [json.loads(x)["step"] for x in (workdir / name).read_text().splitlines()]
+
+
+def _losses(history):
+    return dict(history["loss"])
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_losses_continue(demo_data, tmp_path,
+                                                                    capsys):
+    run = lambda d: train_lib.train(  # noqa: E731
+        configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(demo_data, 1, 10)), d)
+    work = tmp_path / "run"
+    reference = _losses(run(work))  # CPU steps are deterministic: the reference losses
+    ckpts = work / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [8, 10]
+
+    # 1. a 4 KB bit flip inside the largest data file of the newest checkpoint
+    target = _data_files(ckpts / "10")[0]
+    data = bytearray(target.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0x5A for b in data[mid:mid + 4096])
+    target.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = _losses(run(work))
+    out = capsys.readouterr().out
+    assert "checkpoint step 10" in out and "is not usable" in out
+    assert "falling back to step 8" in out and "resumed from" in out and "step 8" in out
+    assert (work / "corrupt_checkpoints" / "10").is_dir()  # moved aside, not deleted
+    assert again == {9: reference[9], 10: reference[10]}  # bitwise
+
+    # 2. the newly written step 10 truncated: the same fallback, the same losses
+    target = _data_files(ckpts / "10")[0]
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
+    again = _losses(run(work))
+    out = capsys.readouterr().out
+    assert "checkpoint step 10" in out and "falling back to step 8" in out
+    assert again == {9: reference[9], 10: reference[10]}
+    assert len(out.splitlines()) < 40  # a paragraph, not an Orbax traceback
+    # metrics.jsonl holds each step once after two replays
+    assert _steps(work, "metrics.jsonl") == list(range(1, 11))
+
+    # 3. strict mode stops instead of falling back
+    target = _data_files(ckpts / "10")[0]
+    target.unlink()
+    c = configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
+        demo_data, 1, 10, ["--config.checkpoint.strict_restore=True"]))
+    from mmjax.training.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="checkpoint step 10 .* not usable"):
+        train_lib.train(c, work, allow_config_change=True)
+
+
+def test_checksums_catch_a_changed_value_and_refuse_non_finite_state():
+    import jax.numpy as jnp
+
+    from mmjax.training.checkpoint import _verify, checksums
+
+    state = {"a": jnp.arange(12, dtype=jnp.float32).reshape(3, 4),
+             "b": jnp.ones((5,), jnp.bfloat16), "n": jnp.int32(7)}
+    sums, finite = checksums(state)
+    recorded = {k: [int(x) for x in v] for k, v in sums.items()}
+    assert bool(finite) and _verify(state, recorded) is None
+    flipped = dict(state, b=state["b"].at[3].set(1.0078125))  # one bit of one bf16 value
+    assert "1 of 3 arrays differ" in _verify(flipped, recorded) and "['b']" in _verify(
+        flipped, recorded)
+    swapped = dict(state, a=state["a"][::-1])  # the same values in another order
+    assert "['a']" in _verify(swapped, recorded)
+    nan = dict(state, a=state["a"].at[0, 0].set(jnp.nan))
+    assert not bool(checksums(nan)[1])
+
+
+def test_all_bad_data_stops_in_bounded_time_and_sigterm_ends_a_wait(demo_data, tmp_path):
+    nowhere = tmp_path / "no_images"
+    nowhere.mkdir()
+    sources = [{"kind": "llava_json", "path": str(demo_data / "train_captions.json"),
+                "image_root": str(nowhere), "weight": 1.0}]
+    # the bad share is checked on the samples read (no batch ever arrives)
+    r = _cli(tmp_path / "bad", demo_data, 4, [f"--config.data.sources={sources!r}"],
+             timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr[-2000:]
+    assert "200 of 200 samples (100.0%) were skipped" in errors[0]
+    assert "missing_image 200 (e.g. train-cap-" in errors[0]
+    # with any share allowed, 2000 bad samples in a row and none good stop the run
+    t = time.time()
+    r = _cli(tmp_path / "stall", demo_data, 4, [f"--config.data.sources={sources!r}",
+                                                "--config.data.max_bad_share=1.0"],
+             timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr[-2000:]
+    assert "2000 samples in a row were skipped and none was usable" in errors[0]
+    assert "missing_image 2000 (e.g." in errors[0] and "Traceback" not in r.stderr
+    assert time.time() - t < 120
+
+    # with the stall check and the share check off it would wait forever: SIGTERM ends it
+    proc = subprocess.Popen(_cmd(tmp_path / "wait", demo_data, 4, [
+        f"--config.data.sources={sources!r}", "--config.data.max_bad_in_a_row=0",
+        "--config.data.max_bad_share=1.0"]), env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "wait" / "config.json").exists():
+        time.sleep(0.2)
+    time.sleep(8)  # compiled and spinning on the bad samples
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert "SIGTERM while waiting for the data of step 1" in out
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_and_kill(workdir, data, steps, at_least, extra, check=None):
+    proc = subprocess.Popen(_cmd(workdir, data, steps, extra), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()] \
+            if (workdir / "checkpoints").exists() else []
+        if done and max(done) >= at_least:
+            break
+        time.sleep(0.2)
+    if check is not None:
+        check(proc)
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return children
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_kills_with_workers_lock_config_and_logs(demo_data, tmp_path):
+    work = tmp_path / "run"
+    extra = ["--config.data.workers=2", "--config.log_sample_ids=True"]
+
+    def second_run_refused(_proc):
+        r = _cli(work, demo_data, 12, extra, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"error: {work} is in use by another run (host " in r.stderr
+
+    children = _start_and_kill(work, demo_data, 12, 4, extra, second_run_refused)
+    assert len(children) >= 2  # the Grain workers (and the resource tracker)
+    time.sleep(1)
+    assert [c for c in children if _alive(c)] == []
+
+    _start_and_kill(work, demo_data, 12, 8, extra)  # takes over the stale lock, resumes
+    # another worker count or seed on resume: refused in one line, naming the difference
+    r = _cli(work, demo_data, 12, ["--config.data.workers=1", "--config.log_sample_ids=True"],
+             timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "data.workers: 2 -> 1" in r.stderr and "--allow-config-change" in r.stderr
+    assert "taking over the lock of a run that is no longer alive (host " in r.stdout
+    r = _cli(work, demo_data, 12, extra + ["--config.seed=3", "--allow-config-change"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming with a changed config (1 field(s): seed: 0 -> 3)" in r.stdout
+    assert list(work.glob("config.step*.json"))
+    assert _steps(work, "metrics.jsonl") == list(range(1, 13))
+    assert _steps(work, "samples.jsonl") == list(range(1, 13))
+    # TensorBoard: each resume purges from its first step (as TensorBoard reads purge_step)
+    loss = dict(_tensorboard_purged(work / "tensorboard")["loss"])
+    assert sorted(loss) == list(range(1, 13))
+    metrics = {json.loads(x)["step"]: json.loads(x)["loss"]
+               for x in (work / "metrics.jsonl").read_text().splitlines()}
+    np.testing.assert_allclose([loss[s] for s in range(1, 13)],
+                               [metrics[s] for s in range(1, 13)], rtol=1e-6)
+
+
+def _tensorboard_purged(directory):
+    """Scalars as TensorBoard shows them: a file starting with a SessionLog START at step P
+    drops the earlier files' events at steps >= P."""
+    from tensorboardX.proto import event_pb2
+
+    files = sorted(directory.glob("events.out.tfevents.*"),
+                   key=lambda p: (int(p.name.split(".")[3]), p.name))
+    tags: dict = {}
+    for path in files:
+        for rec in _records(path):
+            event = event_pb2.Event.FromString(rec)
+            if event.HasField("session_log") and event.session_log.status == 1:
+                tags = {t: [(s, v) for s, v in vals if s < event.step]
+                        for t, vals in tags.items()}
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append((event.step, v.simple_value))
+    assert _tensorboard_scalars(directory)  # the plain reader sees the same files
+    return tags
+
+
+def _records(path):
+    import struct
+
+    data = path.read_bytes()
+    i = 0
+    while i + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        yield data[i + 12:i + 12 + n]
+        i += 12 + n + 4
+
+
+def test_user_mistakes_are_one_line(demo_data, tmp_path):
+    cases = {
+        "batch": (["--config.batch_size=15"], "batch_size 15 / grad_accum 1 does not split"),
+        "path": ([f"--config.tokenizer={tmp_path / 'nope'}"], "tokenizer: "),
+        "field": (["--config.data.nope=1"], "unknown config field 'data.nope'"),
+    }
+    for name, (extra, message) in cases.items():
+        r = _cli(tmp_path / name, demo_data, 2, extra, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and "WARNING" not in x]
+        assert r.returncode == 2, (name, r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+            (name, lines)
+    r = subprocess.run([sys.executable, "-m", "mmjax.train", "--config",
+                        f"{ROOT}/configs/stage1.py:nosuch", "--workdir", str(tmp_path / "v")],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no variant 'nosuch'"), \
+        r.stderr[-2000:]
+    r = _cli(tmp_path / "debug", demo_data, 2, ["--config.batch_size=15", "--debug"],
+             timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_checked_at_start_without_compiling(demo_data):
+    c = configlib.train_config(configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
+        demo_data, 1, 2, ["--config.batch_size=12", "--config.grad_accum=4"])))
+    from mmjax.sharding import make_mesh
+
+    with pytest.raises(ConfigError, match="use a multiple of 32"):
+        train_lib.check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+    train_lib.check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_failed_save_stops_the_run_in_one_line(demo_data, tmp_path):
+    import resource
+
+    def small_files():  # writes past 1 MB fail (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    work = tmp_path / "full"
+    r = subprocess.run(_cmd(work, demo_data, 10), env=_env(), capture_output=True, text=True,
+                       timeout=600, preexec_fn=small_files)
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: saving the checkpoint of step "), \
+        r.stderr[-3000:]
+    assert "File too large" in lines[0]
+    finished = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    if "no earlier checkpoint of this run" in lines[0]:  # the first save failed
+        assert finished == []
+    else:  # a later one: the one before it is named and still there
+        assert finished and lines[0].endswith(f"the newest intact checkpoint is step "
+                                              f"{finished[-1]}")
+    done = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert max(done) < 10  # stopped, not trained on
