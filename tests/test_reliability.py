@@ -2,6 +2,7 @@
 falls back to the older one and the losses continue bitwise; all-bad data stops in bounded
 time; a killed run leaves no Grain worker; one run per work dir; a changed config is refused
 on resume; logs hold each step once after kills; user mistakes are one line."""
+# ruff: noqa: F811  (demo_data is a fixture imported from test_train)
 import json
 import os
 import signal
