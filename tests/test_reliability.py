@@ -307,3 +307,33 @@ def test_failed_save_stops_the_run_in_one_line(demo_data, tmp_path):
                                               f"{finished[-1]}")
     done = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert max(done) < 10  # stopped, not trained on
+
+
+def test_no_save_inside_a_non_finite_streak_nor_of_non_finite_state(tmp_path, capsys):
+    import types
+
+    import jax.numpy as jnp
+
+    from mmjax.training import loop
+    from mmjax.training.checkpoint import CheckpointConfig, Checkpointer, NonFiniteState
+
+    ckpt = Checkpointer(tmp_path / "ckpt", CheckpointConfig(save_interval=1, keep_last=1,
+                                                            async_save=False))
+    good = {"w": jnp.ones((4,)), "skipped_in_a_row": jnp.int32(0)}
+    assert ckpt.save(1, good, force=True)
+    with pytest.raises(NonFiniteState, match="step 2: the parameters hold NaN"):
+        ckpt.save(2, {"w": jnp.full((4,), jnp.nan), "skipped_in_a_row": jnp.int32(0)})
+    ckpt.wait()
+    assert ckpt.intact == 1 and ckpt.manager.all_steps() == [1]
+
+    state = types.SimpleNamespace(skipped_in_a_row=jnp.int32(2))  # the loop reads only this
+    run = types.SimpleNamespace(checkpointer=ckpt, data=None, max_skipped_in_a_row=5)
+    loop._save_unless_skipping(run, state, 3, force=False)  # deferred: keep_last=1 keeps 1
+    assert "step 3: checkpoint deferred, the last 2 step(s) were skipped" in \
+        capsys.readouterr().out
+    state.skipped_in_a_row = jnp.int32(5)
+    with pytest.raises(loop.NonFiniteStop, match=r"step 4: 5 steps in a row .* stopping "
+                       r"without saving \(the newest intact checkpoint, step 1,"):
+        loop._save_unless_skipping(run, state, 4, force=False)
+    assert ckpt.manager.all_steps() == [1]
+    ckpt.close()
