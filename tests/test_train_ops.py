@@ -159,15 +159,19 @@ def test_mfu_formula_reproduces_the_pytorch_anchor():
 
 
 def test_k_skipped_steps_in_a_row_stop_naming_the_step():
+    import types
+
     from mmjax.training.loop import NonFiniteStop, _stop_if_skipping
 
+    ckpt = types.SimpleNamespace(intact=6)  # the newest checkpoint known good
     ok = [{"skipped_in_a_row": 0}] * 3
-    _stop_if_skipping(ok, 3, 2)
+    _stop_if_skipping(ok, 3, 2, ckpt)
     steps = [{"skipped_in_a_row": n} for n in (0, 1, 2, 3)]  # steps 7..10
     import pytest
 
-    with pytest.raises(NonFiniteStop, match="step 9: 2 steps in a row had a non-finite"):
-        _stop_if_skipping(steps, 10, 2)
+    with pytest.raises(NonFiniteStop, match=r"step 9: 2 steps in a row had a non-finite.*"
+                                            r"newest intact checkpoint, step 6,"):
+        _stop_if_skipping(steps, 10, 2, ckpt)
 
 
 def test_distributed_settings_are_checked_and_detected():
