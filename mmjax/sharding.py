@@ -111,6 +111,12 @@ def single_device_mesh() -> Mesh:
     return make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a batch's rows are split over (logical 'activation_batch')."""
+    axes = nn.logical_to_mesh_axes(("activation_batch",), rules)[0]
+    return () if not axes else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules) -> NamedSharding:
     """Sharding for a batch-major input array of rank `ndim`."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)

@@ -31,7 +31,7 @@ from mmjax.hf import load_tokenizer
 from mmjax.models import Llava
 from mmjax.models.config import ConfigError
 from mmjax.models.factory import abstract_variables
-from mmjax.sharding import logical_shardings, mesh_rules, plain
+from mmjax.sharding import batch_axes, logical_shardings, mesh_rules, plain
 from mmjax.training import flops, loop
 from mmjax.training.checkpoint import (
     Checkpointer,
@@ -89,8 +89,7 @@ def validate(tc: TrainConfig) -> None:
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh) -> None:
     """Each micro-batch's rows split evenly over the mesh axes the batch is sharded on."""
-    spec = batch_format.shardings(mesh, tc.logical_axis_rules)["input_ids"].spec[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    axes = batch_axes(tc.logical_axis_rules)
     ways = math.prod(mesh.shape[a] for a in axes)
     rows = tc.batch_size // tc.grad_accum
     if tc.batch_size % tc.grad_accum or rows % ways:

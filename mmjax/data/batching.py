@@ -34,15 +34,14 @@ class SkipFilterDataset(grain.IterDataset):
     with none usable stop the run with the top reasons and an example.
     """
 
-    def __init__(self, parent: grain.IterDataset, report_factory=None,
-                 max_bad_in_a_row: int = 0):
+    def __init__(self, parent: grain.IterDataset, report_factory, max_bad_in_a_row: int = 0):
         super().__init__(parent)
         self._report_factory = report_factory
         self._max_bad_in_a_row = max_bad_in_a_row
 
     def __iter__(self):
-        report = self._report_factory() if self._report_factory else None
-        return _SkipFilterIterator(self._parent.__iter__(), report, self._max_bad_in_a_row)
+        return _SkipFilterIterator(self._parent.__iter__(), self._report_factory(),
+                                   self._max_bad_in_a_row)
 
 
 def empty_tally() -> dict:
@@ -50,7 +49,7 @@ def empty_tally() -> dict:
 
 
 class _SkipFilterIterator(grain.DatasetIterator):
-    def __init__(self, parent, report: SkipReport | None = None, max_bad_in_a_row: int = 0):
+    def __init__(self, parent, report: SkipReport, max_bad_in_a_row: int = 0):
         super().__init__(parent)
         self.tally = empty_tally()
         self.report = report  # everything this reader has read (share and stall checks)
@@ -66,8 +65,7 @@ class _SkipFilterIterator(grain.DatasetIterator):
         while True:
             item = next(self._parent)
             self.tally["seen"] += 1
-            if self.report is not None:
-                self.report.seen += 1
+            self.report.seen += 1
             if isinstance(item, Skipped):
                 self._skipped(item)
                 continue
@@ -83,8 +81,6 @@ class _SkipFilterIterator(grain.DatasetIterator):
             log.warning("skipped sample %s: %s%s", item.sample_id, item.reason,
                         f" ({item.detail})" if item.detail else "")
         self.bad_in_a_row += 1
-        if self.report is None:
-            return
         self.report.skip(item)
         if self.max_bad_in_a_row and self.bad_in_a_row >= self.max_bad_in_a_row:
             raise DataStalled(
@@ -94,17 +90,14 @@ class _SkipFilterIterator(grain.DatasetIterator):
         self.report.check()
 
     def get_state(self):
-        state = {"parent": self._parent.get_state(), "tally": self.tally,
-                 "bad_in_a_row": self.bad_in_a_row}
-        if self.report is not None:
-            state["read"] = self.report.state()
-        return state
+        return {"parent": self._parent.get_state(), "tally": self.tally,
+                "bad_in_a_row": self.bad_in_a_row, "read": self.report.state()}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self.tally = state["tally"]
         self.bad_in_a_row = state.get("bad_in_a_row", 0)
-        if self.report is not None and "read" in state:
+        if "read" in state:  # absent in data states saved before mmjax checked liveness
             self.report.load_state(state["read"])
 
 

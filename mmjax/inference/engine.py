@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -30,7 +31,13 @@ from mmjax.data.image import normalize
 from mmjax.inference.sampling import Sampling, knobs, next_token
 from mmjax.models.kv_cache import CACHE_AXES, KVCache
 from mmjax.models.llava import Llava
-from mmjax.sharding import batch_sharding, logical_shardings, mesh_rules, single_device_mesh
+from mmjax.sharding import (
+    batch_axes,
+    batch_sharding,
+    logical_shardings,
+    mesh_rules,
+    single_device_mesh,
+)
 
 LENGTH_BUCKETS = tuple(sorted({b * m for b in (2 ** i for i in range(3, 17)) for m in (2, 3)}))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -105,10 +112,7 @@ class Engine:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_id = int(pad_id)
         self.batch_buckets, self.length_buckets = tuple(batch_buckets), tuple(length_buckets)
-        spec = nn.logical_to_mesh_axes(("activation_batch",), self.rules)
-        axes = spec[0] if spec and spec[0] else ()
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        self.row_multiple = int(np.prod([self.mesh.shape[a] for a in axes]))
+        self.row_multiple = math.prod(self.mesh.shape[a] for a in batch_axes(self.rules))
         self._programs: dict = {}
         self._stream = None  # the running call's token callback (streaming programs)
 

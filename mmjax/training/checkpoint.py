@@ -59,9 +59,7 @@ def _words(x: jax.Array) -> jax.Array:
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     size = x.dtype.itemsize
-    if size == 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    if size == 8:
+    if size in (4, 8):  # 8-byte values become two words each
         return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
     unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
@@ -80,6 +78,12 @@ def checksums(tree) -> tuple[dict, jax.Array]:
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             finite &= jnp.all(jnp.isfinite(leaf))
     return out, finite
+
+
+def host_checksums(tree) -> tuple[dict[str, list[int]], bool]:
+    """`checksums` fetched to the host as JSON-ready lists, and the finiteness flag."""
+    sums, finite = jax.device_get(checksums(tree))
+    return {k: [int(x) for x in v] for k, v in sums.items()}, bool(finite)
 
 
 _TS_ERROR = re.compile(r'Error (reading|writing) "([^"]+)" in OCDBT database at local file '
@@ -191,10 +195,10 @@ class Checkpointer:
         rather than write non-finite parameters, CheckpointError when writing fails."""
         if not force and not self.manager.should_save(step):
             return False
-        sums, finite = jax.device_get(checksums(state))
+        sums, finite = host_checksums(state)
         if not finite:
             raise NonFiniteState(f"step {step}: the parameters hold NaN or Inf; not saved")
-        meta = {**self.meta, "checksums": {k: [int(x) for x in v] for k, v in sums.items()}}
+        meta = {**self.meta, "checksums": sums}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -204,7 +208,9 @@ class Checkpointer:
         except Exception as e:
             raise self._save_failed(step, e) from e
         if saved:  # the manager finished the previous save before starting this one
-            self.intact, self._saved = self._saved if self._saved is not None else self.intact, step
+            if self._saved is not None:
+                self.intact = self._saved
+            self._saved = step
         return saved
 
     def check_for_errors(self) -> None:
@@ -245,7 +251,6 @@ class Checkpointer:
         `check_meta(step, meta)` may raise to refuse a checkpoint (e.g. another worker count).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            problem = None
             try:
                 with _quiet_failed_reads():
                     meta = self.read_meta(step)
@@ -306,9 +311,9 @@ class Checkpointer:
 
 def _verify(state, recorded: dict | None) -> str | None:
     """None when `state` matches the checksums recorded at save (or none were recorded)."""
-    sums, finite = jax.device_get(checksums(state))
+    sums, finite = host_checksums(state)
     if recorded is not None:
-        bad = [k for k, v in sums.items() if [int(x) for x in v] != recorded.get(k)]
+        bad = [k for k, v in sums.items() if v != recorded.get(k)]
         if bad:
             return (f"{len(bad)} of {len(sums)} arrays differ from the checksums recorded "
                     f"when it was saved ({', '.join(b.lstrip('.') for b in bad[:3])}"
