@@ -186,6 +186,7 @@ def _stop_if_skipping(per_step: list[dict], last_step: int, limit: int,
 
 
 def _save(loop: Loop, state, done: int, force: bool) -> None:
+    loop.writer.flush()  # the logs reach the checkpoint's step before it can be restored
     try:
         loop.checkpointer.save(done, state, loop.data, force=force)
     except NonFiniteState as e:

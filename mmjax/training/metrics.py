@@ -61,6 +61,12 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def flush(self) -> None:
+        """Everything written so far to disk (before a checkpoint is saved: a run killed
+        after the checkpoint resumes there and must find the steps up to it logged)."""
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
