@@ -54,10 +54,9 @@ def training(stage: int) -> ml_collections.ConfigDict:
     """The LLaVA-1.5 recipe for a stage (DESIGN.md section 2); variants override fields."""
     c = configlib.defaults(TrainConfig)
     c.stage = stage
-    c.model = "llava15_7b"
     c.runtime.update(dtype="bfloat16", remat_policy="save_qkv_context")
     c.logical_axis_rules = logical_axis_rules()
-    c.data.template = "plain" if stage == 1 else "vicuna_v1"
+    c.data.template = "plain" if stage == 1 else "auto"  # auto: the LLM family's template
     c.data.workers = 8
     c.data.max_bad_share = 0.01
     c.batch_size = 256 if stage == 1 else 128

@@ -1,18 +1,20 @@
 """Stage 2 (visual instruction tuning): vision frozen, projector and LLM trained.
 
-Variants: llava15_7b (default), llava15_13b, siglip_qwen2_7b (chatml), llava_1b, demo;
-append `_lora` (e.g. llava15_7b_lora) for LLaVA-1.5's LoRA recipe (same as
---config.lora.enabled=True).
-The projector comes from stage 1 (init.stage1_checkpoint: its work dir), the towers from
-HF weights (init.hf_vision + init.hf_llm, or init.hf_llava).
+Variants: auto (default: the stage-1 run's model), or a preset checked against it:
+llava15_7b, llava15_13b, siglip_qwen2_7b, llava_1b; demo; append `_lora` (e.g. auto_lora)
+for LLaVA-1.5's LoRA recipe (same as --config.lora.enabled=True).
+init.stage1_checkpoint (the stage-1 work dir) gives the model, the tokenizer and every
+weight (towers as stage 1 left them, its projector); or init.hf_llava alone tunes a LLaVA
+checkpoint further. The template defaults to the LLM family's (vicuna_v1 for Llama-2 /
+Vicuna, llama_3, chatml for Qwen2, mistral_instruct).
 """
 from configs import common
 
-VARIANTS = ("llava15_7b", "llava15_13b", "siglip_qwen2_7b", "llava_1b", "demo")
+VARIANTS = ("auto", "llava15_7b", "llava15_13b", "siglip_qwen2_7b", "llava_1b", "demo")
 
 
 def get_config(arg=None):
-    variant = arg or "llava15_7b"
+    variant = arg or "auto"
     use_lora = variant.endswith("_lora")
     variant = variant.removesuffix("_lora")
     if variant not in VARIANTS:
@@ -22,7 +24,6 @@ def get_config(arg=None):
     else:
         c = common.training(2)
         c.model = variant
-        if variant == "siglip_qwen2_7b":
-            c.data.template = "chatml"
+        c.init.stage1_parts = ["vision_tower", "projector", "language_model"]
     c.lora.enabled = use_lora
     return c

@@ -27,12 +27,12 @@ from mmjax import configlib, distributed
 from mmjax.data.pipeline import build_pipeline
 from mmjax.data.quality import BadShareExceeded, DataStalled
 from mmjax.data.sources import DataSourceError
-from mmjax.hf import load_tokenizer
 from mmjax.models import Llava
 from mmjax.models.config import ConfigError
 from mmjax.models.factory import abstract_variables
 from mmjax.sharding import batch_axes, logical_shardings, mesh_rules, plain
 from mmjax.training import flops, loop
+from mmjax.training import recipe as recipe_lib
 from mmjax.training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -56,14 +56,17 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on a preemption notice; rerun to resum
 def validate(tc: TrainConfig) -> None:
     """Fails at start, naming the fields to set, when a recipe has no weights or data."""
     missing = []
-    if not tc.init.random and not (tc.init.hf_llava or (tc.init.hf_vision and tc.init.hf_llm)):
+    towers_from_stage1 = bool(tc.init.stage1_checkpoint) and {
+        "vision_tower", "language_model"} <= set(tc.init.stage1_parts)
+    if not (tc.init.random or towers_from_stage1 or tc.init.hf_llava
+            or (tc.init.hf_vision and tc.init.hf_llm)):
         missing.append("init.hf_llava, or init.hf_vision and init.hf_llm")
     if not tc.data.sources:
         missing.append("data.sources (e.g. [{'kind': 'llava_json', 'path': ..., "
                        "'image_root': ...}])")
     if tc.stage == 2 and not tc.init.stage1_checkpoint and not tc.init.hf_llava:
         missing.append("init.stage1_checkpoint (the stage-1 work dir)")
-    if not (tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm):
+    if not (tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm or tc.init.stage1_checkpoint):
         missing.append("tokenizer")
     if missing:
         raise ConfigError("config is missing: " + "; ".join(missing) + ". Set them with "
@@ -126,13 +129,17 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         check_resume_config(workdir, dataclasses.asdict(tc), latest, allow_config_change, say)
+    resumed = recipe_lib.MODEL_FILE if (workdir / recipe_lib.MODEL_FILE).exists() else None
+    recipe = recipe_lib.resolve(tc, workdir)  # before any compute: mismatches fail here
     if lead:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
-        say(f"config: {workdir / 'config.json'} (model {tc.model}, stage {tc.stage})")
-    cfg = configlib.model(tc)
+        if resumed is None:
+            recipe_lib.save(recipe, workdir)
+        say(f"config: {workdir / 'config.json'} (stage {tc.stage}); model "
+            f"{workdir / recipe_lib.MODEL_FILE}: {recipe.describe()}")
+    cfg, tokenizer = recipe.cfg, recipe.tokenizer
     model = Llava(cfg, rt)
-    tokenizer = load_tokenizer(tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm)
-    dcfg = tc.data_config(jax.process_count())
+    dcfg = dataclasses.replace(tc.data_config(jax.process_count()), template=recipe.template)
     steps = tc.steps(dcfg)
     optim = dataclasses.replace(tc.optim, groups=tc.optimizer_groups, total_steps=steps)
     trainer = Trainer(model, optim, StepConfig(tc.grad_accum, tc.seed))

@@ -46,6 +46,15 @@ def test_vicuna_v1_layout(tok):
                     "USER : What colour is it ? ASSISTANT : Brown* .* </s>*")
 
 
+def test_mistral_instruct_layout(tmp_path):
+    tok = word_tokenizer(tmp_path, CORPUS + ["[INST] [/INST]"])
+    text, _ = layout(tok, "mistral_instruct", TWO_TURNS)
+    # LLaVA-NeXT conv_mistral_instruct: "[INST] q [/INST] a </s>" per round, no system;
+    # <image> moved to the front only when the question does not start with it
+    assert text == ("[ INST ] IMG IMG What animal is this ? [ / INST ] A* cat* .* </s>* "
+                    "[ INST ] What colour is it ? [ / INST ] Brown* .* </s>*")
+
+
 def test_llama_3_layout(tok):
     text, _ = layout(tok, "llama_3", conv("<image>\nWhat is in the picture?", "An astronaut."))
     system = ("You are a helpful language and vision assistant . You are able to understand the "

@@ -37,7 +37,7 @@ def test_config_errors_are_clear():
         configlib.load("configs/missing.py")
     with pytest.raises(KeyError, match="unknown model preset 'llava99'"):
         configlib.model(configlib.load(f"{CONFIGS / 'model.py'}:llava99"))
-    with pytest.raises(ConfigError, match="no variant 'nosuch'; variants: llava15_7b"):
+    with pytest.raises(ConfigError, match="no variant 'nosuch'; variants: auto, llava15_7b"):
         configlib.load(f"{CONFIGS / 'stage1.py'}:nosuch")
     with pytest.raises(ConfigError, match="batch_size: 1.5 has the wrong type"):
         configlib.load(str(CONFIGS / "stage1.py"), ["--config.batch_size=1.5"])

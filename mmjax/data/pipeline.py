@@ -46,7 +46,7 @@ class DataConfig:
     """The input pipeline: sources, template, lengths, packing, workers, bad-data limits."""
 
     sources: tuple[SourceConfig, ...] = ()  # [{kind, path, image_root, weight, split, name}]
-    template: str = "vicuna_v1"  # plain | vicuna_v1 | llama_3 | chatml | chat_template
+    template: str = "auto"  # auto: the LLM family's; plain, vicuna_v1, llama_3, chatml, ...
     special_token_text: str = "skip"  # sample text that would be a control token: skip | keep
     max_length: int = 2048  # tokens per sample, image tokens included
     seq_len: int = 0  # row length; 0 = max_length (longer rows pack more samples)

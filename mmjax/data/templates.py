@@ -19,6 +19,8 @@ what is tokenized as one unit, because token ids depend on it:
 - `chatml` (LLaVA-NeXT `preprocess_qwen`): "<|im_start|>role\\n{content}<|im_end|>\\n" per
   message, tokenized on its own; assistant messages learned whole, plus every
   `<|im_start|>`, `<|im_end|>` and newline token.
+- `mistral_instruct` (LLaVA-NeXT `conv_mistral_instruct`, LLaVA-1.6-Mistral):
+  "[INST] {q} [/INST] {a} </s>" per round, images split out as for LLaVA-1.5.
 - `chat_template`: the tokenizer's own Jinja chat template (no LLaVA counterpart).
 
 Labels are decided on characters and mapped to tokens by the tokenizer's offsets
@@ -179,6 +181,39 @@ class Vicuna(Template):
                         len(pairs))
 
 
+class MistralInstruct(Template):
+    """LLaVA-NeXT's `conv_mistral_instruct` (LLAMA_2 separator style, empty system):
+    "[INST] {q} [/INST] {a} </s>[INST] ..."; images split out as in LLaVA-1.5 (its
+    `preprocess_llama_2` tokenizes with `tokenizer_image_token`). The reply is learned from
+    the space after "[/INST]" through its "</s>"."""
+
+    name = "mistral_instruct"
+    image_chunks = True
+    end_of_turn = "</s>"
+
+    def tidy(self, question):
+        return _tidy_next(question)
+
+    def render(self, system, pairs):
+        system = system or ""
+        text, data, targets, replies = "", [], [], []
+        for i, (q, a) in enumerate(pairs):
+            text += "[INST] "
+            if i == 0 and system:
+                text += "<<SYS>>\n"
+                data.append((len(text), len(text) + len(system)))
+                text += system + "\n<</SYS>>\n\n"
+            data.append((len(text), len(text) + len(q)))
+            text += q + " [/INST]"
+            start = len(text)
+            data.append((start + 1, start + 1 + len(a)))
+            text += " " + a + " </s>"
+            targets.append((start, len(text)))
+            replies.append((0, start))
+        return Rendered((Segment(text, tuple(targets), tuple(data)),), tuple(replies),
+                        len(pairs))
+
+
 class _PerMessage(Template):
     """LLaVA-NeXT style: one segment per message, `<image>` a special token inside it."""
 
@@ -298,7 +333,7 @@ class TokenizerChatTemplate(Template):
         return Rendered((Segment(text, tuple(targets)),), tuple(replies), len(pairs))
 
 
-TEMPLATES = {t.name: t for t in (Plain, Vicuna, Llama3, ChatML)}
+TEMPLATES = {t.name: t for t in (Plain, Vicuna, MistralInstruct, Llama3, ChatML)}
 
 
 def get_template(name: str, tokenizer=None) -> Template:

@@ -135,10 +135,13 @@ def parse_checkpoint(spec: str) -> tuple[Path, int | None]:
 
 
 def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",
-                    devices=None) -> Loaded:
-    """A training work dir's parameters (the newest checkpoint, or STEP), with the run's
-    model, tokenizer and template from its config.json; LoRA adapters merged."""
+                    devices=None, merge_lora: bool = True) -> Loaded:
+    """A training work dir's parameters only (the newest checkpoint, or STEP; no optimizer
+    state is read), placed on an inference mesh over `devices`, with the model, tokenizer
+    and template the run saved (`WORKDIR/model.json`, `WORKDIR/tokenizer/`); LoRA adapters
+    merged into the kernels unless `merge_lora` is False."""
     from mmjax.training import lora
+    from mmjax.training import recipe as recipe_lib
     from mmjax.training.checkpoint import restore_subtree
     from mmjax.training.config import TrainConfig
 
@@ -148,7 +151,12 @@ def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",
         raise ConfigError(f"{workdir} is not a training work dir (no config.json); pass the "
                           "directory given to --workdir")
     tc = configlib.from_saved(TrainConfig, json.loads(saved.read_text()))
-    cfg = configlib.model(tc)
+    if (workdir / recipe_lib.MODEL_FILE).is_file():
+        recipe = recipe_lib.read(workdir)
+    else:  # a work dir from before runs saved their model: its preset and tokenizer
+        recipe = recipe_lib.Recipe(configlib.model(tc), load_tokenizer(
+            tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm), tc.data.template)
+    cfg = recipe.cfg
     train_rt = tc.model_runtime
     mesh, rules = inference_mesh(cfg, devices), tc.logical_axis_rules or default_rules()
     boxed = abstract_variables(cfg, train_rt)["params"]
@@ -162,17 +170,22 @@ def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",
         params = restore_subtree(workdir / "checkpoints", ("params",), abstract, step)
     finally:
         absl.setLevel(level)
-    if train_rt.lora_rank:
+    keep_lora = bool(train_rt.lora_rank) and not merge_lora
+    if train_rt.lora_rank and merge_lora:
         params = lora.merge(params, train_rt)
     if train_rt.scan_layers:
         params = unstack_layers(params)
     dtype = dtype or default_dtype()
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     rt = RuntimeConfig(dtype=dtype, param_dtype=dtype, attention_impl=default_attention(dtype))
-    tokenizer = load_tokenizer(tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm)
+    if keep_lora:
+        rt = dataclasses.replace(rt, lora_rank=train_rt.lora_rank,
+                                 lora_alpha=train_rt.lora_alpha,
+                                 lora_targets=train_rt.lora_targets)
     if template == "auto":
-        template = tc.data.template
-    return Loaded(Llava(cfg, rt), params, tokenizer, template,
+        template = recipe.template if recipe.template != "auto" else recipe_lib.default_template(
+            cfg, recipe.tokenizer)
+    return Loaded(Llava(cfg, rt), params, recipe.tokenizer, template,
                   f"{workdir.name}" + (f":{step}" if step is not None else ""), mesh, rules,
                   image_aspect=tc.data.image_aspect)
 

@@ -19,6 +19,7 @@ from mmjax.training.init import InitConfig
 from mmjax.training.lora import LoraConfig
 from mmjax.training.metrics import MetricsConfig
 from mmjax.training.optimizer import OptimConfig
+from mmjax.training.recipe import ComposeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +39,8 @@ class TrainConfig:
     """One training stage: the model, where weights and data come from, how it runs."""
 
     stage: int = 1  # 1: alignment (projector); 2: instruction tuning (projector + LLM)
-    model: str = "llava15_7b"  # a preset of mmjax.models.presets
-    tokenizer: str = ""  # tokenizer directory; default: init.hf_llava or init.hf_llm
+    model: str = "auto"  # auto: from the HF configs of init.*; or a preset (models.presets)
+    tokenizer: str = ""  # tokenizer dir; default: stage 1's, init.hf_llava's or init.hf_llm's
     seed: int = 0  # data order, random init and dropout
     batch_size: int = 128  # global rows per step, across processes and accumulation
     grad_accum: int = 1  # micro-batches per step (rows split across them)
@@ -62,6 +63,7 @@ class TrainConfig:
     metrics: MetricsConfig = _section(MetricsConfig)
     profile: ProfileConfig = _section(ProfileConfig)
     init: InitConfig = _section(InitConfig)
+    llava: ComposeConfig = _section(ComposeConfig)
     distributed: DistributedConfig = _section(DistributedConfig)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
 
 import flax.linen as nn
@@ -41,18 +42,22 @@ def initial_params(model, init_cfg: InitConfig, abstract_params, param_shardings
     (HF towers or a whole LLaVA, then stage-1 parts), and a random init of only the rest
     (the projector, LoRA adapters; everything for `init.random`)."""
     loaded = {}  # part -> subtree, without LoRA adapters
-    if init_cfg.hf_llava:
+    from_stage1 = set(init_cfg.stage1_parts) if init_cfg.stage1_checkpoint else set()
+    if init_cfg.random:
+        pass
+    elif init_cfg.hf_llava and not {"vision_tower", "language_model"} <= from_stage1:
         imported = hf_load(init_cfg.hf_llava, rt, mesh=mesh, rules=rules)
         _check_same_model(imported.config, model.cfg, init_cfg.hf_llava)
         loaded.update(imported.params)
     else:
-        if init_cfg.hf_vision:
+        if init_cfg.hf_vision and "vision_tower" not in from_stage1:
             loaded["vision_tower"] = _vision_from_hf(
                 init_cfg.hf_vision, abstract_params["vision_tower"],
                 param_shardings["vision_tower"], rt, mesh, rules)
-        if init_cfg.hf_llm:
-            loaded["language_model"] = hf_load(init_cfg.hf_llm, rt, mesh=mesh,
-                                               rules=rules).params
+        if init_cfg.hf_llm and "language_model" not in from_stage1:
+            llm = hf_load(init_cfg.hf_llm, rt, mesh=mesh, rules=rules).params
+            loaded["language_model"] = grow_vocab(
+                llm, model.cfg.llm.vocab_size, param_shardings["language_model"], rng_seed)
     if init_cfg.stage1_checkpoint:
         directory = _checkpoint_dir(init_cfg.stage1_checkpoint)
         # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
@@ -106,6 +111,44 @@ def _complete(model, loaded, abstract_params, param_shardings, rng_seed: int):
         have.update(zip(missing, fresh))
         log.info("random init: %d of %d parameter arrays", len(missing), len(want))
     return _unflat({p: have[p] for p in want})
+
+
+def grow_vocab(llm: dict, vocab: int, shardings: dict, seed: int) -> dict:
+    """The LLM's embedding table (and untied output head) grown to `vocab` rows for the
+    tokens a run added: each new row drawn from N(mean, 1e-5 x covariance) of the existing
+    rows, as llava-hf's conversion does (the mean alone when the covariance is singular).
+    A tied model stays tied: its one table grows."""
+    old = llm["embed_tokens"].shape[0]
+    if old == vocab:
+        return llm
+    if old > vocab:
+        raise ValueError(f"the LLM has {old} embedding rows, the model {vocab}")
+    k_in, k_out = jax.random.split(jax.random.key(seed + 1))
+    out = dict(llm)
+    out["embed_tokens"] = jax.jit(partial(_grown, n=vocab - old),
+                                  out_shardings=shardings["embed_tokens"])(
+        llm["embed_tokens"], k_in)
+    if "lm_head" in llm:  # [D, V]: grown along V
+        head = dict(llm["lm_head"])
+        head["kernel"] = jax.jit(lambda k, key: _grown(k.T, key, vocab - old).T,
+                                 out_shardings=shardings["lm_head"]["kernel"])(
+            llm["lm_head"]["kernel"], k_out)
+        out["lm_head"] = head
+    log.info("vocabulary %d -> %d: new embedding rows drawn from the existing rows' mean and "
+             "covariance", old, vocab)
+    return out
+
+
+def _grown(table, key, n: int):
+    """[V, D] -> [V + n, D]."""
+    x = table.astype(jnp.float32)
+    mean = x.mean(0)
+    centered = x - mean
+    cov = centered.T @ centered / x.shape[0]
+    chol = jnp.linalg.cholesky(1e-5 * cov)
+    rows = mean + jax.random.normal(key, (n, x.shape[1])) @ chol.T
+    rows = jnp.where(jnp.all(jnp.isfinite(chol)), rows, mean)
+    return jnp.concatenate([table, rows.astype(table.dtype)], axis=0)
 
 
 def _vision_from_hf(directory, abstract, shardings, rt, mesh, rules):

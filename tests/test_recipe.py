@@ -1,0 +1,232 @@
+"""LLaVA's recipe from separate Hugging Face towers (tiny random ones, made with transformers):
+stage 1 with model='auto' adds <image> (and pad) to a plain LLM tokenizer, grows the
+vocabulary, trains the projector only (both towers bitwise the HF weights), saves the model
+and tokenizer in its work dir; stage 2 reads them back from there with no model, tokenizer
+or weight flags, in the LLM family's template; each resumes. A preset that differs from the
+towers fails at start naming the fields."""
+# ruff: noqa: F811
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import transformers as tf
+from test_reliability import _env
+
+from data_fixtures import CHAT_SPECIALS, conv, llama_sp_tokenizer, write_photos
+from hf_fixtures import llm_config, make_model, save, vision_config
+from mmjax import configlib
+from mmjax import train as train_lib
+from mmjax.hf import load as hf_load
+from mmjax.models.config import ConfigError
+from mmjax.training import recipe as recipe_lib
+from mmjax.training.checkpoint import restore_subtree
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ["A photo of an astronaut in a white suit.", "A brown cat lies on a blanket.",
+          "A cup of coffee on a saucer.", "A rocket on its launch pad.",
+          "What is in the picture? Describe it briefly. Answer in one word."] * 4
+# (vision, LLM family, tokenizer kind, expected stage-2 template)
+PAIRS = {"clip-llama": ("clip", "llama", "sentencepiece", "vicuna_v1"),
+         "siglip-qwen2": ("siglip", "qwen2", "chatml", "chatml"),
+         "clip-mistral": ("clip", "mistral", "sentencepiece", "mistral_instruct"),
+         "clip-llama3": ("clip", "llama3", "llama3", "llama_3")}
+ARCH = {"llama": tf.LlamaForCausalLM, "llama3": tf.LlamaForCausalLM,
+        "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}
+
+
+def _tokenizer(kind: str, out: Path):
+    if kind == "sentencepiece":  # Llama-2 / Vicuna / Mistral: no <image>, no pad
+        llama_sp_tokenizer(out, CORPUS, legacy=False, vocab_size=300)
+        return tf.AutoTokenizer.from_pretrained(str(out))  # as saved: no chat specials
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
+
+    # byte-level BPE with Qwen2's or Llama-3's chat tokens (and no <image>)
+    specials = CHAT_SPECIALS[:2] if kind == "chatml" else CHAT_SPECIALS[2:]
+    return train_bpe_tokenizer(CORPUS, 300, out, extra_special_tokens=tuple(specials))
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """Per pair: HF vision dir, HF LLM dir (its tokenizer beside the weights), data dir."""
+    root = tmp_path_factory.mktemp("towers")
+    data = root / "data"
+    photos = write_photos(data, size=(80, 60))
+    captions = [{"id": f"cap{i}", "image": p,
+                 "conversations": conv("<image>", CORPUS[i % 4])}
+                for i, p in enumerate(photos * 4)]
+    chats = [{"id": f"chat{i}", "image": p,
+              "conversations": conv("What is in the picture?\n<image>", CORPUS[i % 4],
+                                    "Describe it briefly.", CORPUS[(i + 1) % 4])}
+             for i, p in enumerate(photos * 4)]
+    (data / "captions.json").write_text(json.dumps(captions))
+    (data / "chats.json").write_text(json.dumps(chats))
+    out = {}
+    for name, (vision, family, kind, _) in PAIRS.items():
+        d = root / name
+        save(make_model(tf.CLIPVisionModel if vision == "clip" else tf.SiglipVisionModel,
+                        vision_config(vision)), d / "vision")
+        tok = _tokenizer(kind, d / "llm")
+        save(make_model(ARCH[family], llm_config(family, vocab_size=len(tok))), d / "llm")
+        out[name] = (d / "vision", d / "llm", len(tok))
+    return out, data
+
+
+def _overrides(data: Path, split: str, steps: int, extra=()):
+    sources = [{"kind": "llava_json", "path": str(data / f"{split}.json"),
+                "image_root": str(data), "weight": 1.0}]
+    return [f"--config.data.sources={sources!r}", f"--config.total_steps={steps}",
+            "--config.batch_size=8", "--config.data.workers=0", "--config.data.max_length=256",
+            "--config.log_every=1", "--config.checkpoint.save_interval=1",
+            "--config.runtime.dtype=float32", *extra]
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def _assert_equal(a, b, keys=None):
+    fa, fb = _flat(a), _flat(b)
+    for k in keys or fb:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def _params(workdir, part, cfg_tree, step=None):
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            cfg_tree)
+    return restore_subtree(workdir / "checkpoints", ("params", part), abstract, step)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path, capsys):
+    out, data = towers
+    vision_dir, llm_dir, base_vocab = out[name]
+    vision, family, _, template = PAIRS[name]
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    hf = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
+    if vision == "siglip":  # SigLIP has no CLS: LLaVA-style 'full' from the last layer
+        hf += ["--config.llava.vision_feature_layer=-1",
+               "--config.llava.vision_feature_select=full"]
+
+    # stage 1: the LLaVA-1.5 recipe (projector only) on the towers as they are
+    h1 = train_lib.train(configlib.load(f"{ROOT}/configs/stage1.py",
+                                        _overrides(data, "captions", 2, hf)), w1)
+    assert "model " in capsys.readouterr().out
+    r1 = recipe_lib.read(w1)
+    tok = r1.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert r1.cfg.image_token_id == image_id >= base_vocab  # added after the vocabulary
+    assert r1.cfg.llm.vocab_size % 64 == 0 and r1.cfg.llm.vocab_size >= len(tok) > base_vocab
+    assert "<image>" in r1.added_tokens and tok.pad_token is not None
+    assert r1.template == "plain" and r1.base_vocab == base_vocab
+    assert r1.cfg.llm.family == ("llama" if family == "llama3" else family)
+    assert r1.cfg.llm.tie_word_embeddings == (family == "qwen2")
+    # the model and tokenizer read back equal those resolved from the towers
+    tc1 = configlib.train_config(configlib.load(f"{ROOT}/configs/stage1.py",
+                                                _overrides(data, "captions", 2, hf)))
+    fresh = recipe_lib.resolve(tc1)
+    assert fresh.cfg == r1.cfg and fresh.tokenizer.get_vocab() == tok.get_vocab()
+
+    state = h1["state"].params
+    # towers bitwise the HF weights (the LLM's first base_vocab rows; the new rows are drawn)
+    hf_llm = hf_load(llm_dir).params
+    lm = _flat(state["language_model"])
+    for k, v in _flat(hf_llm).items():
+        if "embed_tokens" in k or "lm_head" in k:
+            axis = 0 if "embed_tokens" in k else 1
+            np.testing.assert_array_equal(np.take(lm[k], range(base_vocab), axis), v, k)
+            new = np.take(lm[k], range(base_vocab, lm[k].shape[axis]), axis)
+            assert np.all(np.isfinite(new)) and np.abs(new.mean(axis) - v.mean(axis)).max() < 0.1
+        else:
+            np.testing.assert_array_equal(lm[k], v, k)
+    if family == "qwen2":
+        assert not any("lm_head" in k for k in lm)  # still tied: one table
+    hf_vision = _flat(hf_load(vision_dir).params)
+    mine = _flat(state["vision_tower"])
+    for k, v in mine.items():
+        np.testing.assert_array_equal(v, hf_vision[k][:v.shape[0]] if "layers" in k
+                                      and hf_vision[k].shape[1:] == v.shape[1:] else
+                                      hf_vision[k], k)
+    projector_1 = _params(w1, "projector", state["projector"], step=1)
+    assert any(np.any(a != b) for a, b in zip(
+        jax.tree.leaves(jax.device_get(projector_1)),
+        jax.tree.leaves(jax.device_get(state["projector"]))))  # the projector trains
+    assert all(np.isfinite(loss) for _, loss in h1["loss"])
+    if not r1.cfg.llm.tie_word_embeddings:
+        _image_row_is_never_read(r1.cfg, state)
+
+    # stage 2 from the work dir alone: model, tokenizer, towers and projector from stage 1
+    s2 = _overrides(data, "chats", 2, [f"--config.init.stage1_checkpoint={w1}"])
+    h2 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", s2), w2)
+    r2 = recipe_lib.read(w2)
+    assert r2.cfg == r1.cfg and r2.tokenizer.get_vocab() == tok.get_vocab()
+    assert r2.template == template
+    _assert_equal(h2["state"].params["vision_tower"], state["vision_tower"])
+    # the LLM starts from stage 1's (step 1 runs at warm-up lr 0) and then trains
+    _assert_equal(_params(w2, "language_model", state["language_model"], step=1),
+                  state["language_model"])
+    assert any(np.any(a != b) for a, b in zip(
+        jax.tree.leaves(jax.device_get(h2["state"].params["language_model"])),
+        jax.tree.leaves(jax.device_get(state["language_model"]))))
+    # resume: the third step only
+    capsys.readouterr()
+    h3 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+        data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
+    assert "resumed from" in capsys.readouterr().out and [s for s, _ in h3["loss"]] == [3]
+
+
+def _image_row_is_never_read(cfg, params):
+    """The image token's embedding row only marks where image features go: NaN in it changes
+    no logit."""
+    import jax.numpy as jnp
+
+    from mmjax.models import Llava
+    from mmjax.models.config import RuntimeConfig
+
+    model = Llava(cfg, RuntimeConfig())
+    ids = jnp.asarray([[1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7]])
+    images = jax.random.normal(jax.random.key(1), (1, 1, cfg.vision.image_size,
+                                                    cfg.vision.image_size, 3))
+    ref = model.apply({"params": params}, ids, images)
+    lm = dict(params["language_model"])
+    lm["embed_tokens"] = lm["embed_tokens"].at[cfg.image_token_id].set(jnp.nan)
+    out = model.apply({"params": {**params, "language_model": lm}}, ids, images)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_a_preset_that_differs_from_the_towers_fails_at_start(towers, tmp_path):
+    out, data = towers
+    vision_dir, llm_dir, _ = out["clip-llama"]
+    hf = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
+    c = configlib.load(f"{ROOT}/configs/stage1.py:llava_1b", _overrides(data, "captions", 1, hf))
+    with pytest.raises(ConfigError, match=r"preset 'llava_1b' differs from the HF configs") as e:
+        train_lib.train(c, tmp_path / "preset")
+    assert "vision.image_size: 336 vs 56" in str(e.value) and "llm.vocab_size: 32064 vs " in str(
+        e.value)
+    assert not (tmp_path / "preset" / "model.json").exists()  # nothing resolved or saved
+
+
+def test_readme_commands_through_the_cli(towers, tmp_path):
+    """The README's two commands (stage 1 from two towers, stage 2 from its work dir)."""
+    out, data = towers
+    vision_dir, llm_dir, _ = out["clip-llama"]
+    w1, w2 = tmp_path / "W1", tmp_path / "W2"
+    base = [sys.executable, "-m", "mmjax.train", "--config"]
+    r = subprocess.run(base + [f"{ROOT}/configs/stage1.py", "--workdir", str(w1),
+                               f"--config.init.hf_vision={vision_dir}",
+                               f"--config.init.hf_llm={llm_dir}",
+                               *_overrides(data, "captions", 1)],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(base + [f"{ROOT}/configs/stage2.py", "--workdir", str(w2),
+                               f"--config.init.stage1_checkpoint={w1}",
+                               *_overrides(data, "chats", 1)],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "template vicuna_v1" in r.stdout and (w2 / "tokenizer" / "tokenizer.json").exists()
