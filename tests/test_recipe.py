@@ -179,6 +179,13 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     h3 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
         data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
     assert "resumed from" in capsys.readouterr().out and [s for s, _ in h3["loss"]] == [3]
+    # loaded for use (generate / predict / evaluate --checkpoint): params only, same model
+    from mmjax.inference.load import from_checkpoint
+
+    m = from_checkpoint(f"{w2}:3", dtype="float32")
+    assert m.cfg == r1.cfg and m.template == template
+    assert m.tokenizer.get_vocab() == tok.get_vocab()
+    _assert_equal(m.params["projector"], h3["state"].params["projector"])
 
 
 def _image_row_is_never_read(cfg, params):
