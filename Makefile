@@ -28,7 +28,7 @@ demo: $(VENV)/.base
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m mmjax.demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
