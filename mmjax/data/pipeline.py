@@ -19,7 +19,7 @@ from mmjax.data.batching import BatchDataset, BatchSpec, ReportDataset, SkipFilt
 from mmjax.data.processing import ImageSpec, SampleProcessor
 from mmjax.data.quality import SkipReport
 from mmjax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsCaptionSource
-from mmjax.data.templates import get_template
+from mmjax.data.templates import default_template, get_template
 from mmjax.data.tokenize import ConversationEncoder
 from mmjax.models.config import LlavaConfig
 
@@ -46,7 +46,7 @@ class DataConfig:
     """The input pipeline: sources, template, lengths, packing, workers, bad-data limits."""
 
     sources: tuple[SourceConfig, ...] = ()  # [{kind, path, image_root, weight, split, name}]
-    template: str = "auto"  # auto: the LLM family's; plain, vicuna_v1, llama_3, chatml, ...
+    template: str = "vicuna_v1"  # auto (the LLM family's), plain, vicuna_v1, llama_3, chatml...
     special_token_text: str = "skip"  # sample text that would be a control token: skip | keep
     max_length: int = 2048  # tokens per sample, image tokens included
     seq_len: int = 0  # row length; 0 = max_length (longer rows pack more samples)
@@ -90,7 +90,9 @@ def open_source(src: SourceConfig, cfg: DataConfig):
 
 
 def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> ConversationEncoder:
-    return ConversationEncoder(tokenizer, get_template(cfg.template, tokenizer),
+    name = default_template(model.llm.family, tokenizer) if cfg.template == "auto" else \
+        cfg.template
+    return ConversationEncoder(tokenizer, get_template(name, tokenizer),
                                model.image_tokens, model.image_token_id, cfg.max_length,
                                cfg.special_token_text)
 

@@ -336,6 +336,14 @@ class TokenizerChatTemplate(Template):
 TEMPLATES = {t.name: t for t in (Plain, Vicuna, MistralInstruct, Llama3, ChatML)}
 
 
+def default_template(family: str, tokenizer) -> str:
+    """The chat template LLaVA trains an LLM family with (`data.template="auto"`)."""
+    if tokenizer is not None and tokenizer.convert_tokens_to_ids("<|eot_id|>") not in (
+            None, tokenizer.unk_token_id):
+        return "llama_3"  # Llama-3's tokenizer (family 'llama', like Llama-2 / Vicuna)
+    return {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml"}[family]
+
+
 def get_template(name: str, tokenizer=None) -> Template:
     if name == "chat_template":
         return TokenizerChatTemplate(tokenizer)

@@ -114,31 +114,62 @@ def resolve_parts(kind: str, ckpt: Checkpoint) -> dict[str, tuple[str, str, str]
     return out
 
 
+@dataclasses.dataclass
+class Location:
+    """Where one mmjax leaf lives in an HF checkpoint."""
+
+    keys: list[str]  # one per layer when the leaf is a stack of layers
+    hf_shape: tuple[int, ...]  # of each key
+    kind: str  # patch | linear | vector | copy
+    n_in: int  # leading input axes of a linear kernel
+    target: tuple[int, ...]  # the leaf's shape (one layer's, when stacked)
+    stacked: bool
+
+
+def locate(path: str, shape: tuple[int, ...], parts: dict,
+           num_layers: dict[str, int]) -> Location:
+    """The HF key(s) and shape of the mmjax leaf `path` ('a/b/c') in the `parts` layout."""
+    root = next(r for r in sorted(parts, key=len, reverse=True)
+                if r == "" or path.startswith(r + "/"))
+    kind, *prefixes = parts[root]
+    rel = path[len(root) + 1:] if root else path
+    if kind == "vision":
+        key, leaf_kind, n_in = _vision_key(rel)
+        key = prefixes[0] + key
+    elif kind == "projector":
+        key, leaf_kind, n_in = _generic(rel)
+        key = prefixes[0] + key
+    elif rel == "lm_head/kernel":
+        key, leaf_kind, n_in = prefixes[1] + "lm_head.weight", "linear", 1
+    else:
+        key, leaf_kind, n_in = _llm_key(rel)
+        key = prefixes[0] + key
+    stacked = "{i}" in key
+    target = tuple(shape[1:]) if stacked else tuple(shape)
+    hf_shape, _ = _leaf_transform(leaf_kind, target, n_in)
+    keys = [key.format(i=i) for i in range(num_layers[root])] if stacked else [key]
+    return Location(keys, hf_shape, leaf_kind, n_in, target, stacked)
+
+
+def to_hf(loc: Location, leaf: np.ndarray) -> np.ndarray:
+    """One (unstacked) leaf in the HF tensor layout: the inverse of the import transform."""
+    if loc.kind == "patch":  # (p, q, C, D) -> (D, C, p, q)
+        return np.ascontiguousarray(np.transpose(leaf, (3, 2, 0, 1)))
+    if loc.kind == "linear":  # (in..., out...) -> (out, in)
+        n_in = math.prod(loc.target[:loc.n_in])
+        return np.ascontiguousarray(leaf.reshape(n_in, -1).T)
+    return np.ascontiguousarray(leaf.reshape(loc.hf_shape))
+
+
 def plan(param_shapes: dict[str, tuple[int, ...]], parts: dict, num_layers: dict[str, int],
          ckpt: Checkpoint) -> dict[str, Source]:
     """Sources for every leaf ('a/b/c' paths -> shapes); raises naming what does not fit."""
     sources: dict[str, Source] = {}
     missing, bad_shape = [], []
     for path, shape in param_shapes.items():
-        root = next(r for r in sorted(parts, key=len, reverse=True)
-                    if r == "" or path.startswith(r + "/"))
-        kind, *prefixes = parts[root]
-        rel = path[len(root) + 1:] if root else path
-        if kind == "vision":
-            key, leaf_kind, n_in = _vision_key(rel)
-            key = prefixes[0] + key
-        elif kind == "projector":
-            key, leaf_kind, n_in = _generic(rel)
-            key = prefixes[0] + key
-        elif rel == "lm_head/kernel":
-            key, leaf_kind, n_in = prefixes[1] + "lm_head.weight", "linear", 1
-        else:
-            key, leaf_kind, n_in = _llm_key(rel)
-            key = prefixes[0] + key
-        stacked = "{i}" in key
-        target = tuple(shape[1:]) if stacked else tuple(shape)
-        hf_shape, fn = _leaf_transform(leaf_kind, target, n_in)
-        keys = [key.format(i=i) for i in range(num_layers[root])] if stacked else [key]
+        loc = locate(path, shape, parts, num_layers)
+        keys, hf_shape, stacked = loc.keys, loc.hf_shape, loc.stacked
+        _, fn = _leaf_transform(loc.kind, loc.target, loc.n_in)
         for k in keys:
             if not ckpt.has(k):
                 missing.append(f"{k} (for {path})")

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from mmjax.data import templates
 from mmjax.data.templates import IMAGE
 from mmjax.hf import load_tokenizer
 from mmjax.models import presets
@@ -187,11 +188,8 @@ def add_tokens(tokenizer, image_token: str = IMAGE, pad: bool = True) -> tuple[s
 
 
 def default_template(cfg: LlavaConfig, tokenizer) -> str:
-    """The chat template LLaVA trains each LLM family with (stage 2)."""
-    if tokenizer.convert_tokens_to_ids("<|eot_id|>") not in (None, tokenizer.unk_token_id):
-        return "llama_3"  # Llama-3's tokenizer (family 'llama', like Llama-2 / Vicuna)
-    return {"llama": "vicuna_v1", "mistral": "mistral_instruct",
-            "qwen2": "chatml"}[cfg.llm.family]
+    """The chat template LLaVA trains the model's LLM family with (stage 2)."""
+    return templates.default_template(cfg.llm.family, tokenizer)
 
 
 def _template(name: str, cfg: LlavaConfig, tokenizer) -> str:
