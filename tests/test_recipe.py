@@ -187,6 +187,74 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     assert m.tokenizer.get_vocab() == tok.get_vocab()
     _assert_equal(m.params["projector"], h3["state"].params["projector"])
 
+    # Hugging Face export: stage 1's towers come back bitwise; stage 2 runs the same in
+    # transformers (logits, greedy tokens), its processor and chat template load and agree
+    from mmjax.hf.export import export
+
+    hf1 = export(str(w1), tmp_path / "hf1", dtype="float32", say=lambda _: None)
+    _towers_round_trip(hf1, vision_dir, llm_dir, base_vocab)
+    hf2 = export(f"{w2}:3", tmp_path / "hf2", dtype="float32", say=lambda _: None)
+    _same_in_transformers(hf2, m)
+
+
+def _tensors(directory) -> dict:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _towers_round_trip(exported, vision_dir, llm_dir, base_vocab):
+    """Every tensor of the HF towers is in the export bitwise (the LLM's first base_vocab
+    rows), under transformers' LLaVA names."""
+    mine = _tensors(exported)
+    for k, v in _tensors(vision_dir).items():
+        np.testing.assert_array_equal(mine["vision_tower." + k.removeprefix("vision_model.")],
+                                      v, k)
+    for k, v in _tensors(llm_dir).items():
+        ours = mine["language_model." + k]
+        np.testing.assert_array_equal(ours[:base_vocab] if ours.shape != v.shape else ours, v, k)
+
+
+def _same_in_transformers(exported, m):
+    import torch
+    from test_generate import _hf_generate
+
+    from hf_fixtures import normalize, real_images, rel_err
+    from mmjax.inference import Engine, Request, Sampling
+
+    hf = tf.LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    cfg = m.cfg
+    image = normalize(real_images(cfg.vision.image_size, 1), cfg.vision.image_mean,
+                      cfg.vision.image_std)
+    ids = np.asarray([1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7, 8], np.int32)
+    ours = m.model.apply({"params": m.params}, ids[None], image[None])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids[None], dtype=torch.long),
+                 pixel_values=torch.tensor(image).permute(0, 3, 1, 2)).logits.numpy()
+    assert rel_err(ours, ref) < 1e-5
+    requests = [Request(ids, [image[0]])]
+    mine = Engine(m.model, m.params, m.tokenizer).generate(requests, Sampling(max_new_tokens=8))
+    assert mine[0].token_ids == _hf_generate(hf, requests, 8)[0].tolist()
+    # the processor: the image token count, and the chat template renders the run's template
+    proc = tf.AutoProcessor.from_pretrained(exported)
+    if m.template != "plain":
+        chat = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]}]
+        text = proc.apply_chat_template(chat, add_generation_prompt=True)
+        rendered = m.encoder().render(None, [("<image>\nWhat is this?", "A cat."),
+                                             ("And the colour?", "")])
+        assert text == "".join(seg.text for seg in rendered.prompt())
+        from PIL import Image
+
+        batch = proc(images=Image.new("RGB", (80, 60)), text=text, return_tensors="np")
+        assert int((batch["input_ids"] == cfg.image_token_id).sum()) == cfg.image_tokens
+        assert batch["pixel_values"].shape[-2:] == (cfg.vision.image_size,) * 2
+
 
 def _image_row_is_never_read(cfg, params):
     """The image token's embedding row only marks where image features go: NaN in it changes

@@ -73,6 +73,69 @@ def test_stage1_then_stage2_from_its_checkpoint(demo_data, tmp_path):
     reply = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules).generate(
         [Request(ids[0])], Sampling(max_new_tokens=3))[0]
     assert len(reply.token_ids) <= 3 and reply.finish in ("stop", "length")
+    _export_checks(tmp_path, m, trained, ids)
+
+
+def _export_checks(tmp_path, m, trained, ids):
+    """The LoRA run exported (merged) to a transformers LLaVA: the trainer's logits; the
+    refusals; a crash leaves nothing that looks complete; --llm-only, --projector-only;
+    `python -m mmjax.hf verify` passes on the export."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    from mmjax.hf import export as export_lib
+    from mmjax.hf.verify import verify
+
+    run, out = tmp_path / "s3", tmp_path / "hf"
+    with pytest.raises(ConfigError, match="--merge-lora"):
+        export_lib.export(str(run), out, dtype="float32")
+    real = export_lib.write_safetensors
+
+    def crash(path, tensors):  # a crash (or a kill) in the middle of writing the weights
+        raise KeyboardInterrupt
+
+    export_lib.write_safetensors = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_lib.export(str(run), out, dtype="float32", merge_lora=True)
+    finally:
+        export_lib.write_safetensors = real
+    assert not out.exists() and not list(tmp_path.glob(".hf.export-*"))
+    r = subprocess.run([sys.executable, "-m", "mmjax.hf", "export", "--checkpoint", str(run),
+                        "--out", str(out), "--dtype", "float32", "--merge-lora",
+                        "--shard-size", "200KB"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors.index.json").exists()  # sharded as transformers does
+    hf = tf.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ref, trained, atol=2e-5, rtol=1e-4)
+    err, tol = verify(str(out), "float32", None, 2, 16, 0)
+    assert err < tol
+    r = subprocess.run([sys.executable, "-m", "mmjax.hf", "export", "--checkpoint", str(run),
+                        "--out", str(out), "--merge-lora"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+
+    llm = export_lib.export(str(run), tmp_path / "llm", dtype="float32", merge_lora=True,
+                            what="llm", say=lambda _: None)
+    lm = tf.AutoModelForCausalLM.from_pretrained(llm).eval()
+    text = ids[:, :8]
+    with torch.no_grad():
+        ref = lm(input_ids=torch.tensor(text, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ref, np.asarray(m.model.apply({"params": m.params}, text)),
+                               atol=2e-5, rtol=1e-4)
+    proj = export_lib.export(str(run), tmp_path / "proj", merge_lora=True, what="projector",
+                             say=lambda _: None)
+    weights = torch.load(proj / "mm_projector.bin", weights_only=True)
+    assert sorted(weights) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                               "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    np.testing.assert_array_equal(weights["model.mm_projector.0.weight"].numpy(),
+                                  np.asarray(m.params["projector"]["linear_1"]["kernel"]).T)
 
 
 def test_recipe_without_weights_or_data_fails_at_start():
