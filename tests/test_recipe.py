@@ -238,6 +238,10 @@ def _same_in_transformers(exported, m):
     requests = [Request(ids, [image[0]])]
     mine = Engine(m.model, m.params, m.tokenizer).generate(requests, Sampling(max_new_tokens=8))
     assert mine[0].token_ids == _hf_generate(hf, requests, 8)[0].tolist()
+    from mmjax.hf.verify import verify
+
+    err, tol = verify(str(exported), "float32", None, 2, 16, 0)
+    assert err < tol
     # the processor: the image token count, and the chat template renders the run's template
     proc = tf.AutoProcessor.from_pretrained(exported)
     if m.template != "plain":
