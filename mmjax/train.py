@@ -129,11 +129,13 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         check_resume_config(workdir, dataclasses.asdict(tc), latest, allow_config_change, say)
-    resumed = recipe_lib.MODEL_FILE if (workdir / recipe_lib.MODEL_FILE).exists() else None
-    recipe = recipe_lib.resolve(tc, workdir)  # before any compute: mismatches fail here
+    # the model and tokenizer: the run's own on resume, else resolved (and checked) before
+    # any compute
+    resuming = latest is not None and (workdir / recipe_lib.MODEL_FILE).exists()
+    recipe = recipe_lib.resolve(tc, workdir if resuming else None)
     if lead:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
-        if resumed is None:
+        if not resuming:
             recipe_lib.save(recipe, workdir)
         say(f"config: {workdir / 'config.json'} (stage {tc.stage}); model "
             f"{workdir / recipe_lib.MODEL_FILE}: {recipe.describe()}")
