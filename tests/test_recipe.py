@@ -309,3 +309,42 @@ def test_readme_commands_through_the_cli(towers, tmp_path):
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "template vicuna_v1" in r.stdout and (w2 / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_a_hf_llava_round_trips_bitwise(towers, tmp_path):
+    """A whole LlavaForConditionalGeneration directory: imported by a stage-2 run (one step,
+    at warm-up lr 0, so nothing moves), exported: every tensor bitwise the original's, and
+    transformers gives the original's logits."""
+    import torch
+
+    from hf_fixtures import llava_config, normalize, real_images, rel_err
+    from mmjax.hf.export import export
+
+    _, data = towers
+    src = tmp_path / "llava"
+    tok = llama_sp_tokenizer(src, CORPUS, legacy=False, vocab_size=300)
+    tok = tf.AutoTokenizer.from_pretrained(str(src))
+    recipe_lib.add_tokens(tok)
+    tok.save_pretrained(str(src))
+    hf_cfg = llava_config("clip", "llama", image_token_id=tok.convert_tokens_to_ids("<image>"))
+    hf_cfg.text_config.vocab_size = 320
+    original = make_model(tf.LlavaForConditionalGeneration, hf_cfg)
+    save(original, src)
+    h = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+        data, "chats", 1, [f"--config.init.hf_llava={src}"])), tmp_path / "run")
+    assert h["loss"][0][0] == 1
+    out = export(str(tmp_path / "run"), tmp_path / "hf", dtype="float32", say=lambda _: None)
+    mine, theirs = _tensors(out), _tensors(src)
+    assert set(theirs) <= set(mine)
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(mine[k], v, k)
+    back = tf.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    v = hf_cfg.vision_config
+    image = normalize(real_images(v.image_size, 1), (0.48145466, 0.4578275, 0.40821073),
+                      (0.26862954, 0.26130258, 0.27577711))
+    n = (v.image_size // v.patch_size) ** 2
+    ids = torch.tensor([[1, *([hf_cfg.image_token_id] * n), 5, 6, 7]])
+    pixels = torch.tensor(image).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        assert rel_err(back(input_ids=ids, pixel_values=pixels).logits.numpy(),
+                       original(input_ids=ids, pixel_values=pixels).logits.numpy()) < 1e-5
