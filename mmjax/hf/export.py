@@ -144,7 +144,8 @@ def model_tensors(reader: ModuleReader, cfg: LlavaConfig, abstract_flat: dict, r
                 value = _merged(reader.module(module_path), rt)[leaf_name]
                 value = value[i] if loc.stacked else value
                 out = mapping.to_hf(loc, value)
-                return out.astype(dtype) if np.issubdtype(out.dtype, np.floating) else out
+                return out.astype(dtype, copy=False) if np.issubdtype(
+                    out.dtype, np.floating) else out
 
             out_dtype = np.dtype(dtype) if np.issubdtype(leaf.dtype, np.floating) else \
                 np.dtype(leaf.dtype)
@@ -172,7 +173,7 @@ def tower_extras(source: str | None, cfg: LlavaConfig, exported: set[str],
         if key.startswith(prefix) and any(rel.startswith(w) for w in wanted) \
                 and name not in exported:
             out.append(Tensor(name, tuple(ckpt.shape(key)), np.dtype(dtype),
-                              lambda key=key: ckpt.read(key).astype(dtype)))
+                              lambda key=key: ckpt.read(key).astype(dtype, copy=False)))
     return out
 
 
@@ -197,7 +198,7 @@ def write_safetensors(path: Path, tensors: list[Tensor]) -> None:
             if value.shape != t.shape or value.dtype != t.dtype:
                 raise AssertionError(f"{t.key}: {value.shape} {value.dtype}, expected "
                                      f"{t.shape} {t.dtype}")
-            f.write(value.tobytes())
+            value.tofile(f)  # the array's own buffer, no bytes copy
             del value
 
 
