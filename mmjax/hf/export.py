@@ -402,7 +402,10 @@ def export(spec: str, out: str | Path, dtype: str = "bfloat16", shard_size: str 
                 tokenizer.save_pretrained(str(tmp))
             else:
                 llava_config(cfg, tokenizer, dtype).save_pretrained(tmp)
-                processor(cfg, tokenizer, recipe.template).save_pretrained(str(tmp))
+                proc = processor(cfg, tokenizer, recipe.template)
+                proc.save_pretrained(str(tmp))
+                # also the per-component file older transformers and vLLM read
+                proc.image_processor.save_pretrained(str(tmp))
             tf.GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                 eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
