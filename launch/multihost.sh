@@ -2,8 +2,8 @@
 # Hosts without a scheduler: start the same command on every host with an explicit
 # coordinator (host 0's address and a free port), the process count and this host's rank.
 #
-#   host0$ bash launch/multihost.sh host0:12355 2 0 --config configs/stage2.py:llava15_7b --workdir /shared/run
-#   host1$ bash launch/multihost.sh host0:12355 2 1 --config configs/stage2.py:llava15_7b --workdir /shared/run
+#   host0$ bash launch/multihost.sh host0:12355 2 0 --config configs/stage2.py --workdir /shared/run
+#   host1$ bash launch/multihost.sh host0:12355 2 1 --config configs/stage2.py --workdir /shared/run
 #
 # The same settings can come from config (--config.distributed.coordinator_address=...,
 # num_processes, process_id). Try it on one machine with CPU devices:

@@ -3,7 +3,7 @@
 #
 #   export TPU_NAME=my-v5p-128 ZONE=us-east5-a            # PROJECT optional
 #   bash launch/tpu_pod.sh setup                            # copy this repo + install, all hosts
-#   bash launch/tpu_pod.sh train --config configs/stage2.py:llava15_7b \
+#   bash launch/tpu_pod.sh train --config configs/stage2.py \
 #       --workdir /mnt/shared/runs/stage2 --config.init.hf_llava=/mnt/shared/hf/llava-1.5-7b-hf \
 #       --config.data.sources="[{'kind': 'arrayrecord', 'path': '/mnt/shared/data/mix665k'}]"
 #   bash launch/tpu_pod.sh logs                             # tail host 0's log
