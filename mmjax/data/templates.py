@@ -166,19 +166,24 @@ class Vicuna(Template):
 
     def render(self, system, pairs):
         system = system if system is not None else VICUNA_SYSTEM
-        text = system + " "
-        data, targets, replies = [(0, len(system))], [], []
-        for q, a in pairs:
-            text += "USER: "
-            data.append((len(text), len(text) + len(q)))
-            text += q + " ASSISTANT:"
-            start = len(text)  # the separator space belongs to the reply's first token
-            data.append((start + 1, start + 1 + len(a)))
-            text += " " + a + "</s>"
-            targets.append((start, len(text)))
-            replies.append((0, start))
-        return Rendered((Segment(text, tuple(targets), tuple(data)),), tuple(replies),
-                        len(pairs))
+        return _rounds(system + " ", [(0, len(system))], pairs, "USER: ", " ASSISTANT:", "</s>")
+
+
+def _rounds(text: str, data: list, pairs, open_q: str, close_q: str, end: str) -> Rendered:
+    """One segment: `text`, then per round open_q + q + close_q + " " + a + end. The reply is
+    learned from the separator space (a token of its own before digits, newlines or spaces
+    in LLaVA's tokenization) through `end`."""
+    targets, replies = [], []
+    for q, a in pairs:
+        text += open_q
+        data.append((len(text), len(text) + len(q)))
+        text += q + close_q
+        start = len(text)
+        data.append((start + 1, start + 1 + len(a)))
+        text += " " + a + end
+        targets.append((start, len(text)))
+        replies.append((0, start))
+    return Rendered((Segment(text, tuple(targets), tuple(data)),), tuple(replies), len(pairs))
 
 
 class MistralInstruct(Template):
@@ -195,23 +200,10 @@ class MistralInstruct(Template):
         return _tidy_next(question)
 
     def render(self, system, pairs):
-        system = system or ""
-        text, data, targets, replies = "", [], [], []
-        for i, (q, a) in enumerate(pairs):
-            text += "[INST] "
-            if i == 0 and system:
-                text += "<<SYS>>\n"
-                data.append((len(text), len(text) + len(system)))
-                text += system + "\n<</SYS>>\n\n"
-            data.append((len(text), len(text) + len(q)))
-            text += q + " [/INST]"
-            start = len(text)
-            data.append((start + 1, start + 1 + len(a)))
-            text += " " + a + " </s>"
-            targets.append((start, len(text)))
-            replies.append((0, start))
-        return Rendered((Segment(text, tuple(targets), tuple(data)),), tuple(replies),
-                        len(pairs))
+        if system:  # LLAMA_2 style: the system block opens the first instruction
+            (q, a), *rest = pairs
+            pairs = [(f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}", a), *rest]
+        return _rounds("", [], pairs, "[INST] ", " [/INST]", " </s>")
 
 
 class _PerMessage(Template):

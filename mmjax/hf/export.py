@@ -73,14 +73,13 @@ class ModuleReader:
     """A run's parameters, one module (a dict of leaves) at a time, from its checkpoint."""
 
     def __init__(self, workdir: Path, step: int | None, abstract: dict, device):
-        import orbax.checkpoint as ocp
+        from mmjax.training.checkpoint import SubtreeReader
 
-        self.directory = Path(workdir).absolute() / "checkpoints"
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
-        self.step = self._manager.latest_step() if step is None else step
-        if self.step is None:
-            raise ConfigError(f"no finished checkpoint in {self.directory}")
+        try:
+            self._reader = SubtreeReader(Path(workdir) / "checkpoints", step)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        self.step = self._reader.step
         self._abstract, self._device = abstract, device
         self._cache: tuple | None = None
 
@@ -89,33 +88,20 @@ class ModuleReader:
         if self._cache and self._cache[0] == path:
             return self._cache[1]
         import jax
-        import orbax.checkpoint as ocp
 
         node = self._abstract
         for k in path:
             node = node[k]
-        leaves = {k: v for k, v in node.items() if not isinstance(v, dict)}
         sharding = jax.sharding.SingleDeviceSharding(self._device)
-        target: dict = {"params": {}}
-        cur = target["params"]
-        for k in path:
-            cur = cur.setdefault(k, {})
-        cur.update({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-                    for k, v in leaves.items()})
-        args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding,
-                                                           global_shape=a.shape, dtype=a.dtype),
-                            target)
-        out = self._manager.restore(self.step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=args,
-                                         partial_restore=True)))["state"]["params"]
-        for k in path:
-            out = out[k]
+        leaves = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                  for k, v in node.items() if not isinstance(v, dict)}
+        out = self._reader.read(("params", *path), leaves)
         values = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
         self._cache = (path, values)
         return values
 
     def close(self) -> None:
-        self._manager.close()
+        self._reader.close()
 
 
 def _merged(module: dict, rt) -> dict:

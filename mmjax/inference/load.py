@@ -183,8 +183,7 @@ def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",
                                  lora_alpha=train_rt.lora_alpha,
                                  lora_targets=train_rt.lora_targets)
     if template == "auto":
-        template = recipe.template if recipe.template != "auto" else recipe_lib.default_template(
-            cfg, recipe.tokenizer)
+        template = recipe.template
     return Loaded(Llava(cfg, rt), params, recipe.tokenizer, template,
                   f"{workdir.name}" + (f":{step}" if step is not None else ""), mesh, rules,
                   image_aspect=tc.data.image_aspect)

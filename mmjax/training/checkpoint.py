@@ -323,34 +323,53 @@ def _verify(state, recorded: dict | None) -> str | None:
     return None
 
 
+class SubtreeReader:
+    """Parts of one checkpoint's state (`state/<path...>`), the checkpoint opened once."""
+
+    def __init__(self, directory: str | Path, step: int | None = None):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            read_only=True))
+        self.step = self._manager.latest_step() if step is None else step
+        if self.step is None:
+            self._manager.close()
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+
+    def read(self, path: tuple[str, ...], abstract_subtree):
+        """`state/<path...>` into `abstract_subtree`'s shapes and shardings; raises naming any
+        leaf that is missing or has another shape."""
+        target: dict = {}
+        node = target
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = abstract_subtree
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                           dtype=a.dtype), target)
+        out = self._manager.restore(self.step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                         partial_restore=True)))["state"]
+        for key in path:
+            out = out[key]
+        for (p, leaf), (_, want) in zip(
+                jax.tree_util.tree_flatten_with_path(out)[0],
+                jax.tree_util.tree_flatten_with_path(abstract_subtree)[0]):
+            if not isinstance(leaf, jax.Array) or leaf.shape != want.shape:
+                raise ValueError(f"{self.directory} step {self.step}: {'/'.join(path)}"
+                                 f"{jax.tree_util.keystr(p)} was not loaded with shape "
+                                 f"{want.shape}")
+        return out
+
+    def close(self) -> None:
+        self._manager.close()
+
+
 def restore_subtree(directory: str | Path, path: tuple[str, ...], abstract_subtree,
                     step: int | None = None):
-    """Reads `state/<path...>` of a checkpoint (latest step by default) into
-    `abstract_subtree`'s shapes and shardings; raises naming any leaf that is missing or
-    has another shape."""
-    directory = Path(directory).absolute()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    target: dict = {}
-    node = target
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-    node[path[-1]] = abstract_subtree
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                       dtype=a.dtype), target)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))["state"]
-    manager.close()
-    out = restored
-    for key in path:
-        out = out[key]
-    for (p, leaf), (_, want) in zip(jax.tree_util.tree_flatten_with_path(out)[0],
-                                    jax.tree_util.tree_flatten_with_path(abstract_subtree)[0]):
-        if not isinstance(leaf, jax.Array) or leaf.shape != want.shape:
-            raise ValueError(f"{directory} step {step}: {'/'.join(path)}"
-                             f"{jax.tree_util.keystr(p)} was not loaded with shape {want.shape}")
-    return out
+    """Reads `state/<path...>` of a checkpoint (latest step by default) once (see
+    `SubtreeReader.read`)."""
+    reader = SubtreeReader(directory, step)
+    try:
+        return reader.read(path, abstract_subtree)
+    finally:
+        reader.close()

@@ -187,13 +187,8 @@ def add_tokens(tokenizer, image_token: str = IMAGE, pad: bool = True) -> tuple[s
     return tuple(added)
 
 
-def default_template(cfg: LlavaConfig, tokenizer) -> str:
-    """The chat template LLaVA trains the model's LLM family with (stage 2)."""
-    return templates.default_template(cfg.llm.family, tokenizer)
-
-
 def _template(name: str, cfg: LlavaConfig, tokenizer) -> str:
-    return default_template(cfg, tokenizer) if name == AUTO else name
+    return templates.default_template(cfg.llm.family, tokenizer) if name == AUTO else name
 
 
 def _round_up(n: int, multiple: int) -> int:
