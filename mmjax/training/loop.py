@@ -225,25 +225,45 @@ class InterruptedWait(Exception):
 class Sigterm:
     """Single process: SIGTERM (SLURM, Kubernetes, a spot VM's notice) means save and exit.
     Several processes use JAX's preemption sync point instead (all stop at one step).
-    While the loop waits for data (`waiting`), SIGTERM interrupts the wait: the run stops
-    at once without a new checkpoint (the data iterator is mid-batch)."""
+    SIGTERM during a data wait lets the batch arrive for `WAIT_GRACE_S` (the step then
+    saves as usual); a wait that outlasts it (data that never comes) is interrupted, and
+    the run stops without a new checkpoint (the data iterator is mid-batch)."""
+
+    WAIT_GRACE_S = 10.0
 
     def __init__(self):
         self.received = False
-        self.waiting = False
-        self._previous = None
+        self._waiting = False
+        self._previous = self._previous_alarm = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous_alarm = signal.signal(signal.SIGALRM, self._alarm)
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, value: bool) -> None:
+        self._waiting = value
+        if not value and self._previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # the batch came: no interruption
 
     def _handle(self, *_):
         self.received = True
-        if self.waiting:
-            self.waiting = False
+        if self._waiting:
+            signal.setitimer(signal.ITIMER_REAL, self.WAIT_GRACE_S)
+
+    def _alarm(self, *_):
+        if self._waiting:
+            self._waiting = False
             raise InterruptedWait()
 
     def restore(self):
         if self._previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGALRM, self._previous_alarm)
 
 
 class Profile:
