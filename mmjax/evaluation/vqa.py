@@ -1,13 +1,19 @@
-"""VQA answer normalisation and accuracy, as the official evaluation defines them.
+"""VQA answer normalisation and accuracy, as the official evaluations define them.
 
 The tables and steps are those of GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/
 vqaEval.py` (the Python 3 version; EvalAI scores VQAv2 test-dev with the same), kept as they
 are, quirks included: contraction keys with capitals ("Im", "Ive") never match because the
-text is lowercased first; "-" and "!" are punctuation, ":" and "'" are not.
+text is lowercased first; "-" and "!" are punctuation, ":" and "'" are not; the period strip
+replaces at most 32 periods (the official call passes re.UNICODE as the count).
 
     normalize_answer(" Two dogs.")      -> "2 dogs"
     vqa_accuracy("2", ten_answers)      -> min(#matching / 3, 1) over the ten leave-one-out
                                            subsets of the human answers, averaged
+
+TextVQA and the submission files of VQAv2 and VizWiz use EvalAI's answer processor (pythia /
+MMF's `EvalAIAnswerProcessor`, as LLaVA's `m4c_evaluator.py` carries it): the same tables
+after a first pass that lowercases and drops "," and "?" and splits "'s", and the soft score
+of each distinct human answer (`soft_scores`) applied to both sides.
 
 Normalisation is for scoring predictions; training targets stay the released answers.
 """
@@ -57,16 +63,17 @@ PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", 
          "`", ",", "?", "!")
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+EVALAI_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, comma_strip: re.Pattern = COMMA_STRIP) -> str:
     out = text
     for p in PUNCT:
-        if (p + " " in text or " " + p in text) or COMMA_STRIP.search(text) is not None:
+        if (p + " " in text or " " + p in text) or comma_strip.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return PERIOD_STRIP.sub("", out)
+    return PERIOD_STRIP.sub("", out, count=re.UNICODE)
 
 
 def process_digit_article(text: str) -> str:
@@ -97,3 +104,25 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
         others = gts[:i] + gts[i + 1:]
         accs.append(min(1.0, sum(1 for a in others if a == pred) / 3))
     return sum(accs) / len(accs) if accs else 0.0
+
+
+def evalai_normalize(answer: str) -> str:
+    """An answer as EvalAI's processor writes it (TextVQA scoring, VQAv2 / VizWiz uploads)."""
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(answer, EVALAI_COMMA_STRIP))
+
+
+def soft_scores(answers: list[str]) -> dict[str, float]:
+    """The score of each distinct human answer (already normalised): min(#other answers equal
+    to it / 3, 1), averaged over leaving each of the answers out."""
+    n = len(answers)
+    return {u: sum(min(1.0, (answers.count(u) - (a == u)) / 3) for a in answers) / n
+            for u in set(answers)}
+
+
+def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """TextVQA's accuracy (m4c's TextVQAAccuracyEvaluator): both sides through EvalAI's
+    processor, the prediction scored as the human answer it equals."""
+    return soft_scores([evalai_normalize(a) for a in answers]).get(
+        evalai_normalize(prediction), 0.0)

@@ -1,0 +1,259 @@
+"""LLaVA-1.5's benchmark suite, answered with the KV-cache engine and scored offline.
+
+    python -m mmjax.evaluate (--hf DIR | --checkpoint WORKDIR[:STEP]) --benchmark NAME
+        --data DIR [--split S] [--variant V] [--image-root DIR] [--out DIR] [--limit N]
+    python -m mmjax.evaluate --compare results_a.json results_b.json
+
+Benchmarks: vqav2, gqa, textvqa, pope, scienceqa, mme, mmbench, chartqa, vizwiz (file
+layouts in `mmjax.evaluation.benchmarks` and the README). Questions are asked as LLaVA-1.5's
+evaluation asked them (the model's template, vicuna_v1 for LLaVA-1.5; "Answer the question
+using a single word or phrase." for short answers, "Answer with the option's letter from the
+given choices directly." for multiple choice), greedy. --out (default
+eval/BENCHMARK[-SPLIT]) gets:
+
+    answers.jsonl      LLaVA's answer layout (question_id, prompt, text, answer_id, model_id,
+                       metadata; MMBench adds round_id, options, option_char); resumable:
+                       questions already answered there are not asked again
+    results.json       every metric, skipped records by reason, the model, sha256 of every
+                       data file read, the prompts used
+    results.md         the same as a table
+    *_submission.*     what the official servers take (VQAv2 test-dev, VizWiz, MMBench .xlsx;
+                       GQA's predictions file)
+
+Records that cannot be asked (missing image, malformed record, unreadable image) are skipped,
+counted by reason, and reported; the metrics are over the answered questions.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from mmjax.data.image import ImageError, decode_image, resize_uint8
+from mmjax.evaluation import benchmarks as bench_lib
+from mmjax.inference import cli
+from mmjax.inference.sampling import Sampling
+
+PROMPTS = {"short_answer": bench_lib.SHORT, "multiple_choice": bench_lib.CHOICE,
+           "vizwiz": bench_lib.UNANSWERABLE}
+
+
+def _key(line: dict) -> str:
+    r = line.get("round_id")
+    return f"{line['question_id']}" if r is None else f"{line['question_id']}#{r}"
+
+
+def read_answers(path: Path) -> dict[str, dict]:
+    """Complete answer lines in `path` by key (a torn last line is cut off)."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    out = {}
+    for line in data[:end].decode().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[_key(rec)] = rec
+    return out
+
+
+def _pixels(m, image) -> np.ndarray:
+    raw = image if isinstance(image, bytes) else Path(image).read_bytes()
+    v = m.cfg.vision
+    return resize_uint8(decode_image(raw), v.image_size, v.image_mean, m.image_aspect)
+
+
+def answer(m, engine, items, out: Path, batch_size: int, sampling: Sampling, skips,
+           model_id: str, progress: bool = True) -> dict[str, dict]:
+    """Answers the items not yet in `out` (appending batch by batch); returns every answer
+    line by item key. An image that does not decode is a skip ('unreadable_image')."""
+    done = read_answers(out)
+    todo = [it for it in items if it.key not in done]
+    t0, n = time.time(), 0
+    with open(out, "a") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk, reqs = [], []
+            for it in todo[start:start + batch_size]:
+                images = []
+                if it.image is not None:
+                    try:
+                        images = [_pixels(m, it.image)]
+                    except (ImageError, OSError) as e:
+                        skips.add("unreadable_image", f"{it.question_id}: {e}")
+                        continue
+                chunk.append(it)
+                reqs.append(cli.request(m, [(it.text, "")], images))
+            results = engine.generate(reqs, sampling) if reqs else []
+            for it, r in zip(chunk, results):
+                line = {"question_id": it.question_id, "prompt": it.text,
+                        "text": r.text.strip(), "answer_id": uuid.uuid4().hex,
+                        "model_id": model_id, "metadata": {}, **it.fields}
+                f.write(json.dumps(line) + "\n")
+                done[it.key] = line
+            f.flush()
+            os.fsync(f.fileno())
+            n += len(todo[start:start + batch_size])
+            if progress:
+                print(f"\r{n}/{len(todo)} questions, {n / (time.time() - t0):.2f}/s", end="",
+                      file=sys.stderr, flush=True)
+    if progress and todo:
+        print(file=sys.stderr)
+    return done
+
+
+def limit_items(items, limit: int):
+    """The first `limit` questions (all rotations of an MMBench question count as one)."""
+    if not limit:
+        return items
+    keep, out = set(), []
+    for it in items:
+        if it.question_id not in keep:
+            if len(keep) == limit:
+                continue
+            keep.add(it.question_id)
+        out.append(it)
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run(m, bench: bench_lib.Benchmark, out: Path, *, batch_size: int = 16, limit: int = 0,
+        max_new_tokens: int | None = None, engine=None, model_source: str = "",
+        progress: bool = True) -> dict:
+    """Reads, answers, scores and writes the report of one benchmark; returns the report."""
+    t0 = time.time()
+    items = limit_items(bench.read(), limit)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = engine or cli.engine(m)
+    sampling = Sampling(max_new_tokens=max_new_tokens or bench.max_new_tokens)
+    lines = answer(m, engine, items, out / "answers.jsonl", batch_size, sampling, bench.skips,
+                   m.model_id, progress)
+    answered = [it for it in items if it.key in lines]
+    texts = [lines[it.key]["text"] for it in answered]
+    metrics = bench.score(answered, texts) if bench.scored and answered else {}
+    files = bench.submission(answered, texts, out) if answered else []
+    report = {
+        "benchmark": bench.name, "split": bench.split, "variant": bench.variant,
+        "model": {"id": m.model_id, "source": model_source, "template": m.template,
+                  "dtype": str(m.model.rt.dtype)},
+        "questions": len({it.question_id for it in items}), "answer_lines": len(answered),
+        "skipped": bench.skips.total, "skipped_by_reason": bench.skips.as_dict(),
+        "limit": limit, "metrics": metrics,
+        "prompts": {**{k: v for k, v in PROMPTS.items()},
+                    "example": items[0].text if items else ""},
+        "max_new_tokens": sampling.max_new_tokens, "greedy": True,
+        "data_files": {str(p.relative_to(bench.data) if p.is_relative_to(bench.data) else p):
+                       sha256(p) for p in bench.files},
+        "submission_files": [p.name for p in files], "seconds": round(time.time() - t0, 1),
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    return report
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def markdown(report: dict) -> str:
+    head = (f"## {report['benchmark']}" + (f" {report['split']}" if report["split"] else "")
+            + (f" ({report['variant']})" if report["variant"] else "")
+            + f": {report['model']['id']}\n\n")
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| {k} | {_fmt(v)} |" for k, v in report["metrics"].items()]
+    rows += [f"| questions | {report['questions']} |",
+             f"| skipped | {report['skipped']} |"]
+    return head + "\n".join(rows) + "\n"
+
+
+def compare(a: Path, b: Path) -> str:
+    """The metrics of two results.json side by side."""
+    ra, rb = (json.loads(Path(p).read_text()) for p in (a, b))
+    names = list(dict.fromkeys([*ra["metrics"], *rb["metrics"]]))
+    rows = [f"| metric | {ra['model']['id']} | {rb['model']['id']} | difference |",
+            "|---|---|---|---|"]
+    for k in names:
+        va, vb = ra["metrics"].get(k), rb["metrics"].get(k)
+        diff = _fmt(vb - va) if isinstance(va, (int, float)) and isinstance(
+            vb, (int, float)) else ""
+        rows.append(f"| {k} | {_fmt(va) if va is not None else '-'} | "
+                    f"{_fmt(vb) if vb is not None else '-'} | {diff} |")
+    for k in ("questions", "skipped"):
+        rows.append(f"| {k} | {ra[k]} | {rb[k]} | |")
+    title = f"{ra['benchmark']} {ra['split']}".strip()
+    if (ra["benchmark"], ra["split"]) != (rb["benchmark"], rb["split"]):
+        title += f" vs {rb['benchmark']} {rb['split']}".rstrip()
+    return f"## {title}\n\n" + "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:
+        if len(argv) != 3:
+            raise cli.UsageError("--compare takes two results.json files")
+        for p in argv[1:]:
+            if not Path(p).is_file():
+                raise cli.UsageError(f"{p} does not exist")
+        print(compare(Path(argv[1]), Path(argv[2])), end="")
+        return None
+    parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    parser.add_argument("--benchmark", required=True, choices=sorted(bench_lib.BENCHMARKS))
+    parser.add_argument("--data", required=True, type=Path,
+                        help="the benchmark's folder as released (MMBench: the TSV)")
+    parser.add_argument("--split", default="", help="default: the one LLaVA-1.5 reports")
+    parser.add_argument("--variant", default="", help="textvqa: ocr | plain; scienceqa: "
+                        "img | all; mmbench: circular | single")
+    parser.add_argument("--image-root", type=Path, default=None,
+                        help="where the images are, if not where the release puts them")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=0, help="the first N questions only")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        bench = bench_lib.get(args.benchmark, args.data, args.image_root, args.split,
+                              args.variant)
+    except bench_lib.BenchmarkError as e:
+        raise cli.UsageError(str(e)) from None
+    out = args.out or Path("eval") / (bench.name + (f"-{bench.split}" if bench.split else ""))
+    m = cli.load_model(args)
+    try:
+        report = run(m, bench, out, batch_size=args.batch_size, limit=args.limit,
+                     max_new_tokens=args.max_new_tokens,
+                     model_source=args.hf or args.checkpoint)
+    except bench_lib.BenchmarkError as e:
+        raise cli.UsageError(str(e)) from None
+    print(markdown(report), end="")
+    if report["skipped"]:
+        print(f"\n{report['skipped']} record(s) skipped, not scored: "
+              f"{bench.skips.describe()}")
+    if not bench.scored:
+        print(f"\n{bench.name} {bench.split} has no references here: answers and submission "
+              f"files only ({', '.join(report['submission_files'])})")
+    print(f"\nwritten to {out}/ (results.json, results.md, answers.jsonl"
+          + "".join(f", {f}" for f in report["submission_files"]) + ")")
+    return report
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,140 @@
+"""Answer parsing and metrics of the benchmarks besides VQA accuracy (`vqa.py`), each as the
+benchmark's own evaluation defines it.
+
+    pope_label       LLaVA `eval_pope.py`: first sentence; "no" / "not" / "No" as a word -> no
+    pope_metrics     accuracy, precision, recall, F1 and yes-ratio with "yes" as positive
+    mme_label        MME `eval_tool/calculation.py`: "yes" / "no", else the first four
+                     characters decide, else "other" (always wrong)
+    mme_scores       per subtask accuracy and accuracy+ (both questions of an image right),
+                     score = 100 * (acc + acc+); perception and cognition totals
+    sqa_letter       LLaVA `eval_science_qa.py`: "B", "B. ...", "The answer is B."
+    choice_letter    MMBench's `can_infer`: exactly one option letter as a word, else exactly
+                     one option's text inside the answer
+    relaxed_correct  ChartQA (pix2struct's relaxed_correctness): numbers within 5%, "%" read
+                     as /100; text exact after lowercasing
+    gqa_prediction   LLaVA `convert_gqa_for_eval.py`: trailing periods off, lowercased
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+# MME's two halves (calculation.py's eval_type_dict)
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
+                  "landmark", "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
+                 "code_reasoning")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def pope_label(text: str) -> str:
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predicted: list[str], labels: list[str]) -> dict:
+    """Binary metrics over "yes" / "no" predictions (already parsed) against labels."""
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(predicted, labels))
+    fp = sum(p == "yes" and g != "yes" for p, g in zip(predicted, labels))
+    tn = sum(p != "yes" and g != "yes" for p, g in zip(predicted, labels))
+    fn = sum(p != "yes" and g == "yes" for p, g in zip(predicted, labels))
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {"accuracy": _ratio(tp + tn, len(labels)), "precision": precision,
+            "recall": recall, "f1": _ratio(2 * precision * recall, precision + recall),
+            "yes_ratio": _ratio(tp + fp, len(labels)), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def mme_label(text: str) -> str:
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    if "yes" in text[:4]:
+        return "yes"
+    if "no" in text[:4]:
+        return "no"
+    return "other"
+
+
+def mme_scores(records: list[tuple[str, str, bool]]) -> dict:
+    """records: (subtask, image, correct) per question -> per subtask accuracy, accuracy+ and
+    score, and the perception / cognition totals (sums of their subtasks' scores)."""
+    by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for task, image, ok in records:
+        by_task[task][image].append(ok)
+    out: dict = {}
+    totals = {"perception": 0.0, "cognition": 0.0}
+    for task, images in sorted(by_task.items()):
+        answers = [ok for oks in images.values() for ok in oks]
+        acc = _ratio(sum(answers), len(answers))
+        acc_plus = _ratio(sum(all(oks) for oks in images.values()), len(images))
+        score = 100 * (acc + acc_plus)
+        out[f"{task}/accuracy"], out[f"{task}/accuracy_plus"] = acc, acc_plus
+        out[f"{task}/score"] = score
+        if task in MME_PERCEPTION:
+            totals["perception"] += score
+        elif task in MME_COGNITION:
+            totals["cognition"] += score
+    out["perception"], out["cognition"] = totals["perception"], totals["cognition"]
+    out["total"] = totals["perception"] + totals["cognition"]
+    return out
+
+
+def sqa_letter(text: str, n_choices: int, letters: str = "ABCDE") -> str | None:
+    """The option letter in a ScienceQA answer, or None."""
+    text = text.replace("\n", ". ")
+    valid = letters[:n_choices]
+    found = None
+    if text.strip() in letters:
+        found = text.strip()
+    elif len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
+        found = text[0]
+    else:
+        m = re.search(r"The answer is ([A-E])\.", text) or re.search(r"The answer is ([A-E])",
+                                                                     text)
+        found = m.group(1) if m else None
+    return found if found and found in valid else None
+
+
+def choice_letter(text: str, options: dict[str, str]) -> str | None:
+    """The option in a multiple-choice answer (options: letter -> text), or None."""
+    words = text
+    for c in ".()[],:;!*#{}":
+        words = words.replace(c, " ")
+    tokens = set(words.split())
+    named = [k for k in options if k in tokens]
+    if len(named) == 1:
+        return named[0]
+    lowered = text.lower()
+    inside = [k for k, v in options.items() if str(v).lower() in lowered]
+    return inside[0] if len(inside) == 1 else None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_correct(target: str, prediction: str, tolerance: float = 0.05) -> bool:
+    p, t = _number(prediction), _number(target)
+    if p is not None and t:
+        return abs(p - t) / abs(t) <= tolerance
+    return prediction.lower() == target.lower()
+
+
+def gqa_prediction(text: str) -> str:
+    return text.rstrip(".").lower()
+
+
+def mean_by(values: list[float], groups: list[str], prefix: str) -> dict[str, float]:
+    """{prefix/group: mean of the values in that group}."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for v, g in zip(values, groups):
+        acc[g].append(v)
+    return {f"{prefix}/{g}": sum(v) / len(v) for g, v in sorted(acc.items())}
