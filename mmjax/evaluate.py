@@ -4,7 +4,8 @@
         --data DIR [--split S] [--variant V] [--image-root DIR] [--out DIR] [--limit N]
     python -m mmjax.evaluate --compare results_a.json results_b.json
 
-Benchmarks: vqav2, gqa, textvqa, pope, scienceqa, mme, mmbench, chartqa, vizwiz (file
+Benchmarks: vqav2, gqa, textvqa, pope, scienceqa, mme, mmbench, chartqa, vizwiz, and
+short_answer (any question file with reference answers: exact match per category) (file
 layouts in `mmjax.evaluation.benchmarks` and the README). Questions are asked as LLaVA-1.5's
 evaluation asked them (the model's template, vicuna_v1 for LLaVA-1.5; "Answer the question
 using a single word or phrase." for short answers, "Answer with the option's letter from the
@@ -67,27 +68,34 @@ def read_answers(path: Path) -> dict[str, dict]:
     return out
 
 
-def _pixels(m, image) -> np.ndarray:
-    raw = image if isinstance(image, bytes) else Path(image).read_bytes()
+def pixels(m, image, blank: bool = False) -> np.ndarray:
+    """An item's image (a file or encoded bytes) -> uint8 [S, S, 3] at the tower's size, the
+    run's aspect handling; `blank`: the tower's mean colour instead (the blind baseline)."""
     v = m.cfg.vision
+    if blank:
+        return np.full((v.image_size, v.image_size, 3), [round(255 * c) for c in v.image_mean],
+                       np.uint8)
+    raw = image if isinstance(image, bytes) else Path(image).read_bytes()
     return resize_uint8(decode_image(raw), v.image_size, v.image_mean, m.image_aspect)
 
 
-def answer(m, engine, items, out: Path, batch_size: int, sampling: Sampling, skips,
-           model_id: str, progress: bool = True) -> dict[str, dict]:
-    """Answers the items not yet in `out` (appending batch by batch); returns every answer
-    line by item key. An image that does not decode is a skip ('unreadable_image')."""
-    done = read_answers(out)
+def answer(m, engine, items, out: Path | None, batch_size: int, sampling: Sampling, skips,
+           model_id: str, progress: bool = True, blank_images: bool = False
+           ) -> dict[str, dict]:
+    """Answers the items not yet in `out` (appending batch by batch; None: no file);
+    returns every answer line by item key. An image that does not decode is a skip
+    ('unreadable_image')."""
+    done = read_answers(out) if out is not None else {}
     todo = [it for it in items if it.key not in done]
     t0, n = time.time(), 0
-    with open(out, "a") as f:
+    with open(out if out is not None else os.devnull, "a") as f:
         for start in range(0, len(todo), batch_size):
             chunk, reqs = [], []
             for it in todo[start:start + batch_size]:
                 images = []
                 if it.image is not None:
                     try:
-                        images = [_pixels(m, it.image)]
+                        images = [pixels(m, it.image, blank_images)]
                     except (ImageError, OSError) as e:
                         skips.add("unreadable_image", f"{it.question_id}: {e}")
                         continue
@@ -101,7 +109,8 @@ def answer(m, engine, items, out: Path, batch_size: int, sampling: Sampling, ski
                 f.write(json.dumps(line) + "\n")
                 done[it.key] = line
             f.flush()
-            os.fsync(f.fileno())
+            if out is not None:
+                os.fsync(f.fileno())
             n += len(todo[start:start + batch_size])
             if progress:
                 print(f"\r{n}/{len(todo)} questions, {n / (time.time() - t0):.2f}/s", end="",
@@ -133,23 +142,27 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(m, bench: bench_lib.Benchmark, out: Path, *, batch_size: int = 16, limit: int = 0,
-        max_new_tokens: int | None = None, engine=None, model_source: str = "",
-        progress: bool = True) -> dict:
-    """Reads, answers, scores and writes the report of one benchmark; returns the report."""
+def run(m, bench: bench_lib.Benchmark, out: Path | None, *, batch_size: int = 16,
+        limit: int = 0, max_new_tokens: int | None = None, engine=None, model_source: str = "",
+        progress: bool = True, items=None, blank_images: bool = False) -> dict:
+    """Reads (unless `items` are given), answers, scores and writes the report of one
+    benchmark into `out` (None: nothing written); returns the report, with the answer
+    texts of the scored items under 'answers'."""
     t0 = time.time()
-    items = limit_items(bench.read(), limit)
-    out.mkdir(parents=True, exist_ok=True)
+    items = limit_items(bench.read(), limit) if items is None else items
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     engine = engine or cli.engine(m)
     sampling = Sampling(max_new_tokens=max_new_tokens or bench.max_new_tokens)
-    lines = answer(m, engine, items, out / "answers.jsonl", batch_size, sampling, bench.skips,
-                   m.model_id, progress)
+    lines = answer(m, engine, items, out / "answers.jsonl" if out is not None else None,
+                   batch_size, sampling, bench.skips, m.model_id, progress, blank_images)
     answered = [it for it in items if it.key in lines]
     texts = [lines[it.key]["text"] for it in answered]
     metrics = bench.score(answered, texts) if bench.scored and answered else {}
-    files = bench.submission(answered, texts, out) if answered else []
+    files = bench.submission(answered, texts, out) if answered and out is not None else []
     report = {
         "benchmark": bench.name, "split": bench.split, "variant": bench.variant,
+        "blank_images": blank_images,
         "model": {"id": m.model_id, "source": model_source, "template": m.template,
                   "dtype": str(m.model.rt.dtype)},
         "questions": len({it.question_id for it in items}), "answer_lines": len(answered),
@@ -162,9 +175,10 @@ def run(m, bench: bench_lib.Benchmark, out: Path, *, batch_size: int = 16, limit
                        sha256(p) for p in bench.files},
         "submission_files": [p.name for p in files], "seconds": round(time.time() - t0, 1),
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(report))
-    return report
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "results.md").write_text(markdown(report))
+    return dict(report, answers=list(zip(answered, texts)))
 
 
 def _fmt(v) -> str:
@@ -176,6 +190,7 @@ def _fmt(v) -> str:
 def markdown(report: dict) -> str:
     head = (f"## {report['benchmark']}" + (f" {report['split']}" if report["split"] else "")
             + (f" ({report['variant']})" if report["variant"] else "")
+            + (" [blank images]" if report.get("blank_images") else "")
             + f": {report['model']['id']}\n\n")
     rows = ["| metric | value |", "|---|---|"]
     rows += [f"| {k} | {_fmt(v)} |" for k, v in report["metrics"].items()]
@@ -229,6 +244,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--limit", type=int, default=0, help="the first N questions only")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--blank-images", action="store_true", help="every image replaced "
+                        "by the tower's mean colour: how much of the score needs the image")
     args = parser.parse_args(argv)
     try:
         bench = bench_lib.get(args.benchmark, args.data, args.image_root, args.split,
@@ -240,7 +257,7 @@ def main(argv=None) -> dict | None:
     try:
         report = run(m, bench, out, batch_size=args.batch_size, limit=args.limit,
                      max_new_tokens=args.max_new_tokens,
-                     model_source=args.hf or args.checkpoint)
+                     model_source=args.hf or args.checkpoint, blank_images=args.blank_images)
     except bench_lib.BenchmarkError as e:
         raise cli.UsageError(str(e)) from None
     print(markdown(report), end="")

@@ -40,6 +40,7 @@ from mmjax.training.checkpoint import (
     quiet_orbax_errors,
 )
 from mmjax.training.config import TrainConfig
+from mmjax.training.evaluate import Evaluator
 from mmjax.training.init import initial_params
 from mmjax.training.metrics import MetricWriter
 from mmjax.training.step import StepConfig, Trainer
@@ -85,6 +86,11 @@ def validate(tc: TrainConfig) -> None:
     for name, path in paths:
         if path and not Path(path).exists():
             raise ConfigError(f"{name}: {path} does not exist")
+    if not 0 <= tc.data.holdout_share < 1:
+        raise ConfigError(f"data.holdout_share {tc.data.holdout_share} must be in [0, 1)")
+    if tc.eval.every_steps and not (tc.data.holdout_share or tc.eval.benchmarks):
+        raise ConfigError("eval.every_steps is set but there is nothing to evaluate: set "
+                          "data.holdout_share (validation loss) and/or eval.benchmarks")
     if tc.grad_accum < 1 or tc.batch_size < 1:
         raise ConfigError(f"batch_size {tc.batch_size} and grad_accum {tc.grad_accum} must "
                           "be at least 1")
@@ -184,10 +190,16 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
         step_fn = trainer.jit_step(state_sh, batch_format.shardings(mesh, rules))
         writer = MetricWriter(workdir, tc.metrics, dataclasses.asdict(tc) if lead else None,
                               purge_step=start + 1 if start else None)
+        evaluator = None
+        if tc.eval.every_steps:
+            evaluator = Evaluator(tc.eval, trainer, dcfg, tokenizer, recipe.template, mesh,
+                                  rules, param_sh, workdir, writer)
         try:
             history = loop.run(loop.Loop(
                 step_fn, data_it, mesh, rules, ckpt, writer, rates, optim, steps, workdir,
-                tc.log_every, tc.log_sample_ids, tc.max_skipped_in_a_row, tc.profile), state)
+                tc.log_every, tc.log_sample_ids, tc.max_skipped_in_a_row, tc.profile,
+                evaluator if evaluator is not None and evaluator.active else None,
+                tc.eval.due), state)
         finally:
             writer.close()
     ckpt.wait()

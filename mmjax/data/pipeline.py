@@ -14,6 +14,7 @@ from typing import Sequence
 
 import grain
 import jax
+import numpy as np
 
 from mmjax.data.batching import BatchDataset, BatchSpec, ReportDataset, SkipFilterDataset
 from mmjax.data.processing import ImageSpec, SampleProcessor
@@ -59,6 +60,8 @@ class DataConfig:
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
     shuffle: bool = True  # shuffle the mixture (seeded by `seed`)
+    holdout_share: float = 0.0  # records (of the mixture) kept out of training: the held-out
+    # split eval.every_steps computes the validation loss on
     workers: int = 0  # Grain worker processes (0: in the main process)
     worker_buffer: int = 2  # batches buffered per worker
     max_bad_share: float = 0.05  # abort when more of the samples read were skipped
@@ -97,10 +100,41 @@ def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> Conversation
                                cfg.special_token_text)
 
 
+HOLDOUT_SEED = 20231005  # fixed: the held-out records do not change with the run's seed
+
+
+class _Subset(grain.MapDataset):
+    """The records of `parent` at `indices`, in that order."""
+
+    def __init__(self, parent: grain.MapDataset, indices: np.ndarray):
+        super().__init__(parent)
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[int(self._indices[index % len(self._indices)])]
+
+
+def holdout_indices(n: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) record indices: a fixed random `share` of the n records (at least
+    one) is held out, whatever the run's seed, so every evaluation sees the same records."""
+    if not 0 < share < 1:
+        raise ValueError(f"data.holdout_share {share} must be in (0, 1)")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    k = max(1, int(round(share * n)))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
 def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
                    sources: Sequence | None = None, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
-    """The per-process batch iterator. `sources` overrides opening `cfg.sources`."""
+                   process_count: int | None = None, part: str = "train"
+                   ) -> grain.DatasetIterator:
+    """The per-process batch iterator. `sources` overrides opening `cfg.sources`. With
+    `cfg.holdout_share`, `part` picks the training records or the held-out ones."""
     if cfg.row_len < cfg.max_length:
         raise ValueError(f"seq_len {cfg.row_len} < max_length {cfg.max_length}")
     pi = jax.process_index() if process_index is None else process_index
@@ -112,6 +146,10 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     else:
         weights = [s.weight for s in cfg.sources] if cfg.sources else [1.0] * len(datasets)
         ds = grain.MapDataset.mix(datasets, weights)
+    if cfg.holdout_share:
+        ds = _Subset(ds, holdout_indices(len(ds), cfg.holdout_share)[part == "heldout"])
+    elif part == "heldout":
+        raise ValueError("no held-out split: set data.holdout_share")
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)

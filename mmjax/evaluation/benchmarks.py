@@ -18,6 +18,10 @@ with its reason, never a silently smaller denominator: `Skips` goes into the rep
     mmbench    an MMBench TSV (base64 images in the `image` column)
     chartqa    test/test_{human,augmented}.json; images test/png/
     vizwiz     {split}.json; images {split}/
+    short_answer  any question file (JSON list or JSON lines) of {question_id or id, image,
+               question or text, answer, category or kind}; images relative to the file's
+               folder; exact match after the VQA normalisation, per category (the demo's
+               held-out questions, your own held-out sets)
 """
 from __future__ import annotations
 
@@ -170,6 +174,15 @@ class Benchmark:
 
     def submission(self, items: list[Item], texts: list[str], out: Path) -> list[Path]:
         return []
+
+    @staticmethod
+    def reference(item: Item) -> str:
+        """The reference answer of an item, for example tables."""
+        r = item.ref
+        for key in ("answer", "label"):
+            if key in r:
+                return str(r[key])
+        return str(r.get("answers", [""])[0]) if r.get("answers") else ""
 
     @property
     def scored(self) -> bool:
@@ -395,6 +408,10 @@ class ScienceQA(Benchmark):
                         {"answer": int(p["answer"]), "n": len(choices), "image": has_image})
 
         return self._records(pids, lambda pid: pid, make)
+
+    @staticmethod
+    def reference(item):
+        return ScienceQA.LETTERS[item.ref["answer"]]
 
     def score(self, items, texts):
         ok = [float(scoring.sqa_letter(t, it.ref["n"]) == self.LETTERS[it.ref["answer"]])
@@ -647,13 +664,56 @@ class VizWiz(Benchmark):
                              for it, t in zip(items, texts)])]
 
 
+class ShortAnswer(Benchmark):
+    name = "short_answer"
+
+    def _read(self):
+        path = self.data
+        if not path.is_file():
+            raise BenchmarkError(f"short_answer: {path} does not exist (a JSON or JSON-lines "
+                                 "file of questions)")
+        self.files.append(path)
+        text = path.read_text()
+        try:
+            records = json.loads(text) if text.lstrip().startswith("[") else [
+                json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        root = self.image_root or path.parent
+
+        def make(nd):
+            n, d = nd
+            qid = d.get("question_id", d.get("id", n))
+            image = None
+            if d.get("image"):
+                image = self._image(root / _str(d["image"]), qid)
+                if image is None:
+                    return None
+            question = _str(d["question"] if "question" in d else d["text"])
+            return Item(qid, question, image,
+                        {"answer": _str(d["answer"]),
+                         "category": str(d.get("category", d.get("kind", "all")))},
+                        {"category": str(d.get("category", d.get("kind", "all")))})
+
+        return self._records(list(enumerate(records)),
+                             lambda nd: nd[1].get("question_id", nd[1].get("id", nd[0]))
+                             if isinstance(nd[1], dict) else f"record {nd[0]}", make)
+
+    def score(self, items, texts):
+        ok = [float(vqa.normalize_answer(t) == vqa.normalize_answer(it.ref["answer"]))
+              for it, t in zip(items, texts)]
+        return {"accuracy": _mean(ok),
+                **scoring.mean_by(ok, [it.ref["category"] for it in items], "accuracy")}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
 
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
-    b.name: b for b in (VQAv2, GQA, TextVQA, POPE, ScienceQA, MME, MMBench, ChartQA, VizWiz)}
+    b.name: b for b in (VQAv2, GQA, TextVQA, POPE, ScienceQA, MME, MMBench, ChartQA, VizWiz,
+                        ShortAnswer)}
 
 
 def get(name: str, data, image_root=None, split: str = "", variant: str = "") -> Benchmark:

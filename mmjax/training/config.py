@@ -15,6 +15,7 @@ from mmjax.data.pipeline import DataConfig
 from mmjax.distributed import DistributedConfig
 from mmjax.models.config import ConfigError, RuntimeConfig
 from mmjax.training.checkpoint import CheckpointConfig
+from mmjax.training.evaluate import EvalConfig
 from mmjax.training.init import InitConfig
 from mmjax.training.lora import LoraConfig
 from mmjax.training.metrics import MetricsConfig
@@ -61,6 +62,7 @@ class TrainConfig:
     lora: LoraConfig = _section(LoraConfig)
     checkpoint: CheckpointConfig = _section(CheckpointConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    eval: EvalConfig = _section(EvalConfig)
     profile: ProfileConfig = _section(ProfileConfig)
     init: InitConfig = _section(InitConfig)
     llava: ComposeConfig = _section(ComposeConfig)
@@ -90,4 +92,8 @@ class TrainConfig:
         from mmjax.data.pipeline import open_source
 
         n = sum(len(open_source(s, data)) for s in data.sources)
+        if data.holdout_share:
+            from mmjax.data.pipeline import holdout_indices
+
+            n = len(holdout_indices(n, data.holdout_share)[0])
         return max(1, self.num_epochs * n // self.batch_size)

@@ -71,6 +71,8 @@ class Loop:
     log_sample_ids: bool = False
     max_skipped_in_a_row: int = 5
     profile: ProfileConfig = ProfileConfig()
+    evaluator: Callable | None = None  # (params, step) -> metrics; see training/evaluate.py
+    eval_due: Callable[[int, int], bool] = lambda done, total: False
 
 
 def run(loop: Loop, state) -> dict:
@@ -122,6 +124,8 @@ def run(loop: Loop, state) -> dict:
                 if lead:
                     print(_console(done, steps, rec, (now - t0) / (done - start)), flush=True)
                 pending, t_last, wait = [], now, 0.0
+            if loop.evaluator is not None and loop.eval_due(done, steps):
+                _evaluate(loop, state, done, lead)
             if done == steps or loop.checkpointer.should_save(done):
                 _save_unless_skipping(loop, state, done, force=done == steps)
             if sigterm.received or loop.checkpointer.reached_preemption(done):
@@ -153,6 +157,21 @@ def _record(loop: Loop, state, per_step: list[dict], done: int, seconds: float,
             "skipped_steps_in_window": int(sum(bool(m["skipped"]) for m in per_step)),
             "label_tokens": int(last["label_tokens"]),
             **total_report(loop.data).metrics()}
+
+
+def _evaluate(loop: Loop, state, done: int, lead: bool) -> None:
+    t = time.perf_counter()
+    metrics = loop.evaluator(state.params, done)
+    if not metrics:
+        return
+    seconds = time.perf_counter() - t
+    loop.writer.write(done, {**metrics, "eval/seconds": seconds})
+    if lead:
+        shown = [(k, v) for k, v in metrics.items() if k == "val/loss" or (
+            k.startswith("eval/") and k.count("/") == 2 and not k.endswith("skipped"))]
+        print(f"step {done}: eval " + ", ".join(
+            f"{k.removeprefix('eval/')} {v:.4g}" for k, v in shown[:8]) + f" ({seconds:.0f}s)",
+            flush=True)
 
 
 def total_report(data_it) -> SkipReport:

@@ -61,6 +61,33 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def examples(self, step: int, tag: str, examples: list[dict]) -> None:
+        """Example predictions ({question, answer, reference, image: uint8 [Y, X, C] or
+        None}): a TensorBoard text table and images, a W&B table, a metrics.jsonl line."""
+        if not self.active or not examples:
+            return
+        rows = [{k: e[k] for k in ("question", "answer", "reference")} for e in examples]
+        self._jsonl.write(json.dumps({"step": step, tag: rows}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            cell = lambda t: str(t).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+            table = ["| question | answer | reference |", "|---|---|---|"] + [
+                f"| {cell(r['question'])} | {cell(r['answer'])} | {cell(r['reference'])} |"
+                for r in rows]
+            self._tb.add_text(f"{tag}/examples", "\n".join(table), step)
+            for k, e in enumerate(examples):
+                if e.get("image") is not None:
+                    self._tb.add_image(f"{tag}/example_{k}", e["image"], step,
+                                       dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"{tag}/examples": wandb.Table(
+                columns=["image", "question", "answer", "reference"],
+                data=[[wandb.Image(e["image"]) if e.get("image") is not None else None,
+                       e["question"], e["answer"], e["reference"]] for e in examples])},
+                step=step)
+
     def flush(self) -> None:
         """Everything written so far to disk (before a checkpoint is saved: a run killed
         after the checkpoint resumes there and must find the steps up to it logged)."""

@@ -140,6 +140,24 @@ class Trainer:
                    "param_norm": optax.tree.norm(new_trainable), "skipped": ~ok}
         return new_state, metrics
 
+    def eval_loss(self, params, batch: dict) -> dict:
+        """Summed next-token loss and label-token count of a batch (no dropout), in
+        `grad_accum` micro-batches like the step, so it fits wherever the step does."""
+        def one(micro):
+            pixels = device_pixels(micro["pixel_values"], self.vision)
+            logits = self.model.apply({"params": params}, micro["input_ids"], pixels,
+                                      micro["positions"], micro["segment_ids"])
+            return token_loss(logits, micro["targets"])
+
+        a = self.step_cfg.grad_accum
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
+        totals, counts = jax.lax.map(one, micro)
+        return {"loss_sum": jnp.sum(totals), "label_tokens": jnp.sum(counts)}
+
+    def jit_eval(self, params_shardings, batch_sharding) -> Callable:
+        return jax.jit(self.eval_loss, in_shardings=(params_shardings, batch_sharding))
+
     def jit_step(self, state_shardings, batch_sharding) -> Callable:
         return jax.jit(self.train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from mmjax.models.config import ConfigError
 
-# Fields a resumed run may change: how long it runs, what it logs and profiles, where
-# checkpoints and metrics go, how the processes find each other. Anything else (model, data,
+# Fields a resumed run may change: how long it runs, what it logs, evaluates and profiles,
+# where checkpoints and metrics go, how the processes find each other. Anything else (model, data,
 # batch, optimizer, seed, workers: the data position depends on the worker count) changes
 # what the run computes.
 RESUME_MAY_CHANGE = ("total_steps", "num_epochs", "log_every", "log_sample_ids",
                      "max_skipped_in_a_row", "metrics.", "profile.", "checkpoint.",
-                     "distributed.")
+                     "distributed.", "eval.")
 
 
 class WorkdirLocked(RuntimeError):
