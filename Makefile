@@ -16,8 +16,13 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
+# lmms-eval's API (its model base class, request type and registry) without its GPU stack:
+# what the adapter's test needs; `pip install 'mmjax[lmms]'` installs the real thing.
+LMMS_API = lmms-eval==0.7.3 loguru==0.7.3 pytz==2026.6
+
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(LMMS_API)
 	touch $@
 
 install: $(VENV)/.base

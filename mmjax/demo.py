@@ -121,8 +121,6 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
     from mmjax import train as train_lib
     from mmjax.data.synthetic import vocabulary_text, write_split
     from mmjax.data.templates import VICUNA_SYSTEM
-    from mmjax.inference.load import from_checkpoint
-    from mmjax.training.evaluate import short_answer_accuracy
 
     t0 = time.time()
     data = workdir / "data"
@@ -147,24 +145,28 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 200,
         print(f"\n== stage {stage}: trains {[g for g, lr in c.optim.groups if lr]} ==",
               flush=True)
         results[stage] = train_lib.train(c, workdir / f"stage{stage}")
-    # the trained model as `python -m mmjax.generate --checkpoint WORKDIR/stage2` loads it
-    m = from_checkpoint(str(workdir / "stage2"))
+    # the held-out evaluation ran in stage 2 (eval.benchmarks of configs/stage2.py:demo):
+    # its last report, as `python -m mmjax.evaluate --checkpoint WORKDIR/stage2` gives it
+    last = max(int(p.name.removeprefix("step_")) for p in (workdir / "stage2" / "eval").iterdir())
+    reports = {tag: json.loads((workdir / "stage2" / "eval" / f"step_{last}" / tag /
+                                "results.json").read_text())
+               for tag in ("heldout", "heldout_blank")}
+    with_images, blank = (reports[t]["metrics"] for t in ("heldout", "heldout_blank"))
     items = json.loads(heldout["qa"].read_text())
-    ask = dict(mesh=m.mesh, rules=m.rules)
-    with_images = short_answer_accuracy(m.model, m.params, m.tokenizer, m.template, items,
-                                        data, **ask)
-    blank = short_answer_accuracy(m.model, m.params, m.tokenizer, m.template, items, data,
-                                  blank_images=True, **ask)
     chance = float(np.mean([1 / {"colour": 4, "shape": 3, "side": 2, "count": 3}[it["kind"]]
                             for it in items]))
     print(f"\n== held-out short-answer accuracy ({len(items)} questions on {n_heldout} "
-          "unseen images) ==")
+          f"unseen images; evaluated in training at step {last}) ==")
     for k in sorted(with_images):
         if k.startswith("accuracy"):
             print(f"  {k:22s} with images {with_images[k]:6.1%}   blank images {blank[k]:6.1%}")
     print(f"  chance (guessing uniformly per question kind): {chance:.1%}")
-    for q, a in with_images["examples"]:
-        print(f"  Q: {q}  A: {a!r}")
+    answers = (workdir / "stage2" / "eval" / f"step_{last}" / "heldout" / "answers.jsonl")
+    for line in answers.read_text().splitlines()[:3]:
+        a = json.loads(line)
+        print(f"  Q: {a['prompt']}  A: {a['text']!r}")
+    print(f"  (TensorBoard: tensorboard --logdir {workdir / 'stage2' / 'tensorboard'}: "
+          "eval/heldout/*, val/loss, example predictions)")
     wall = time.time() - t0
     print(f"demo done in {wall:.0f}s")
     return {"accuracy": with_images["accuracy"], "blank_accuracy": blank["accuracy"],

@@ -337,3 +337,97 @@ def test_evaluate_usage_errors(tiny_hf, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: gqa: ")
     assert "testdev_balanced_questions.json does not exist" in r.stderr
+
+
+# ---------------------------------------------------------------- lmms-eval adapter
+
+
+def test_lmms_eval_adapter_against_transformers(tiny_hf):
+    """lmms-eval's `mmjax` model (resolved through lmms-eval's own registry, when its API is
+    installed): loglikelihood equals transformers' log-probabilities of the same tokens, and
+    generate_until transformers' greedy continuation."""
+    import numpy as np
+    import torch
+    import transformers as tf
+    from PIL import Image
+
+    from mmjax.evaluation import lmms_adapter
+    from mmjax.inference import cli
+
+    try:
+        from lmms_eval.api.instance import Instance
+        from lmms_eval.api.model import lmms
+        from lmms_eval.models import get_model
+    except ImportError:  # the adapter's behaviour alone (make test installs lmms-eval's API)
+        Instance, lmms = None, None
+    if lmms is not None:
+        cls = get_model("mmjax")
+        assert cls is lmms_adapter.MMJax and issubclass(cls, lmms)
+        model = cls.create_from_arg_string(f"hf={tiny_hf},batch_size=2,max_new_tokens=6",
+                                           {"device": "cpu"})
+
+        def request(kind, args, i):
+            return Instance(request_type=kind, arguments=args, idx=i,
+                            metadata={"task": "t", "doc_id": args[3], "repeats": 1})
+    else:
+        model = lmms_adapter.LmmsModel(hf=str(tiny_hf), batch_size=2, max_new_tokens=6)
+
+        class request:  # noqa: N801 (lmms-eval's Instance: .args)
+            def __init__(self, kind, args, i):
+                self.args = args
+
+    photos = [Image.open(io) for io in (_photo(1), _photo(2))]
+    docs = [{"image": photos[0], "q": "what is in the image?", "a": " yes"},
+            {"image": photos[1], "q": "is there a cat?", "a": " no"},
+            {"image": None, "q": "say something", "a": " cat dog"}]
+    model.task_dict = {"t": {"test": docs}}
+    visual = lambda d: [d["image"]] if d["image"] is not None else []  # noqa: E731
+    target = lambda d: d["a"]  # noqa: E731
+    ll = model.loglikelihood([request("loglikelihood", (d["q"], target, visual, i, "t",
+                                                        "test"), i)
+                              for i, d in enumerate(docs)])
+    gen = model.generate_until([request("generate_until", (d["q"], {"max_new_tokens": 6,
+                                                                     "temperature": 0,
+                                                                     "until": ["\n\n"]},
+                                                           visual, i, "t", "test"), i)
+                                for i, d in enumerate(docs)])
+    hf = tf.LlavaForConditionalGeneration.from_pretrained(tiny_hf).eval()
+    m = model.m
+    v = m.cfg.vision
+    for d, (logp, greedy), text in zip(docs, ll, gen):
+        images = [cli.read_image(m, _save(d["image"]))] if d["image"] is not None else []
+        prompt = cli.request(m, [(d["q"], "")], images).ids
+        cont = m.tokenizer.encode(d["a"], add_special_tokens=False)
+        ids = torch.tensor(np.concatenate([prompt, cont])[None].astype(np.int64))
+        kw = {}
+        if images:
+            from mmjax.data.image import normalize
+            px = normalize(images[0], v.image_mean, v.image_std)
+            kw["pixel_values"] = torch.tensor(px.transpose(2, 0, 1)[None])
+        with torch.no_grad():
+            logits = hf(input_ids=ids, **kw).logits[0].double()
+            lp = torch.log_softmax(logits, -1)
+            want = sum(float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(cont))
+            want_greedy = all(int(logits[len(prompt) - 1 + k].argmax()) == t
+                              for k, t in enumerate(cont))
+            out = hf.generate(input_ids=ids[:, :len(prompt)], max_new_tokens=6,
+                              do_sample=False, **kw)
+        assert logp == pytest.approx(want, abs=2e-4) and greedy == want_greedy
+        hf_text = m.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
+        assert text.strip() == hf_text.split("\n\n")[0].strip()
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        model.generate_until_multi_round([])
+
+
+def _photo(i):
+    import io
+
+    return io.BytesIO(fx.photo(i))
+
+
+def _save(image):
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "x.png"
+    image.save(path)
+    return path

@@ -46,7 +46,7 @@ class EvalConfig:
 
     every_steps: int = 0  # evaluate every N steps and after the last; 0 = never
     heldout_batches: int = 8  # batches of data.holdout_share records for val/loss; 0 = all
-    benchmarks: tuple[BenchmarkSpec, ...] = ()  # [{name, data, split, variant, limit}]
+    benchmarks: tuple[BenchmarkSpec, ...] = ()  # [{name, data, limit, tag, ...}]: BenchmarkSpec
     limit: int = 200  # questions per benchmark unless its own limit says otherwise
     batch_size: int = 32  # generation rows
     max_new_tokens: int = 0  # 0: each benchmark's own
