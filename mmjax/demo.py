@@ -6,8 +6,10 @@
 By default it generates a dataset of coloured shapes (captions for stage 1; short-answer
 questions with LLaVA's format prompt, multi-turn and counting for stage 2), trains a BPE
 tokenizer and a tiny ViT + LLM from scratch through `mmjax.train` (stage 1, then stage 2
-from stage 1's checkpoint), and reports held-out short-answer accuracy on unseen images
-against the same model fed blank images. It exits non-zero below 90%.
+from stage 1's checkpoint). Stage 2 evaluates itself during training (configs/stage2.py:demo:
+validation loss on held-out instructions, held-out short-answer accuracy on unseen images
+and the same questions with blank images); the demo prints the last evaluation and exits
+non-zero below 90%.
 
 `--forward` shows the foundation alone: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,

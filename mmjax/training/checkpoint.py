@@ -328,8 +328,14 @@ class SubtreeReader:
 
     def __init__(self, directory: str | Path, step: int | None = None):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            read_only=True))
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # Orbax's notices about opening read-only
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        finally:
+            absl.setLevel(level)
         self.step = self._manager.latest_step() if step is None else step
         if self.step is None:
             self._manager.close()
