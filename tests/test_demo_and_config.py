@@ -117,3 +117,36 @@ def test_every_config_field_is_documented_and_the_readme_reference_is_current():
     block = readme[readme.index(start) + len(start):readme.index(end)]
     assert block.strip() == configlib.reference_markdown().strip(), (
         "README's configuration reference is stale: python -m mmjax.configlib")
+
+
+def test_demo_data_holds_out_phrasings_and_has_the_ablation_twin(tmp_path):
+    """No held-out phrasing appears in the training conversations; the ablation's file is the
+    same conversations with the format prompt stripped; short answers are one word,
+    conversational ones full sentences."""
+    import json
+
+    from mmjax.data import synthetic as syn
+    from mmjax.evaluation import scoring
+
+    p = syn.write_split(tmp_path, "train", 120, 28, seed=1)
+    main = json.loads(p["instruct"].read_text())
+    ablation = json.loads(p["instruct_noprompt"].read_text())
+    asked = [t["value"].removeprefix("<image>\n") for r in main for t in r["conversations"]
+             if t["from"] == "human"]
+    held = {q for qs in syn.HELD_OUT.values() for q in qs}
+    assert not any(q.split("\n")[0] in held for q in asked)
+    assert {q.split("\n")[0] for q in asked} == {q for qs in syn.SEEN.values() for q in qs}
+    for a, b in zip(main, ablation):
+        for ta, tb in zip(a["conversations"], b["conversations"], strict=True):
+            assert ta["value"].replace(f"\n{syn.SHORT}", "") == tb["value"]
+    turns = [t for r in main for t in r["conversations"]]
+    replies = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+    assert all(scoring.is_short(a) for q, a in replies if q.endswith(syn.SHORT))
+    assert all(scoring.is_sentence(a) for q, a in replies if not q.endswith(syn.SHORT))
+    short = sum(q.endswith(syn.SHORT) for q, _ in replies)
+    assert 0.5 < short / len(replies) < 0.8  # short answers are the majority, as in LLaVA
+    held_q = json.loads(p["qa_heldout"].read_text())
+    assert all(q["question"].split("\n")[0] in held for q in held_q)
+    conv = json.loads(p["conv"].read_text())
+    assert {c["kind"] for c in conv} == {f"{k}/{s}" for k in syn.PHRASINGS
+                                         for s in ("seen", "heldout")}

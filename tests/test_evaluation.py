@@ -431,3 +431,21 @@ def _save(image):
     path = Path(tempfile.mkdtemp()) / "x.png"
     image.save(path)
     return path
+
+
+@pytest.mark.parametrize("text, short, sentence", [
+    ("red", True, False), ("left side", True, False), ("The triangles are red.", False, True),
+    ("There are two red triangles in the image.", False, True),
+    ("The triangles are red", False, False),  # no final period
+    ("Red triangles, two of them.", False, False),  # no verb
+    ("It is red.", True, False),  # three words: a phrase, not a full sentence
+])
+def test_answer_form(text, short, sentence):
+    assert scoring.is_short(text) is short and scoring.is_sentence(text) is sentence
+
+
+def test_facts_inside_answers():
+    assert scoring.has_facts("Two red circles on the left.", ["circle", "two", "left"])
+    assert scoring.has_facts("There are 2 squares.", ["two"])  # digits count as the number
+    assert not scoring.has_facts("The shapes are reddish.", ["red", "square"])
+    assert not scoring.has_facts("It is tired.", ["red"])  # only at the start of a word

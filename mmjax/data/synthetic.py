@@ -1,5 +1,7 @@
-"""The embedded demo's data: coloured shapes on a plain background, with captions (stage 1),
-short-answer questions in LLaVA's format-prompt style, multi-turn and counting (stage 2).
+"""The embedded demo's data: coloured shapes on a plain background, with captions (stage 1)
+and instructions (stage 2): short-answer questions with LLaVA's format prompt and one-word
+answers, conversational questions of the same kinds answered in full sentences, and
+descriptions; every kind phrased several ways, some phrasings held out of training.
 
 Everything is generated here (PNG files + LLaVA JSON), deterministic for a seed, so the demo
 needs no download. Held-out images come from a different seed.
@@ -17,12 +19,27 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
 SHAPES = ("circle", "square", "triangle")
 SIDES = ("left", "right")
 SHORT = "Answer the question using a single word or phrase."
-QUESTIONS = {
-    "colour": "What colour is the shape?",
-    "shape": "What shape is in the image?",
-    "side": "Is the shape on the left or the right?",
-    "count": "How many shapes are there?",
-}
+# Each kind of request in several phrasings: its own natural question, and general frames
+# filled with the kind's word. Two frames per kind are held out of training (a different
+# pair for each kind, so every frame and every word is seen, but never that sentence): the
+# zero-shot test asks for a known thing in a known way never seen together.
+FRAMES = ("What is the {} of the shapes?", "Can you tell me the {}?", "Tell me the {}.",
+          "Which {} do you see?", "Name the {} in the image.", "What {} is it?")
+WORDS = {"colour": "colour", "shape": "shape", "count": "number", "side": "side"}
+NATURAL = {"colour": ("What colour is the shape?", "What colour are the shapes?"),
+           "shape": ("What shape is in the image?", "Which shape is shown?"),
+           "count": ("How many shapes are there?", "How many shapes do you see?"),
+           "side": ("Is the shape on the left or the right?", "Which side are the shapes on?")}
+HELD_OUT_FRAMES = {"colour": (0, 1), "shape": (2, 3), "count": (4, 5), "side": (0, 3)}
+SEEN = {k: NATURAL[k] + tuple(f.format(WORDS[k]) for i, f in enumerate(FRAMES)
+                              if i not in HELD_OUT_FRAMES[k]) for k in WORDS}
+HELD_OUT = {k: tuple(FRAMES[i].format(WORDS[k]) for i in HELD_OUT_FRAMES[k]) for k in WORDS}
+SEEN["describe"] = ("Describe the image briefly.", "Can you describe the image?",
+                    "Give a short description.")
+HELD_OUT["describe"] = ("Describe what is in the image.",)
+PHRASINGS = {k: SEEN[k] + HELD_OUT[k] for k in SEEN}
+SHORT_KINDS = ("colour", "shape", "count", "side")
+QUESTIONS = {k: PHRASINGS[k][0] for k in SHORT_KINDS}  # one phrasing per kind
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
@@ -60,32 +77,86 @@ def caption(facts) -> str:
     return f"{n.capitalize()} {facts['colour']} {noun} on the {facts['side']}."
 
 
+def sentence(kind: str, facts) -> str:
+    """The conversational (full-sentence) answer to a request of `kind`."""
+    one = facts["count"] == "one"
+    noun, be = (facts["shape"], "is") if one else (facts["shape"] + "s", "are")
+    other = "right" if facts["side"] == "left" else "left"
+    return {
+        "colour": f"The {noun} {be} {facts['colour']}.",
+        "shape": f"The shape is a {noun}." if one else f"The shapes are {noun}.",
+        "count": f"There {be} {facts['count']} {facts['colour']} {noun} in the image.",
+        "side": f"The {noun} {be} on the {facts['side']}.",
+        "describe": f"{caption(facts)} The {other} side is empty.",
+    }[kind]
+
+
+def _turns(rng, facts, format_prompt: bool) -> list[dict]:
+    """One image's conversation, at most three turns: one or two short-answer questions (one
+    word; with LLaVA's format prompt unless `format_prompt` is False, the ablation), up to
+    one conversational question of another kind (a full sentence, no prompt) and a
+    description; every question in a seen phrasing, in random order."""
+    kinds = [str(k) for k in rng.permutation(SHORT_KINDS)]
+    n_short = int(rng.integers(1, 3))
+    qa = []
+    for kind in kinds[:n_short]:
+        q = str(rng.choice(SEEN[kind]))
+        qa.append((f"{q}\n{SHORT}" if format_prompt else q, facts[kind]))
+    if rng.random() < 0.6:
+        kind = kinds[n_short]
+        qa.append((str(rng.choice(SEEN[kind])), sentence(kind, facts)))
+    describe = rng.random() < 0.3
+    if describe and len(qa) < 3:  # at most three turns: a sample fits 160 tokens
+        qa.append((str(rng.choice(SEEN["describe"])), sentence("describe", facts)))
+    order = rng.permutation(len(qa))
+    turns = []
+    for j, i in enumerate(order):
+        q, a = qa[i]
+        turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
+                  {"from": "gpt", "value": a}]
+    return turns
+
+
 def write_split(root: Path, name: str, n: int, size: int, seed: int) -> dict:
-    """Images under root/name/ and the LLaVA JSON files for both stages; returns paths."""
+    """Images under root/name/ and, beside them, the LLaVA JSON files for both stages
+    (NAME_captions, NAME_instruct, NAME_instruct_noprompt: the same conversations with the
+    short-answer questions stripped of the format prompt) and question files to evaluate
+    with (`short_answer` benchmark files): NAME_qa (short, seen phrasings), NAME_qa_heldout
+    (short, held-out phrasings), NAME_conv (every kind without the format prompt, seen and
+    held-out phrasings in turn, answered in sentences). Returns the paths by key."""
     rng = np.random.default_rng(seed)
     (root / name).mkdir(parents=True, exist_ok=True)
-    captions, instruct, qa = [], [], []
+    files: dict[str, list] = {k: [] for k in ("captions", "instruct", "instruct_noprompt", "qa",
+                                              "qa_heldout", "conv")}
     for i in range(n):
         image, facts = draw(rng, size)
         rel = f"{name}/{i:05d}.png"
         image.save(root / rel)
-        captions.append({"id": f"{name}-cap-{i}", "image": rel, "conversations": [
+        files["captions"].append({"id": f"{name}-cap-{i}", "image": rel, "conversations": [
             {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": caption(facts)}]})
-        kinds = list(rng.permutation(list(QUESTIONS)))
-        turns = []
-        for j, kind in enumerate(kinds[:int(rng.integers(1, 4))]):
-            q = f"{QUESTIONS[kind]} {SHORT}"
-            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
-                      {"from": "gpt", "value": facts[kind]}]
-        if rng.random() < 0.2:
-            turns += [{"from": "human", "value": "Describe the image briefly."},
-                      {"from": "gpt", "value": caption(facts)}]
-        instruct.append({"id": f"{name}-qa-{i}", "image": rel, "conversations": turns})
-        for kind in QUESTIONS:
-            qa.append({"id": f"{name}-{kind}-{i}", "image": rel, "kind": kind,
-                       "question": f"{QUESTIONS[kind]} {SHORT}", "answer": facts[kind]})
+        state = rng.bit_generator.state
+        files["instruct"].append({"id": f"{name}-qa-{i}", "image": rel,
+                                  "conversations": _turns(rng, facts, True)})
+        rng.bit_generator.state = state  # the same draws: the same questions, no prompt
+        files["instruct_noprompt"].append({"id": f"{name}-qa-{i}", "image": rel,
+                                           "conversations": _turns(rng, facts, False)})
+        for kind in SHORT_KINDS:
+            for key, pool in (("qa", SEEN), ("qa_heldout", HELD_OUT)):
+                files[key].append({"id": f"{name}-{key}-{kind}-{i}", "image": rel,
+                                   "kind": kind, "answer": facts[kind],
+                                   "question": f"{rng.choice(pool[kind])}\n{SHORT}"})
+        for kind in (*SHORT_KINDS, "describe"):
+            seen = (i + len(kind)) % 2 == 0  # seen and held-out phrasings by turns
+            for pool in (SEEN if seen else HELD_OUT,):
+                facts_in = [facts[k] for k in SHORT_KINDS] if kind == "describe" else [
+                    facts[kind]]
+                files["conv"].append({
+                    "id": f"{name}-conv-{kind}-{'seen' if seen else 'heldout'}-{i}",
+                    "image": rel, "kind": f"{kind}/{'seen' if seen else 'heldout'}",
+                    "question": str(rng.choice(pool[kind])), "answer": sentence(kind, facts),
+                    "facts": facts_in})
     paths = {}
-    for key, data in (("captions", captions), ("instruct", instruct), ("qa", qa)):
+    for key, data in files.items():
         paths[key] = root / f"{name}_{key}.json"
         paths[key].write_text(json.dumps(data))
     return paths
@@ -93,11 +164,12 @@ def write_split(root: Path, name: str, n: int, size: int, seed: int) -> dict:
 
 def vocabulary_text() -> list[str]:
     """Text to train the demo tokenizer on (every word the data uses)."""
-    words = [SHORT, "Describe the image briefly.", *QUESTIONS.values(), *COLOURS, *SHAPES,
+    words = [SHORT, *(q for qs in PHRASINGS.values() for q in qs), *COLOURS, *SHAPES,
              *SIDES, *NUMBERS.values()]
     rng = np.random.default_rng(0)
     out = list(words)
     for _ in range(200):
         _, facts = draw(rng, 16)
         out.append(caption(facts))
+        out += [sentence(kind, facts) for kind in PHRASINGS]
     return out

@@ -19,9 +19,10 @@ with its reason, never a silently smaller denominator: `Skips` goes into the rep
     chartqa    test/test_{human,augmented}.json; images test/png/
     vizwiz     {split}.json; images {split}/
     short_answer  any question file (JSON list or JSON lines) of {question_id or id, image,
-               question or text, answer, category or kind}; images relative to the file's
-               folder; exact match after the VQA normalisation, per category (the demo's
-               held-out questions, your own held-out sets)
+               question or text, answer, category or kind, facts (optional)}; images relative
+               to the file's folder; exact match after the VQA normalisation, facts inside
+               the answer, and the answers' form (short / full sentence), per category (the
+               demo's held-out questions, your own held-out sets)
 """
 from __future__ import annotations
 
@@ -690,8 +691,11 @@ class ShortAnswer(Benchmark):
                 if image is None:
                     return None
             question = _str(d["question"] if "question" in d else d["text"])
+            facts = d.get("facts", [d["answer"]])
+            if not isinstance(facts, list):
+                raise TypeError("facts is not a list")
             return Item(qid, question, image,
-                        {"answer": _str(d["answer"]),
+                        {"answer": _str(d["answer"]), "facts": [_str(f) for f in facts],
                          "category": str(d.get("category", d.get("kind", "all")))},
                         {"category": str(d.get("category", d.get("kind", "all")))})
 
@@ -700,10 +704,21 @@ class ShortAnswer(Benchmark):
                              if isinstance(nd[1], dict) else f"record {nd[0]}", make)
 
     def score(self, items, texts):
-        ok = [float(vqa.normalize_answer(t) == vqa.normalize_answer(it.ref["answer"]))
-              for it, t in zip(items, texts)]
-        return {"accuracy": _mean(ok),
-                **scoring.mean_by(ok, [it.ref["category"] for it in items], "accuracy")}
+        """Exact match (`accuracy`), and how the answers are put: `fact_accuracy` (the
+        record's facts, default its answer, all inside the answer), `short_share` (one to
+        three words), `sentence_share` (full sentences); each also per category."""
+        cats = [it.ref["category"] for it in items]
+        per = {
+            "accuracy": [float(vqa.normalize_answer(t) == vqa.normalize_answer(it.ref["answer"]))
+                         for it, t in zip(items, texts)],
+            "fact_accuracy": [float(scoring.has_facts(t, it.ref["facts"]))
+                              for it, t in zip(items, texts)],
+            "short_share": [float(scoring.is_short(t)) for t in texts],
+            "sentence_share": [float(scoring.is_sentence(t)) for t in texts]}
+        out = {k: _mean(v) for k, v in per.items()}
+        for k, v in per.items():
+            out.update(scoring.mean_by(v, cats, k))
+        return out
 
 
 def _mean(values) -> float:

@@ -13,6 +13,11 @@ benchmark's own evaluation defines it.
     relaxed_correct  ChartQA (pix2struct's relaxed_correctness): numbers within 5%, "%" read
                      as /100; text exact after lowercasing
     gqa_prediction   LLaVA `convert_gqa_for_eval.py`: trailing periods off, lowercased
+    is_sentence      an answer in a full sentence: more than three words, a verb, a final
+                     period; is_short: one to three words and not a sentence (a format
+                     prompt's "single word or phrase")
+    has_facts        every fact appears in the answer (as the start of a word, so "circle"
+                     is in "circles"; numbers as words or digits)
 """
 from __future__ import annotations
 
@@ -138,3 +143,26 @@ def mean_by(values: list[float], groups: list[str], prefix: str) -> dict[str, fl
     for v, g in zip(values, groups):
         acc[g].append(v)
     return {f"{prefix}/{g}": sum(v) / len(v) for g, v in sorted(acc.items())}
+
+
+VERBS = frozenset("is are was were be has have had shows show showing contains contain "
+                  "appears appear sits sit lies lie looks look see seems seem".split())
+
+
+def is_sentence(text: str) -> bool:
+    text = text.strip()
+    words = [w.strip(".,;:!?").lower() for w in text.split()]
+    return len(words) > 3 and text.endswith(".") and any(w in VERBS for w in words)
+
+
+def is_short(text: str) -> bool:
+    return 1 <= len(text.strip().rstrip(".").split()) <= 3 and not is_sentence(text)
+
+
+def has_facts(text: str, facts: list[str]) -> bool:
+    from mmjax.evaluation.vqa import normalize_answer
+
+    forms = (text.lower(), normalize_answer(text))
+    return all(any(re.search(rf"(?<![a-z0-9]){re.escape(f)}", form)
+                   for f in {fact.lower(), normalize_answer(fact)} for form in forms)
+               for fact in facts)

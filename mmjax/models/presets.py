@@ -90,7 +90,7 @@ LLAVA = {
     "demo": LlavaConfig(
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=96, intermediate_size=192,
                             num_layers=4, num_heads=4),
-        llm=LLMConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_layers=3,
+        llm=LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=3,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=512),
         projector=ProjectorConfig("mlp2x_gelu"), image_token_id=4),
 }
