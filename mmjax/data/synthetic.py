@@ -81,13 +81,12 @@ def sentence(kind: str, facts) -> str:
     """The conversational (full-sentence) answer to a request of `kind`."""
     one = facts["count"] == "one"
     noun, be = (facts["shape"], "is") if one else (facts["shape"] + "s", "are")
-    other = "right" if facts["side"] == "left" else "left"
     return {
         "colour": f"The {noun} {be} {facts['colour']}.",
         "shape": f"The shape is a {noun}." if one else f"The shapes are {noun}.",
         "count": f"There {be} {facts['count']} {facts['colour']} {noun} in the image.",
         "side": f"The {noun} {be} on the {facts['side']}.",
-        "describe": f"{caption(facts)} The {other} side is empty.",
+        "describe": f"{caption(facts)} The background is plain.",
     }[kind]
 
 
