@@ -6,10 +6,12 @@
 By default it generates a dataset of coloured shapes (captions for stage 1; short-answer
 questions with LLaVA's format prompt, multi-turn and counting for stage 2), trains a BPE
 tokenizer and a tiny ViT + LLM from scratch through `mmjax.train` (stage 1, then stage 2
-from stage 1's checkpoint). Stage 2 evaluates itself during training (configs/stage2.py:demo:
-validation loss on held-out instructions, held-out short-answer accuracy on unseen images
-and the same questions with blank images); the demo prints the last evaluation and exits
-non-zero below 90%.
+from stage 1's checkpoint). Stage 2 evaluates itself during training
+(`evaluate_during_training`: validation loss on held-out instructions; short answers in seen
+and held-out phrasings, with blank images, and conversational answers without the format
+prompt, on unseen images); the demo reports what the last evaluation measured, writes
+WORKDIR/report.json, and exits non-zero when a goal is missed. `--ablation` also trains stage
+2 on short answers without the format prompt and reports it beside the main run.
 
 `--forward` shows the foundation alone: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,
