@@ -241,9 +241,7 @@ class VQAv2(Benchmark):
         return self.split == "val"
 
     def score(self, items, texts):
-        acc = [vqa.vqa_accuracy(t, it.ref["answers"]) for it, t in zip(items, texts)]
-        return {"accuracy": _mean(acc),
-                **scoring.mean_by(acc, [it.ref["answer_type"] for it in items], "accuracy")}
+        return _vqa_scores(items, texts)
 
     def submission(self, items, texts, out):
         """LLaVA's convert_vqav2_for_submission: every question of test2015 (when its file
@@ -649,15 +647,12 @@ class VizWiz(Benchmark):
         return self.split == "val"
 
     def score(self, items, texts):
-        acc = [vqa.vqa_accuracy(t, it.ref["answers"]) for it, t in zip(items, texts)]
         said = [vqa.normalize_answer(t) == "unanswerable" for t in texts]
         truth = [not it.ref["answerable"] for it in items]
         m = scoring.pope_metrics(["yes" if s else "no" for s in said],
                                  ["yes" if t else "no" for t in truth])
-        return {"accuracy": _mean(acc),
-                **scoring.mean_by(acc, [it.ref["answer_type"] for it in items], "accuracy"),
-                "unanswerable/precision": m["precision"], "unanswerable/recall": m["recall"],
-                "unanswerable/f1": m["f1"]}
+        return {**_vqa_scores(items, texts), "unanswerable/precision": m["precision"],
+                "unanswerable/recall": m["recall"], "unanswerable/f1": m["f1"]}
 
     def submission(self, items, texts, out):
         return [_write_json(out / f"vizwiz_{self.split}_submission.json",
@@ -719,6 +714,13 @@ class ShortAnswer(Benchmark):
         for k, v in per.items():
             out.update(scoring.mean_by(v, cats, k))
         return out
+
+
+def _vqa_scores(items, texts) -> dict:
+    """VQA accuracy over ten human answers, overall and per answer type (VQAv2, VizWiz)."""
+    acc = [vqa.vqa_accuracy(t, it.ref["answers"]) for it, t in zip(items, texts)]
+    return {"accuracy": _mean(acc),
+            **scoring.mean_by(acc, [it.ref["answer_type"] for it in items], "accuracy")}
 
 
 def _mean(values) -> float:
