@@ -1,6 +1,8 @@
 # The two commands of the README, each self-contained on a fresh machine:
 #   make demo   - creates .venv, installs mmjax, runs the embedded demo
-#   make test   - creates .venv, installs mmjax with its test extra, runs the tests
+#   make test   - creates .venv, installs mmjax with its test and tpu extras (libtpu: the
+#                 tests compile the train step for TPU slices with TPU's own compiler),
+#                 runs the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +23,7 @@ $(VENV)/.base: pyproject.toml
 LMMS_API = lmms-eval==0.7.3 loguru==0.7.3 pytz==2026.6
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(LMMS_API)
 	touch $@
 

@@ -54,9 +54,15 @@ def training(stage: int) -> ml_collections.ConfigDict:
     """The LLaVA-1.5 recipe for a stage (DESIGN.md section 2); variants override fields."""
     c = configlib.defaults(TrainConfig)
     c.stage = stage
-    c.runtime.update(dtype="bfloat16", remat_policy="save_qkv_context")
+    # the platform's kernel and remat policy (splash on TPU, cuDNN on NVIDIA GPUs; see
+    # RuntimeConfig.for_platform), scanned layers (one layer compiled, not 32)
+    c.runtime.update(dtype="bfloat16", attention_impl="auto", remat_policy="auto",
+                     scan_layers=True)
     c.logical_axis_rules = logical_axis_rules()
     c.data.template = "plain" if stage == 1 else "auto"  # auto: the LLM family's template
+    # several samples per row: on a 665K-like mix, padding rows to 2048 wastes 62% of the
+    # slots, best-fit packing 12% (mmjax.benchmarks.packing)
+    c.data.packing = "best_fit"
     c.data.workers = 8
     c.data.max_bad_share = 0.01
     c.batch_size = 256 if stage == 1 else 128

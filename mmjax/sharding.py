@@ -42,9 +42,25 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
     sizes = _resolve_sizes(axis_sizes, len(devices) // n_granules)
     names = tuple(sizes)
     types = (AxisType.Auto,) * len(names)
-    if n_granules == 1:
-        return jax.make_mesh(tuple(sizes.values()), names, axis_types=types, devices=devices)
     from jax.experimental import mesh_utils
+
+    if n_granules == 1:
+        try:
+            return jax.make_mesh(tuple(sizes.values()), names, axis_types=types,
+                                 devices=devices)
+        except NotImplementedError as e:
+            # Large TPU slices: an axis that does not map onto whole physical axes (tensor=2
+            # on a 4x8x8 v5p-512) is laid out by splitting a physical axis instead.
+            try:
+                array = mesh_utils.create_device_mesh(tuple(sizes.values()), devices,
+                                                      allow_split_physical_axes=True)
+            except (NotImplementedError, ValueError, AssertionError):
+                raise ValueError(
+                    f"mesh {sizes} has no device layout on {len(devices)} "
+                    f"{devices[0].device_kind} devices ({e}); mesh shapes whose axes are "
+                    "products of the slice's physical axes always work") from e
+            log.info("mesh %s: a physical axis is split to lay it out", sizes)
+            return Mesh(array, names, axis_types=types)
 
     by_process = (granule == "process" or
                   (granule == "auto" and getattr(devices[0], "slice_index", None) is None))

@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -28,7 +29,7 @@ from mmjax.data.pipeline import build_pipeline
 from mmjax.data.quality import BadShareExceeded, DataStalled
 from mmjax.data.sources import DataSourceError
 from mmjax.models import Llava
-from mmjax.models.config import ConfigError
+from mmjax.models.config import ConfigError, RuntimeConfig
 from mmjax.models.factory import abstract_variables
 from mmjax.sharding import batch_axes, logical_shardings, mesh_rules, plain
 from mmjax.training import flops, loop
@@ -43,6 +44,7 @@ from mmjax.training.config import TrainConfig
 from mmjax.training.evaluate import Evaluator
 from mmjax.training.init import initial_params
 from mmjax.training.metrics import MetricWriter
+from mmjax.training.optimizer import OptimConfig
 from mmjax.training.step import StepConfig, Trainer
 from mmjax.training.workdir import (
     WorkdirLock,
@@ -111,6 +113,43 @@ def check_batch_fits_mesh(tc: TrainConfig, mesh) -> None:
             f"{max(good, round(tc.batch_size / good) * good)}")
 
 
+@dataclasses.dataclass
+class StepSetup:
+    """The train step of a config on a mesh, as `mmjax.train` runs it and `mmjax.aot`
+    compiles it: the runtime with its `auto` choices made for the mesh's devices, the model,
+    the trainer, and the parameter, state and batch shardings."""
+
+    rt: RuntimeConfig
+    model: Llava
+    optim: OptimConfig
+    trainer: Trainer
+    param_sh: Any
+    abstract_params: Any
+    state_sh: Any
+    batch_sh: dict
+
+    @classmethod
+    def of(cls, tc: TrainConfig, cfg, mesh, steps: int) -> "StepSetup":
+        device = mesh.devices.flat[0]
+        rt = tc.model_runtime.for_platform(device.platform, device.device_kind)
+        rules = tc.logical_axis_rules
+        model = Llava(cfg, rt)
+        optim = dataclasses.replace(tc.optim, groups=tc.optimizer_groups, total_steps=steps)
+        trainer = Trainer(model, optim, StepConfig(tc.grad_accum, tc.seed))
+        boxed = abstract_variables(cfg, rt)["params"]
+        param_sh, abstract_params = logical_shardings(boxed, mesh, rules), plain(boxed)
+        return cls(rt, model, optim, trainer, param_sh, abstract_params,
+                   trainer.state_shardings(param_sh, abstract_params),
+                   batch_format.shardings(mesh, rules))
+
+    def jit_step(self):
+        return self.trainer.jit_step(self.state_sh, self.batch_sh)
+
+    def abstract_state(self):
+        return abstract_with_shardings(
+            jax.eval_shape(self.trainer.create_state, self.abstract_params), self.state_sh)
+
+
 def train(c, workdir: Path, allow_config_change: bool = False) -> dict:
     """Runs (or resumes) one stage in `workdir` from a TrainConfig (or its ConfigDict);
     returns {'loss': [(step, loss)], 'state', 'preempted'}. Holds the work dir's lock."""
@@ -129,7 +168,7 @@ def train(c, workdir: Path, allow_config_change: bool = False) -> dict:
 def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
     lead = jax.process_index() == 0
     say = (lambda m: print(m, flush=True)) if lead else (lambda m: None)
-    rt, rules, mesh = tc.model_runtime, tc.logical_axis_rules, configlib.make_mesh(tc)
+    rules, mesh = tc.logical_axis_rules, configlib.make_mesh(tc)
     check_batch_fits_mesh(tc, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", tc.checkpoint)
     latest = ckpt.latest_step()
@@ -146,14 +185,11 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
         say(f"config: {workdir / 'config.json'} (stage {tc.stage}); model "
             f"{workdir / recipe_lib.MODEL_FILE}: {recipe.describe()}")
     cfg, tokenizer = recipe.cfg, recipe.tokenizer
-    model = Llava(cfg, rt)
     dcfg = dataclasses.replace(tc.data_config(jax.process_count()), template=recipe.template)
     steps = tc.steps(dcfg)
-    optim = dataclasses.replace(tc.optim, groups=tc.optimizer_groups, total_steps=steps)
-    trainer = Trainer(model, optim, StepConfig(tc.grad_accum, tc.seed))
-    boxed = abstract_variables(cfg, rt)["params"]
-    param_sh, abstract_params = logical_shardings(boxed, mesh, rules), plain(boxed)
-    state_sh = trainer.state_shardings(param_sh, abstract_params)
+    setup = StepSetup.of(tc, cfg, mesh, steps)
+    model, optim, trainer, rt = setup.model, setup.optim, setup.trainer, setup.rt
+    param_sh, abstract_params, state_sh = setup.param_sh, setup.abstract_params, setup.state_sh
     data_it = build_pipeline(dcfg, tokenizer, cfg)
     ckpt.meta = {"data_workers": dcfg.workers, "processes": jax.process_count()}
     trained = flops.Trained.from_labels(trainer.labels(abstract_params))
@@ -174,9 +210,7 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
     with mesh_rules(mesh, rules):
         restored = None
         if latest is not None:
-            abstract = abstract_with_shardings(
-                jax.eval_shape(trainer.create_state, abstract_params), state_sh)
-            restored = ckpt.restore_latest(abstract, data_it, check_meta, say)
+            restored = ckpt.restore_latest(setup.abstract_state(), data_it, check_meta, say)
         if restored is not None:
             state, start = restored
             say(f"resumed from {workdir / 'checkpoints'} step {start}")
@@ -187,7 +221,7 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
             state = jax.jit(trainer.create_state, out_shardings=state_sh)(params)
         if lead:
             truncate_logs(workdir, start)  # steps past the checkpoint are replayed
-        step_fn = trainer.jit_step(state_sh, batch_format.shardings(mesh, rules))
+        step_fn = setup.jit_step()
         writer = MetricWriter(workdir, tc.metrics, dataclasses.asdict(tc) if lead else None,
                               purge_step=start + 1 if start else None)
         evaluator = None

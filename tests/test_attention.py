@@ -100,3 +100,53 @@ def test_cudnn_rejects_float32_with_a_clear_error():
     with pytest.raises(ValueError, match="cuDNN flash attention runs in bfloat16 or float16"):
         jax.jit(lambda q, k, v: dot_product_attention(
             q, k, v, q_segment_ids=padded, impl="cudnn", packed=False))(q, k, v)
+
+
+@pytest.mark.parametrize("t, causal, window", [(200, True, None), (200, True, 33),
+                                                (577, False, None)])
+def test_splash_in_shard_map_over_batch_and_heads_with_unaligned_lengths(t, causal, window):
+    """On an 8-device mesh (rows over data x fsdp, heads over tensor) the splash kernel runs
+    per shard inside a shard_map; lengths that are not a multiple of 128 (200, a ViT's 577)
+    are padded with segment 0 and give the reference's result, values and gradients."""
+    from configs.common import LOGICAL_AXIS_RULES
+    from mmjax.sharding import make_mesh, mesh_rules
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(4, t, n, 32)), jnp.float32) for n in (4, 2, 2))
+    seg = np.ones((4, t), np.int32)
+    seg[0, t // 2:] = 2  # two packed samples
+    seg[1, t - 30:] = 0  # right padding
+    seg = jnp.asarray(seg)
+    kw = dict(q_segment_ids=seg, causal=causal, sliding_window=window)
+
+    def attend(impl):
+        return lambda q, k, v: dot_product_attention(q, k, v, impl=impl, **kw)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attend(impl)(q, k, v) ** 2)
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with mesh_rules(mesh, LOGICAL_AXIS_RULES):
+        lowered = jax.jit(attend("splash_interpret")).lower(q, k, v)
+        out = lowered.compile()(q, k, v)
+        g = jax.jit(jax.grad(loss("splash_interpret"), argnums=(0, 1, 2)))(q, k, v)
+    text = lowered.as_text()
+    assert "shard_map" in text or "sdy.manual_computation" in text
+    _close(out, attend("reference")(q, k, v), seg, 1e-5)
+    g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_auto_picks_the_platform_kernel():
+    from mmjax.models.attention import resolve_impl
+    from mmjax.models.config import RuntimeConfig
+
+    assert resolve_impl("auto", jnp.bfloat16, "tpu") == "splash"
+    assert resolve_impl("auto", jnp.bfloat16, "gpu", "NVIDIA H100 80GB HBM3") == "cudnn"
+    assert resolve_impl("auto", jnp.float32, "gpu", "NVIDIA H100 80GB HBM3") == "xla"
+    assert resolve_impl("auto", jnp.bfloat16, "cpu") == "xla"
+    assert resolve_impl("reference", jnp.bfloat16, "tpu") == "reference"
+    rt = RuntimeConfig(dtype="bfloat16", remat_policy="auto").for_platform("tpu")
+    assert (rt.attention_impl, rt.remat_policy) == ("splash", "save_qkv")
+    assert RuntimeConfig(remat_policy="auto").for_platform("cpu").remat_policy == "none"

@@ -380,7 +380,8 @@ def test_global_batch_on_the_mesh(files):
     assert arrays["pixel_values"].sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(arrays["targets"]), batch["targets"])
     # the pipeline's batches are the format mmjax.batch declares, and the step's shapes
-    abstract = batch_format.abstract(8, 128, cfg.image_slots, MODEL.vision.image_size)
+    abstract = batch_format.abstract(8, 128, cfg.image_slots(MODEL.image_tokens),
+                                     MODEL.vision.image_size)
     for key, (axes, dtype) in batch_format.FIELDS.items():
         assert batch[key].dtype == dtype and batch[key].ndim == len(axes), key
         assert arrays[key].shape == abstract[key].shape, key

@@ -55,7 +55,8 @@ class DataConfig:
     pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
     group_by_length: bool = False  # pad mode: batch samples of similar length together
     length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
-    max_images_per_row: int = 0  # image slots per row; 0 = 1 when padding, 4 when packing
+    # image slots per row; 0 = 1 when padding, else as many images as fit a row (at most 4)
+    max_images_per_row: int = 0
     image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
@@ -77,9 +78,12 @@ class DataConfig:
     def row_len(self) -> int:
         return self.seq_len or self.max_length
 
-    @property
-    def image_slots(self) -> int:
-        return self.max_images_per_row or (1 if self.packing == "pad" else 4)
+    def image_slots(self, image_tokens: int) -> int:
+        """Image slots per row: the vision tower encodes this many images per row, used or
+        not, so a packed row gets only as many as its length can hold."""
+        if self.max_images_per_row:
+            return self.max_images_per_row
+        return 1 if self.packing == "pad" else max(1, min(4, self.row_len // image_tokens))
 
 
 def open_source(src: SourceConfig, cfg: DataConfig):
@@ -159,7 +163,7 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
         make_encoder(cfg, tokenizer, model),
         ImageSpec(v.image_size, v.image_mean, v.image_std, cfg.image_aspect,
                   cfg.max_image_pixels, cfg.normalize_on_host),
-        cfg.image_slots)
+        cfg.image_slots(model.image_tokens))
     # In the main process, threads overlap PIL's GIL-free decode and resize. Inside worker
     # processes one thread each is 4x faster than Grain's default 16 (measured by
     # mmjax.benchmarks.data_pipeline: 16 threads thrash on the GIL in every worker).
@@ -169,9 +173,10 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     it = SkipFilterDataset(ds.map(processor).to_iter_dataset(read), report,
                            cfg.max_bad_in_a_row)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots, v.image_size, cfg.packing,
-                     cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed,
-                     "float32" if cfg.normalize_on_host else "uint8", tuple(cfg.length_buckets))
+    spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots(model.image_tokens),
+                     v.image_size, cfg.packing, cfg.pack_window, cfg.group_by_length, pad_id,
+                     cfg.seed, "float32" if cfg.normalize_on_host else "uint8",
+                     tuple(cfg.length_buckets))
     it = BatchDataset(it, spec)
     if cfg.workers > 0:  # workers make whole batches: one transfer per batch, not per sample
         _absl_flags_ready()

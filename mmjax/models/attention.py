@@ -13,11 +13,13 @@ row) and padded batches use the same call; `causal` adds the causal constraint a
 - `cudnn`: cuDNN flash attention (NVIDIA GPUs). Rows with a single sample (padding on the
   right only) use cuDNN's padding-causal mask; packed rows pass the segment mask as a bias.
 - `splash`: the Pallas splash-attention kernel for TPU, with segment ids handed to the
-  kernel; `splash_interpret` runs the same kernel in the Pallas interpreter (CPU tests).
+  kernel, inside a shard_map over the mesh's batch and head axes; `splash_interpret` runs
+  the same kernel in the Pallas interpreter (CPU tests).
+- `auto` (the default): splash on TPU, cuDNN on NVIDIA GPUs in bfloat16 / float16, xla
+  elsewhere (`resolve_impl`).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import einops
@@ -90,7 +92,17 @@ def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal, slid
         key_value_seq_lengths=kv_len, local_window_size=window, implementation="cudnn")
 
 
-@functools.lru_cache(maxsize=32)
+SPLASH_ALIGN = 128  # the kernel's block sizes (and so its lengths) are multiples of this
+
+
+def _splash_block(t: int, s: int, preferred: int = 512) -> int:
+    """The largest block <= `preferred` (a multiple of 128) that divides both lengths."""
+    b = preferred
+    while b > SPLASH_ALIGN and (t % b or s % b):
+        b //= 2
+    return b
+
+
 def _splash_kernel(num_heads_per_kv, t, s, causal, sliding_window, interpret, block):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -103,30 +115,87 @@ def _splash_kernel(num_heads_per_kv, t, s, causal, sliding_window, interpret, bl
     else:
         head = sm.FullMask((t, s))
     mask = sm.MultiHeadMask([head] * num_heads_per_kv)
-    b = min(block, t, s)
+    b = block
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     # GQA: one MQA kernel per key/value head, over that head's group of query heads.
     return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
+def _pad_to(x: jax.Array, length: int, axis: int = 1) -> jax.Array:
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _splash_specs(q, k):
+    """PartitionSpecs of (q, k/v, segment ids) over the current mesh: rows over the batch
+    axes and heads over the head axes of the logical rules, where they divide; None when
+    no mesh is set (one device, or the caller's own shard_map)."""
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    batch, heads = nn.logical_to_mesh_axes(("activation_batch", "heads"))
+    kv_heads = nn.logical_to_mesh_axes(("kv_heads",))[0]
+
+    def ways(axes):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+    if q.shape[0] % ways(batch):
+        batch = None
+    if heads != kv_heads or k.shape[2] % ways(kv_heads) or q.shape[2] % ways(heads):
+        heads = kv_heads = None  # the groups of query heads must stay with their kv head
+    return (mesh, P(batch, None, heads, None), P(batch, None, kv_heads, None),
+            P(batch, None))
+
+
 def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale, causal, sliding_window,
                       interpret, block=512):
+    """The splash kernel per (row, kv head), over block-aligned lengths (zero-padded with
+    segment 0 when a length is not a multiple of 128), inside a shard_map over the mesh's
+    batch and head axes: Mosaic kernels are not partitioned by XLA."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    num_kv = k.shape[2]
     t, s = q.shape[1], k.shape[1]
-    kernel = _splash_kernel(q.shape[2] // num_kv, t, s, causal, sliding_window, interpret, block)
-    qg = einops.rearrange(q * jnp.asarray(scale, q.dtype), "B T (K G) H -> B K G T H", K=num_kv)
-    kk = einops.rearrange(k, "B S K H -> B K S H")
-    vv = einops.rearrange(v, "B S K H -> B K S H")
+    tp, sp = -(-t // SPLASH_ALIGN) * SPLASH_ALIGN, -(-s // SPLASH_ALIGN) * SPLASH_ALIGN
+    b = _splash_block(tp, sp, block)
+    q, q_segment_ids = _pad_to(q, tp), _pad_to(q_segment_ids, tp)
+    k, v, kv_segment_ids = _pad_to(k, sp), _pad_to(v, sp), _pad_to(kv_segment_ids, sp)
+    q = q * jnp.asarray(scale, q.dtype)
 
-    def one(qh, kh, vh, qs, ks):  # qh [G T H], kh/vh [S H]
-        return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+    def local(q, k, v, qs, ks):  # this shard's rows and heads
+        # made inside the trace that uses it (not cached): the kernel stages its mask tables
+        # as constants of the current trace
+        num_kv = k.shape[2]
+        kernel = _splash_kernel(q.shape[2] // num_kv, tp, sp, causal, sliding_window,
+                                interpret, b)
+        qg = einops.rearrange(q, "B T (K G) H -> B K G T H", K=num_kv)
+        kk = einops.rearrange(k, "B S K H -> B K S H")
+        vv = einops.rearrange(v, "B S K H -> B K S H")
 
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over K
-    out = jax.vmap(per_head)(qg, kk, vv, q_segment_ids, kv_segment_ids)  # [B K G T H]
-    return einops.rearrange(out, "B K G T H -> B T (K G) H")
+        def one(qh, kh, vh, qsi, ksi):  # qh [G T H], kh/vh [S H]
+            return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qsi, kv=ksi))
+
+        per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over K
+        out = jax.vmap(per_head)(qg, kk, vv, qs, ks)  # [B K G T H]
+        return einops.rearrange(out, "B K G T H -> B T (K G) H")
+
+    specs = _splash_specs(q, k)
+    if specs is None:
+        out = local(q, k, v, q_segment_ids, kv_segment_ids)
+    else:
+        mesh, q_spec, kv_spec, seg_spec = specs
+        out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec,
+                                                        seg_spec),
+                            out_specs=q_spec, check_vma=False)(
+            q, k, v, q_segment_ids, kv_segment_ids)
+    return out[:, :t]
 
 
 def dot_product_attention(
@@ -149,6 +218,7 @@ def dot_product_attention(
     """
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = resolve_impl(impl, q.dtype)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if impl == "reference":
@@ -202,6 +272,24 @@ def cached_attention(
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
     out = einops.rearrange(out, "B K G T H -> B T (K G) H")
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def resolve_impl(impl: str, dtype, platform: Optional[str] = None,
+                 device_kind: Optional[str] = None) -> str:
+    """`auto` -> the kernel for the platform (default: the default backend's) and dtype:
+    splash on TPU, cudnn on NVIDIA GPUs in bfloat16 / float16, xla elsewhere. Other names
+    are returned as they are."""
+    if impl != "auto":
+        return impl
+    if platform is None:
+        platform = jax.default_backend()
+        device_kind = jax.devices()[0].device_kind if platform == "gpu" else device_kind
+    if platform == "tpu":
+        return "splash"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform in ("gpu", "cuda") and half and "nvidia" in (device_kind or "nvidia").lower():
+        return "cudnn"
+    return "xla"
 
 
 def available_implementations() -> list[str]:

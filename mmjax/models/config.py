@@ -10,8 +10,8 @@ import dataclasses
 from typing import Literal
 
 VisionFamily = Literal["clip", "siglip"]
-AttentionImpl = Literal["reference", "cudnn", "xla", "splash", "splash_interpret"]
-RematPolicy = Literal["none", "full", "save_dots", "save_qkv", "save_qkv_context",
+AttentionImpl = Literal["auto", "reference", "cudnn", "xla", "splash", "splash_interpret"]
+RematPolicy = Literal["auto", "none", "full", "save_dots", "save_qkv", "save_qkv_context",
                       "save_qkv_context_mlp"]
 
 
@@ -26,9 +26,15 @@ class RuntimeConfig:
 
     dtype: str = "float32"  # activations and matmuls; bfloat16 on TPU / GPU
     param_dtype: str = "float32"  # master parameters (created / imported in this dtype)
-    attention_impl: AttentionImpl = "reference"  # reference | xla | cudnn (GPU) | splash (TPU)
-    remat_policy: RematPolicy = "none"  # what the backward keeps; see mmjax.models.remat
+    # auto = splash on TPU, cudnn on NVIDIA GPUs in bfloat16 / float16, xla elsewhere
+    attention_impl: AttentionImpl = "auto"  # auto | reference | xla | cudnn | splash
+    # (splash_interpret: the TPU kernel in the Pallas interpreter, for CPU tests)
+    remat_policy: RematPolicy = "none"  # what the backward keeps (models/remat.py); auto
+    # = the platform's (mmjax.models.remat.AUTO)
     scan_layers: bool = False  # stack the layers and run them with nn.scan (faster compiles)
+    # the loss applies the output projection to this many positions at a time (float32
+    # logits [B, chunk, V], recomputed in the backward)
+    loss_chunk: int = 512  # positions per chunk of the training loss; 0 = whole rows
     # LoRA adapters on the LLM's linear maps (stage-2 option): y = xW + (alpha/r) drop(x) A B.
     # They add `lora_a` / `lora_b` next to each targeted kernel; 0 = no adapters. Set from the
     # config's `lora` section (mmjax.training.lora.LoraConfig), not in `runtime`.
@@ -37,6 +43,18 @@ class RuntimeConfig:
     lora_dropout: float = _from_lora(0.0)  # active only when a 'dropout' rng is passed
     lora_targets: tuple[str, ...] = _from_lora(("q_proj", "k_proj", "v_proj", "o_proj",
                                                 "gate_proj", "up_proj", "down_proj"))
+
+    def for_platform(self, platform: str, device_kind: str = "") -> "RuntimeConfig":
+        """This runtime with `auto` choices made for a platform (tpu, gpu, cpu): the
+        attention kernel (mmjax.models.attention.resolve_impl) and the remat policy
+        (mmjax.models.remat.AUTO)."""
+        from mmjax.models.attention import resolve_impl
+        from mmjax.models.remat import resolve_policy
+
+        return dataclasses.replace(
+            self, attention_impl=resolve_impl(self.attention_impl, self.dtype, platform,
+                                              device_kind),
+            remat_policy=resolve_policy(self.remat_policy, platform))
 
     def lora(self, name: str) -> dict:
         """Keyword arguments that give the linear map `name` its adapter (or none)."""

@@ -1,6 +1,8 @@
 """Building a network from its config, and its parameter shapes at no memory cost."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -34,9 +36,15 @@ def dummy_inputs(cfg) -> tuple[tuple, dict]:
     return (ids, jnp.zeros((1, 1, s, s, 3), jnp.float32)), {}
 
 
+def for_init(model):
+    """The same network with the reference attention, for `init`: parameters do not depend
+    on the attention kernel, and the dummy rows (8 tokens) need no kernel's block sizes."""
+    return model.clone(rt=dataclasses.replace(model.rt, attention_impl="reference"))
+
+
 def abstract_variables(cfg, rt: RuntimeConfig = RuntimeConfig()):
     """`{'params': ...}` as ShapeDtypeStructs inside their logical-partitioning boxes."""
-    model = build(cfg, rt)
+    model = for_init(build(cfg, rt))
     args, kwargs = dummy_inputs(cfg)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
 

@@ -47,7 +47,7 @@ class Llava(nn.Module):
     def setup(self):
         c = self.cfg
         layers = normalized_feature_layers(c)
-        self.vision_tower = VisionTower(c.vision, self.rt, depth=max(layers))
+        self.vision_tower = VisionTower(c.vision, self.rt, depth=max(layers), keep=layers)
         self.projector = Projector(c.projector, c.vision.hidden_size * len(layers),
                                    c.llm.hidden_size, self.rt)
         self.language_model = LLM(c.llm, self.rt)
@@ -56,9 +56,8 @@ class Llava(nn.Module):
         """pixel_values [B, M, Y, X, C] -> projected image tokens [B, M*P, D]."""
         b, m = pixel_values.shape[:2]
         flat = einops.rearrange(pixel_values, "B M Y X C -> (B M) Y X C")
-        hidden = self.vision_tower(flat)  # [depth+1, (B M), L, E]
-        feats = jnp.concatenate([hidden[i] for i in normalized_feature_layers(self.cfg)],
-                                axis=-1)
+        hidden = self.vision_tower(flat)  # [len(feature_layers), (B M), L, E]
+        feats = jnp.concatenate(list(hidden), axis=-1)
         if self.cfg.vision_feature_select == "default" and self.cfg.vision.has_cls:
             feats = feats[:, 1:]
         tokens = self.projector(feats)  # [(B M), P, D]
@@ -74,9 +73,11 @@ class Llava(nn.Module):
         cache: KVCache | None = None,  # decoding: see LLM.decode
         prefill: bool = False,
         last_only: bool = False,
+        head: bool = True,
     ):
         """Logits [B, T, V] float32 (and the final hidden states [B, T, D]); with a cache,
-        (that, the cache with the T tokens appended)."""
+        (that, the cache with the T tokens appended); `head=False`: the final hidden states
+        [B, T, D] instead (see `head_weight`)."""
         positions, segment_ids = default_positions(input_ids, positions, segment_ids)
         lm = self.language_model
         is_image = input_ids == self.cfg.image_token_id
@@ -85,4 +86,8 @@ class Llava(nn.Module):
         if pixel_values is not None:
             embeds = merge_embeddings(embeds, self.encode_images(pixel_values), is_image)
         return lm.decode(embeds, positions, segment_ids, return_hidden, cache, prefill,
-                         last_only)
+                         last_only, head)
+
+    def head_weight(self) -> jax.Array:
+        """The LLM's output projection [D, V] (parameter dtype)."""
+        return self.language_model.head_weight()

@@ -139,8 +139,7 @@ class LLM(nn.Module):
         self.layers = LayerStack(DecoderLayer, c.num_layers, rt, dict(cfg=c, rt=rt))
         self.norm = RMSNorm(eps=c.rms_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear((c.hidden_size,), (c.vocab_size,), ("embed",), ("vocab",),
-                                  dtype=rt.dtype, param_dtype=rt.param_dtype)
+            self.lm_head = OutputHead(c.hidden_size, c.vocab_size, rt.param_dtype)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """ids [B, T] -> [B, T, D] in the compute dtype."""
@@ -151,12 +150,14 @@ class LLM(nn.Module):
         return nn.with_logical_constraint(x, ACT_AXES)
 
     def decode(self, x, positions, segment_ids, return_hidden: bool = False,
-               cache: KVCache | None = None, prefill: bool = False, last_only: bool = False):
+               cache: KVCache | None = None, prefill: bool = False, last_only: bool = False,
+               head: bool = True):
         """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D]).
 
         With a cache: returns (logits, cache) with the T tokens appended; `prefill` for the
         first call on an empty cache; `last_only` keeps the last position's logits [B, 1, V]
-        (left-padded prompts end together)."""
+        (left-padded prompts end together). `head=False` returns the final hidden states
+        [B, T, D] instead of logits (the training loss applies `head_weight` in chunks)."""
         if cache is not None:
             cache = cache.with_tokens(positions, segment_ids)
             x, cache = self.layers(x, positions, segment_ids, cache=cache, prefill=prefill)
@@ -166,20 +167,46 @@ class LLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if self.cfg.tie_word_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, self.embed_tokens.astype(self.rt.dtype))
-        else:
-            logits = self.lm_head(x)
-        logits = nn.with_logical_constraint(
-            logits.astype(jnp.float32),
-            ("activation_batch", "activation_length", "activation_vocab"))
+        if not head:
+            return x
+        logits = head_logits(x, self.head_weight(), self.rt.dtype)
         out = (logits, x) if return_hidden else logits
         return out if cache is None else (out, cache)
+
+    def head_weight(self) -> jax.Array:
+        """The output projection W [D, V] in the parameter dtype (the embedding table's
+        transpose when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.T
+        return self.lm_head()
 
     def __call__(self, ids, positions=None, segment_ids=None, return_hidden: bool = False):
         """ids [B, T] -> logits [B, T, V]; positions default to 0..T-1, segments to one sample."""
         positions, segment_ids = default_positions(ids, positions, segment_ids)
         return self.decode(self.embed(ids), positions, segment_ids, return_hidden)
+
+
+class OutputHead(nn.Module):
+    """The untied output projection's parameter, `lm_head/kernel` [D, V]."""
+
+    d: int
+    v: int
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return param_with_axes(self, "kernel", nn.initializers.normal(0.02), (self.d, self.v),
+                               self.param_dtype, ("embed", "vocab"))
+
+
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def head_logits(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [B, T, D] final hidden states, w [D, V] -> logits [B, T, V] float32 (the matmul
+    in the compute dtype)."""
+    logits = jnp.einsum("BTD,DV->BTV", x.astype(dtype), w.astype(dtype))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), LOGIT_AXES)
 
 
 def default_positions(ids, positions, segment_ids):

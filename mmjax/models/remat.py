@@ -22,11 +22,28 @@ POLICIES = {
 }
 
 
+# `auto` by platform. TPU: keep q, k, v (the attention's inputs) and recompute the rest;
+# measured by `python -m mmjax.aot --sweep` (README "Will it fit?"): llava15_7b stage 2 on
+# v5p-8 at grad_accum 2 takes 93.0 GiB of 95.7 (save_qkv_context: 100.5, does not fit;
+# full: 66.8, recomputing every matmul). GPUs (80 GB) keep the attention output too. CPU
+# runs keep everything.
+AUTO = {"tpu": "save_qkv", "gpu": "save_qkv_context", "cpu": "none"}
+
+
+def resolve_policy(policy: str, platform: str | None = None) -> str:
+    """`auto` -> the platform's policy (default: the default backend's); others as named."""
+    if policy != "auto":
+        return policy
+    return AUTO.get(platform or jax.default_backend(), "none")
+
+
 def remat_block(layer_cls: type, policy: str, scanned: bool) -> type:
     """`layer_cls` wrapped in `nn.remat` with the named policy ('none' returns it as is)."""
+    policy = resolve_policy(policy)
     if policy not in POLICIES:
         from mmjax.models.config import ConfigError
-        raise ConfigError(f"unknown remat_policy {policy!r}; known: {sorted(POLICIES)}")
+        raise ConfigError(f"unknown remat_policy {policy!r}; known: auto, "
+                          f"{', '.join(sorted(POLICIES))}")
     if policy == "none":
         return layer_cls
     # Under scan, CSE across iterations cannot happen, so prevent_cse only costs speed.

@@ -21,9 +21,6 @@ from mmjax.models.layers import LayerNorm, Linear, activation, param_with_axes
 from mmjax.models.llm import LayerStack
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
-# The splash kernel wants block-aligned lengths (577, 729 are not); the tower is short and
-# non-causal, so it uses XLA's attention there.
-_VISION_IMPL = {"splash": "xla", "splash_interpret": "xla"}
 
 
 class VisionAttention(nn.Module):
@@ -40,9 +37,9 @@ class VisionAttention(nn.Module):
         k = Linear(d, nh, ("embed",), ("heads", "head_dim"), name="k_proj", **kw)(x)
         v = Linear(d, nh, ("embed",), ("heads", "head_dim"), name="v_proj", **kw)(x)
         segments = jnp.ones(x.shape[:2], jnp.int32)
-        impl = _VISION_IMPL.get(self.rt.attention_impl, self.rt.attention_impl)
-        out = dot_product_attention(q, k, v, q_segment_ids=segments, causal=False, impl=impl,
-                                    packed=False)
+        # splash pads the 577 / 729 tokens to a multiple of 128 (segment 0) itself
+        out = dot_product_attention(q, k, v, q_segment_ids=segments, causal=False,
+                                    impl=self.rt.attention_impl, packed=False)
         return Linear(nh, d, ("heads", "head_dim"), ("embed",), name="out_proj", **kw)(out)
 
 
@@ -83,13 +80,17 @@ class VisionTower(nn.Module):
     """Patchify + position embedding (+ class token) and `depth` encoder layers.
 
     Returns every hidden state it computed, stacked: [depth + 1, B, L, D] (index 0 is the
-    embedding output, as transformers' `hidden_states`), and with `post_norm` the final
-    LayerNorm of the last one (transformers' `last_hidden_state`) as a second output.
+    embedding output, as transformers' `hidden_states`), or with `keep` only those indices,
+    [len(keep), B, L, D]; with `post_norm` also the final LayerNorm of the last one
+    (transformers' `last_hidden_state`) as a second output. Keeping only the last layer
+    (LLaVA's case: the tower is built up to the layer it reads) stacks nothing, so neither
+    the forward nor a scanned stack holds the other layers' outputs.
     """
 
     cfg: VisionConfig
     rt: RuntimeConfig = RuntimeConfig()
     depth: int | None = None
+    keep: tuple[int, ...] | None = None  # hidden-state indices to return (None: all)
 
     @property
     def num_layers_built(self) -> int:
@@ -119,13 +120,19 @@ class VisionTower(nn.Module):
         norm = dict(eps=c.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
         if c.family == "clip":
             x = LayerNorm(name="pre_layernorm", **norm)(x)
-        if self.num_layers_built:
-            layers = LayerStack(EncoderLayer, self.num_layers_built, rt, dict(cfg=c, rt=rt),
-                                collect=True, name="layers")
-            _, states = layers(x)
-            hidden_states = jnp.concatenate([x[None], states], axis=0)
+        n = self.num_layers_built
+        keep = tuple(range(n + 1)) if self.keep is None else tuple(self.keep)
+        if max(keep) > n:
+            raise ValueError(f"hidden state {max(keep)} asked of a tower of {n} layers")
+        if set(keep) <= {0, n}:  # the embeddings and/or the last layer: nothing to collect
+            last = LayerStack(EncoderLayer, n, rt, dict(cfg=c, rt=rt), name="layers")(x) \
+                if n else x
+            hidden_states = jnp.stack([x if i == 0 else last for i in keep])
         else:
-            hidden_states = x[None]
+            layers = LayerStack(EncoderLayer, n, rt, dict(cfg=c, rt=rt), collect=True,
+                                name="layers")
+            _, states = layers(x)  # [n, B, L, D]
+            hidden_states = jnp.stack([x if i == 0 else states[i - 1] for i in keep])
         if post_norm:
             return hidden_states, LayerNorm(name="post_layernorm", **norm)(hidden_states[-1])
         return hidden_states

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.hf import load as hf_load
+from mmjax.models.factory import for_init
 from mmjax.training import lora
 from mmjax.training.checkpoint import restore_subtree
 
@@ -104,7 +105,8 @@ def _complete(model, loaded, abstract_params, param_shardings, rng_seed: int):
                  jnp.zeros((1, 1) + (model.cfg.vision.image_size,) * 2 + (3,)))
 
         def init_missing():
-            params = _flat(nn.unbox(model.init(jax.random.key(rng_seed), *dummy))["params"])
+            params = _flat(nn.unbox(for_init(model).init(jax.random.key(rng_seed),
+                                                         *dummy))["params"])
             return [params[p] for p in missing]
 
         fresh = jax.jit(init_missing, out_shardings=[shardings[p] for p in missing])()

@@ -36,7 +36,11 @@ class NonFiniteStop(RuntimeError):
 
 @dataclasses.dataclass
 class Rates:
-    """Per-step device metrics -> tokens/s, step time, data wait, model TFLOP/s and MFU."""
+    """Per-step device metrics -> tokens/s, step time, data wait, model TFLOP/s and MFU.
+
+    `mfu` counts the model FLOPs of the real (non-pad) tokens and the images; `mfu_all_slots`
+    counts every slot of every row and every image slot, padding included, as MaxText does
+    (its figure is higher by the padding share)."""
 
     flop_model: flops.FlopModel
     peak: float | None  # per-device peak FLOP/s (None: unknown, no MFU)
@@ -52,6 +56,14 @@ class Rates:
         mfu = flops.mfu(model_flops, seconds, self.devices, self.peak)
         if mfu is not None:
             out["mfu"] = mfu
+        # MaxText's count: every slot of every row (padding included) and every image slot
+        if "slot_tokens" in per_step[0]:
+            slots = sum(int(m["slot_tokens"]) for m in per_step)
+            out["tokens_per_s_all_slots"] = slots / seconds
+            all_flops = self.flop_model.step(slots, sum(int(m["image_slots"]) for m in per_step))
+            mfu_all = flops.mfu(all_flops, seconds, self.devices, self.peak)
+            if mfu_all is not None:
+                out["mfu_all_slots"] = mfu_all
         return out
 
 
@@ -230,6 +242,8 @@ def _save_unless_skipping(loop: Loop, state, done: int, force: bool) -> None:
 
 def _console(done, steps, rec, sec_per_step) -> str:
     mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+    if "mfu_all_slots" in rec:
+        mfu += f" ({rec['mfu_all_slots']:.1%} all slots)"
     lrs = " ".join(f"{v:.2e}" for k, v in rec.items() if k.startswith("lr/"))
     return (f"step {done}/{steps} loss {rec['loss']:.4f} grad {rec['grad_norm']:.3f} lr {lrs} "
             f"{rec['tokens_per_s']:.0f} tok/s{mfu} {rec['step_time_s']:.3f}s/step "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from mmjax.batch import IGNORE, device_pixels
+from mmjax.models.llm import head_logits
 from mmjax.training.optimizer import OptimConfig, group_labels, make_optimizer, merge, split
 
 
@@ -38,11 +39,47 @@ class StepConfig:
 
 
 def token_loss(logits, targets):
-    """Summed next-token cross-entropy over non-ignored targets, and their count."""
+    """Summed next-token cross-entropy over non-ignored targets, and their count.
+
+    logits [B, T, V] float32, targets [B, T]. The target's logit is picked by a masked sum
+    (elementwise, exact; not a matmul, which TPUs run in bfloat16 passes), not a gather:
+    its gradient is then a fused select instead of a scatter-add into a [B, T, V] buffer."""
     mask = targets != IGNORE
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], -1)[..., 0]
+    hit = jnp.arange(logits.shape[-1]) == jnp.where(mask, targets, -1)[..., None]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def chunked_token_loss(hidden, weight, targets, dtype, chunk: int):
+    """`token_loss` of the logits `hidden @ weight` without materialising them: the rows'
+    positions go through in chunks of `chunk` (logits [B, chunk, V] at a time), each chunk
+    rematerialised in the backward pass, so neither pass holds float32 [B, T, V].
+
+    hidden [B, T, D] final hidden states, weight [D, V], targets [B, T]; chunk 0 = whole
+    rows (one chunk). Equal to `token_loss(head_logits(hidden, weight))`."""
+    b, t, d = hidden.shape
+    if not chunk or chunk >= t:
+        return token_loss(head_logits(hidden, weight, dtype), targets)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+    hs = jnp.swapaxes(hidden.reshape(b, n, chunk, d), 0, 1)  # [n, B, C, D]
+    ts = jnp.swapaxes(targets.reshape(b, n, chunk), 0, 1)  # [n, B, C]
+
+    @jax.checkpoint
+    def one(h, tg):
+        return token_loss(head_logits(h, weight, dtype), tg)
+
+    def body(carry, xs):
+        total, count = one(*xs)
+        return (carry[0] + total, carry[1] + count), None
+
+    (total, count), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ts))
+    return total, count
 
 
 class Trainer:
@@ -78,18 +115,24 @@ class Trainer:
                           skipped=replicated, skipped_in_a_row=replicated)
 
     # ----------------------------------------------------------------------------- step
+    def loss(self, params, micro: dict, rngs=None):
+        """Summed token loss and label count of a (micro-)batch: the model's final hidden
+        states and the output projection in chunks (`runtime.loss_chunk`)."""
+        rt = self.model.rt
+        pixels = device_pixels(micro["pixel_values"], self.vision)
+        hidden = self.model.apply({"params": params}, micro["input_ids"], pixels,
+                                  micro["positions"], micro["segment_ids"], head=False,
+                                  rngs=rngs)
+        weight = self.model.apply({"params": params}, method="head_weight")
+        return chunked_token_loss(hidden, weight, micro["targets"], rt.dtype, rt.loss_chunk)
+
     def loss_and_grads(self, trainable, frozen, batch, key):
         rt = self.model.rt
         dropout = bool(rt.lora_rank and rt.lora_dropout)
 
         def loss_fn(t, micro, k):
             params = merge(t, frozen)
-            pixels = device_pixels(micro["pixel_values"], self.vision)
-            logits = self.model.apply({"params": params}, micro["input_ids"], pixels,
-                                      micro["positions"], micro["segment_ids"],
-                                      rngs={"dropout": k} if dropout else None)
-            total, count = token_loss(logits, micro["targets"])
-            return total, count
+            return self.loss(params, micro, rngs={"dropout": k} if dropout else None)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         a = self.step_cfg.grad_accum
@@ -134,6 +177,9 @@ class Trainer:
             skipped_in_a_row=jnp.where(ok, 0, state.skipped_in_a_row + 1))
         metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": count,
                    "real_tokens": jnp.sum(batch["segment_ids"] > 0),
+                   "slot_tokens": jnp.int32(batch["input_ids"].size),
+                   "image_slots": jnp.int32(batch["pixel_values"].shape[0]
+                                            * batch["pixel_values"].shape[1]),
                    "images": jnp.sum(batch["input_ids"] == self.model.cfg.image_token_id)
                    // self.model.cfg.image_tokens,
                    "skipped_in_a_row": new_state.skipped_in_a_row,
@@ -144,10 +190,7 @@ class Trainer:
         """Summed next-token loss and label-token count of a batch (no dropout), in
         `grad_accum` micro-batches like the step, so it fits wherever the step does."""
         def one(micro):
-            pixels = device_pixels(micro["pixel_values"], self.vision)
-            logits = self.model.apply({"params": params}, micro["input_ids"], pixels,
-                                      micro["positions"], micro["segment_ids"])
-            return token_loss(logits, micro["targets"])
+            return self.loss(params, micro)
 
         a = self.step_cfg.grad_accum
         micro = jax.tree.map(
