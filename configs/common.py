@@ -66,6 +66,9 @@ def training(stage: int) -> ml_collections.ConfigDict:
     c.data.workers = 8
     c.data.max_bad_share = 0.01
     c.batch_size = 256 if stage == 1 else 128
+    # micro-batches of at most 8 rows of 2048 tokens per device (LLaVA ran 16 per 80 GB
+    # GPU with ZeRO-3): 2 on 8 GPUs, 4 on a v5p-8, 1 on a v5p-64 and up
+    c.grad_accum = 0
     lr = 1e-3 if stage == 1 else 2e-5
     c.optim.groups = ([["projector/.*", lr], [".*", None]] if stage == 1 else
                       [["vision_tower/.*", None], ["projector/.*", lr],

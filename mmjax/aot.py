@@ -32,7 +32,7 @@ GiB = 1024 ** 3
 GENERATIONS = {
     "v4": ("v4", "megacore", 32 * GiB, 2),
     "v5p": ("v5", "megacore", int(95.74 * GiB), 2),
-    "v5e": ("v5e", "default", 16 * GiB, 1),
+    "v5e": ("v5e", "default", int(15.75 * GiB), 1),
     "v6e": ("v6e", "default", 32 * GiB, 1),
 }
 # chips -> physical shape (as Cloud TPU lays out slices of these sizes)
@@ -102,6 +102,7 @@ class Report:
     compile_s: float
     hbm: int | None
     refused: str = ""  # the compiler's out-of-memory message (it stops before the rest)
+    grad_accum: int = 0  # the micro-batches compiled (auto made concrete)
 
     @property
     def total(self) -> int:
@@ -174,6 +175,7 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     from mmjax.train import StepSetup, check_batch_fits_mesh
 
     mesh = make_mesh(tc.mesh, devices=devices, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
+    tc = tc.for_mesh(mesh)
     check_batch_fits_mesh(tc, mesh)
     dcfg = tc.data_config(1)
     setup = StepSetup.of(tc, cfg, mesh, max(tc.total_steps, 1))
@@ -190,8 +192,11 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            return Report.out_of_memory(str(e), time.time() - t, hbm), setup
+            report = Report.out_of_memory(str(e), time.time() - t, hbm)
+            report.grad_accum = tc.grad_accum
+            return report, setup
     report = Report.of(compiled, time.time() - t, hbm)
+    report.grad_accum = tc.grad_accum
     if dump_hlo:
         Path(dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(dump_hlo) / "train_step.stablehlo.txt").write_text(lowered.as_text())
@@ -199,10 +204,11 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     return report, setup
 
 
-def _describe(tc, setup, mesh_devices: int, kind: str) -> str:
+def _describe(tc, setup, mesh_devices: int, kind: str, grad_accum: int) -> str:
     rt = setup.rt
+    auto = " (auto)" if not tc.grad_accum else ""
     return (f"{tc.batch_size} rows x {tc.data.seq_len or tc.data.max_length} tokens, "
-            f"grad_accum {tc.grad_accum}, packing {tc.data.packing}; {rt.dtype}, attention "
+            f"grad_accum {grad_accum}{auto}, packing {tc.data.packing}; {rt.dtype}, attention "
             f"{rt.attention_impl}, remat {rt.remat_policy}, scan {rt.scan_layers}, loss chunk "
             f"{rt.loss_chunk}; mesh {dict(tc.mesh)} on {mesh_devices} x {kind}")
 
@@ -290,7 +296,7 @@ def main(argv=None) -> int:
     except (ConfigError, UsageError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    say(_describe(tc, setup, len(devices), kind))
+    say(_describe(tc, setup, len(devices), kind, report.grad_accum))
     say(f"compiled in {report.compile_s:.1f} s; per device:")
     for line in report.lines():
         say(line)

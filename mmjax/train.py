@@ -93,9 +93,9 @@ def validate(tc: TrainConfig) -> None:
     if tc.eval.every_steps and not (tc.data.holdout_share or tc.eval.benchmarks):
         raise ConfigError("eval.every_steps is set but there is nothing to evaluate: set "
                           "data.holdout_share (validation loss) and/or eval.benchmarks")
-    if tc.grad_accum < 1 or tc.batch_size < 1:
-        raise ConfigError(f"batch_size {tc.batch_size} and grad_accum {tc.grad_accum} must "
-                          "be at least 1")
+    if tc.grad_accum < 0 or tc.batch_size < 1:
+        raise ConfigError(f"batch_size {tc.batch_size} must be at least 1 and grad_accum "
+                          f"{tc.grad_accum} at least 0 (auto)")
 
 
 def check_batch_fits_mesh(tc: TrainConfig, mesh) -> None:
@@ -169,6 +169,7 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool) -> dict:
     lead = jax.process_index() == 0
     say = (lambda m: print(m, flush=True)) if lead else (lambda m: None)
     rules, mesh = tc.logical_axis_rules, configlib.make_mesh(tc)
+    tc = tc.for_mesh(mesh)  # grad_accum=0 (auto) made concrete
     check_batch_fits_mesh(tc, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", tc.checkpoint)
     latest = ckpt.latest_step()

@@ -4,6 +4,7 @@ stage recipes set them up for TPU (splash attention in a shard_map, scanned laye
 remat policy, chunked loss, best-fit packing) for a 4-chip v5p and an 8-chip v5e slice, and
 the vision tower's forward and backward with splash at LLaVA's 577 and SigLIP's 729 tokens.
 """
+import dataclasses
 import os
 
 import jax
@@ -105,3 +106,17 @@ def test_vision_tower_compiles_with_splash_at_real_lengths(family, image_size, t
         compiled = lowered.compile()
     assert "tpu_custom_call" in text  # the Mosaic kernel, not XLA's attention
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_auto_grad_accum_follows_the_devices():
+    """grad_accum=0 (the recipes): micro-batches of at most max_rows_per_device rows per
+    device, the fewest that split evenly."""
+    from mmjax import configlib
+
+    tc = configlib.train_config(configlib.load("configs/stage2.py:llava15_7b"))
+    assert tc.grad_accum == 0 and tc.batch_size == 128
+    for topology, accum in [("v5p-8", 4), ("v5p-64", 1), ("v5e-16", 1)]:
+        mesh = make_mesh(dict(tc.mesh), aot.Target.parse(topology).devices())
+        assert tc.for_mesh(mesh).grad_accum == accum, topology
+    mesh = make_mesh(dict(tc.mesh), aot.Target.parse("v5p-8").devices())
+    assert dataclasses.replace(tc, max_rows_per_device=16).for_mesh(mesh).grad_accum == 2

@@ -102,3 +102,24 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     logits = llava.apply(nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3)))
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert dataclasses.asdict(rt)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_vision_tower_keeps_only_the_layers_asked_for(scan):
+    """`keep` returns exactly those hidden states of the full stack (scanned or not); the
+    last layer alone (LLaVA's case) stacks nothing else."""
+    from mmjax.models import VisionTower
+
+    cfg = presets.get("tiny_clip")
+    rt = RuntimeConfig(scan_layers=scan)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 56, 56, 3)), jnp.float32)
+    params = nn.unbox(VisionTower(cfg, rt).init(jax.random.key(0), pixels))
+    full = VisionTower(cfg, rt).apply(params, pixels)  # [depth+1, B, L, D]
+    n = cfg.num_layers
+    for keep in [(n,), (1, n), (0, 2), (n, 1)]:
+        out = VisionTower(cfg, rt, keep=keep).apply(params, pixels)
+        np.testing.assert_allclose(out, full[np.array(keep)], atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda p: VisionTower(cfg, rt, keep=(n,)).apply(p, pixels))(
+        params))
+    # no [n, B, L, D] stack of every layer's output in the last-layer-only program
+    assert f"f32[{n},2,17,64]" not in jaxpr

@@ -269,7 +269,11 @@ def _records(path):
 
 def test_user_mistakes_are_one_line(demo_data, tmp_path):
     cases = {
-        "batch": (["--config.batch_size=15"], "batch_size 15 / grad_accum 1 does not split"),
+        "batch": (["--config.batch_size=15", "--config.grad_accum=1"],
+                  "batch_size 15 / grad_accum 1 does not split"),
+        "batch_auto": (["--config.batch_size=15"], "batch_size 15 does not split into "
+                       "micro-batches over the 8 devices the batch is sharded on (grad_accum "
+                       "0: auto); use a multiple of 8, e.g. --config.batch_size=16"),
         "path": ([f"--config.tokenizer={tmp_path / 'nope'}"], "tokenizer: "),
         "field": (["--config.data.nope=1"], "unknown config field 'data.nope'"),
     }

@@ -55,8 +55,7 @@ class DataConfig:
     pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
     group_by_length: bool = False  # pad mode: batch samples of similar length together
     length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
-    # image slots per row; 0 = 1 when padding, else as many images as fit a row (at most 4)
-    max_images_per_row: int = 0
+    max_images_per_row: int = 0  # image slots per row; 0 = 1 (pad), else what a row holds, <= 4
     image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)

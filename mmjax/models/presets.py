@@ -86,7 +86,7 @@ LLAVA = {
     "tiny_siglip": _llava("tiny_siglip", "tiny_llm", 511, vision_feature_layer=-1,
                           vision_feature_select="full"),
     # The embedded demo: trained from scratch on CPU in minutes. Its tokenizer (trained by
-    # the demo) puts <image> at id 4 and has at most 384 entries.
+    # the demo) puts <image> at id 4 and has at most 512 entries.
     "demo": LlavaConfig(
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=96, intermediate_size=192,
                             num_layers=4, num_heads=4),

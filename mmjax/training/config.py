@@ -9,6 +9,7 @@ filled by `mmjax.train` from other settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from mmjax.data.pipeline import DataConfig
@@ -44,7 +45,8 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer dir; default: stage 1's, init.hf_llava's or init.hf_llm's
     seed: int = 0  # data order, random init and dropout
     batch_size: int = 128  # global rows per step, across processes and accumulation
-    grad_accum: int = 1  # micro-batches per step (rows split across them)
+    grad_accum: int = 1  # micro-batches per step (rows split across them); 0 = auto
+    max_rows_per_device: int = 8  # grad_accum=0: micro-batches of at most this many rows per device
     num_epochs: int = 1  # passes over the data, when total_steps is 0
     total_steps: int = 0  # optimizer steps; 0 = num_epochs over the data
     log_every: int = 10  # steps between metric records and console lines
@@ -68,6 +70,25 @@ class TrainConfig:
     llava: ComposeConfig = _section(ComposeConfig)
     distributed: DistributedConfig = _section(DistributedConfig)
 
+    def for_mesh(self, mesh) -> "TrainConfig":
+        """This config with grad_accum=0 (auto) made concrete for a mesh: the fewest
+        micro-batches whose rows split evenly over the batch's devices, at most
+        `max_rows_per_device` rows on each."""
+        if self.grad_accum:
+            return self
+        from mmjax.sharding import batch_axes
+
+        ways = math.prod(mesh.shape[a] for a in batch_axes(self.logical_axis_rules))
+        for a in range(1, self.batch_size + 1):
+            rows = self.batch_size // a
+            if self.batch_size % a == 0 and rows % ways == 0 and \
+                    rows // ways <= max(1, self.max_rows_per_device):
+                return dataclasses.replace(self, grad_accum=a)
+        good = max(ways, round(self.batch_size / ways) * ways)
+        raise ConfigError(f"batch_size {self.batch_size} does not split into micro-batches "
+                          f"over the {ways} devices the batch is sharded on (grad_accum 0: "
+                          f"auto); use a multiple of {ways}, e.g. --config.batch_size={good}")
+
     @property
     def model_runtime(self) -> RuntimeConfig:
         """The runtime with the LoRA section's adapters."""
@@ -79,7 +100,7 @@ class TrainConfig:
 
     def data_config(self, process_count: int) -> DataConfig:
         """The data section with what the trainer derives: rows per process, seed, repeats."""
-        if self.batch_size % (process_count * self.grad_accum):
+        if self.batch_size % (process_count * max(1, self.grad_accum)):
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by processes "
                               f"({process_count}) x grad_accum ({self.grad_accum})")
         return dataclasses.replace(self.data, batch_size=self.batch_size // process_count,

@@ -11,8 +11,10 @@ The vision tower (frozen in both LLaVA stages, nothing flows back into it) count
 only: 2 x params x patches + 4 x P^2 x d per layer (non-causal); a trained tower counts 3x.
 The projector runs on every patch; trained (both LLaVA stages) it counts 3x.
 
-MFU = model FLOPs per step / (step time x devices x peak FLOP/s per device). Tokens are the
-real (non-pad) tokens of the step, so padding never counts as useful work.
+MFU = model FLOPs per step / (step time x devices x peak FLOP/s per device). `mfu` counts the
+real (non-pad) tokens and images of the step, so padding never counts as useful work;
+`mfu_all_slots` counts every slot of every row and every image slot, as MaxText does (its
+tokens are rows x length), and is higher by the padding share.
 """
 from __future__ import annotations
 
