@@ -176,18 +176,21 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     assert any(np.any(a != b) for a, b in zip(
         jax.tree.leaves(jax.device_get(h2["state"].params["language_model"])),
         jax.tree.leaves(jax.device_get(state["language_model"]))))
-    # resume: the third step only
-    capsys.readouterr()
-    h3 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
-        data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
-    assert "resumed from" in capsys.readouterr().out and [s for s, _ in h3["loss"]] == [3]
+    last = 2
+    if name in ("clip-llama", "siglip-qwen2"):  # resume is the same for every family
+        # resume: the third step only
+        capsys.readouterr()
+        h2 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+            data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
+        assert "resumed from" in capsys.readouterr().out and [s for s, _ in h2["loss"]] == [3]
+        last = 3
     # loaded for use (generate / predict / evaluate --checkpoint): params only, same model
     from mmjax.inference.load import from_checkpoint
 
-    m = from_checkpoint(f"{w2}:3", dtype="float32")
+    m = from_checkpoint(f"{w2}:{last}", dtype="float32")
     assert m.cfg == r1.cfg and m.template == template
     assert m.tokenizer.get_vocab() == tok.get_vocab()
-    _assert_equal(m.params["projector"], h3["state"].params["projector"])
+    _assert_equal(m.params["projector"], h2["state"].params["projector"])
 
     # Hugging Face export: stage 1's towers come back bitwise; stage 2 runs the same in
     # transformers (logits, greedy tokens), its processor and chat template load and agree
@@ -195,7 +198,7 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
 
     hf1 = export(str(w1), tmp_path / "hf1", dtype="float32", say=lambda _: None)
     _towers_round_trip(hf1, vision_dir, llm_dir, base_vocab)
-    hf2 = export(f"{w2}:3", tmp_path / "hf2", dtype="float32", say=lambda _: None)
+    hf2 = export(f"{w2}:{last}", tmp_path / "hf2", dtype="float32", say=lambda _: None)
     _same_in_transformers(hf2, m)
 
 
