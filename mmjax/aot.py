@@ -158,8 +158,7 @@ def model_config(tc, say):
     from mmjax.training import recipe as recipe_lib
 
     if tc.model != "auto":
-        cfg = presets.get(tc.model)
-        return cfg
+        return presets.get(tc.model)
     if tc.init.stage1_checkpoint or tc.init.hf_llava or (tc.init.hf_vision and tc.init.hf_llm):
         return recipe_lib.resolve(tc).cfg
     say("model: auto with no weights given (init.*): compiling the llava15_7b preset")
@@ -192,12 +191,12 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
+            compiled = None
             report = Report.out_of_memory(str(e), time.time() - t, hbm)
-            report.grad_accum = tc.grad_accum
-            return report, setup
-    report = Report.of(compiled, time.time() - t, hbm)
+    if compiled is not None:
+        report = Report.of(compiled, time.time() - t, hbm)
     report.grad_accum = tc.grad_accum
-    if dump_hlo:
+    if dump_hlo and compiled is not None:
         Path(dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(dump_hlo) / "train_step.stablehlo.txt").write_text(lowered.as_text())
         (Path(dump_hlo) / "train_step.compiled.txt").write_text(compiled.as_text())

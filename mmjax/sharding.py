@@ -133,6 +133,11 @@ def batch_axes(rules: Rules) -> tuple[str, ...]:
     return () if not axes else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many ways a batch's rows are split on `mesh` (the product of its batch axes)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules) -> NamedSharding:
     """Sharding for a batch-major input array of rank `ndim`."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)

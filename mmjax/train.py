@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from mmjax.data.sources import DataSourceError
 from mmjax.models import Llava
 from mmjax.models.config import ConfigError, RuntimeConfig
 from mmjax.models.factory import abstract_variables
-from mmjax.sharding import batch_axes, logical_shardings, mesh_rules, plain
+from mmjax.sharding import batch_axes, batch_ways, logical_shardings, mesh_rules, plain
 from mmjax.training import flops, loop
 from mmjax.training import recipe as recipe_lib
 from mmjax.training.checkpoint import (
@@ -101,7 +100,7 @@ def validate(tc: TrainConfig) -> None:
 def check_batch_fits_mesh(tc: TrainConfig, mesh) -> None:
     """Each micro-batch's rows split evenly over the mesh axes the batch is sharded on."""
     axes = batch_axes(tc.logical_axis_rules)
-    ways = math.prod(mesh.shape[a] for a in axes)
+    ways = batch_ways(mesh, tc.logical_axis_rules)
     rows = tc.batch_size // tc.grad_accum
     if tc.batch_size % tc.grad_accum or rows % ways:
         split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"

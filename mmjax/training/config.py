@@ -9,7 +9,6 @@ filled by `mmjax.train` from other settings.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from mmjax.data.pipeline import DataConfig
@@ -76,9 +75,9 @@ class TrainConfig:
         `max_rows_per_device` rows on each."""
         if self.grad_accum:
             return self
-        from mmjax.sharding import batch_axes
+        from mmjax.sharding import batch_ways
 
-        ways = math.prod(mesh.shape[a] for a in batch_axes(self.logical_axis_rules))
+        ways = batch_ways(mesh, self.logical_axis_rules)
         for a in range(1, self.batch_size + 1):
             rows = self.batch_size // a
             if self.batch_size % a == 0 and rows % ways == 0 and \
