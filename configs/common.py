@@ -6,31 +6,10 @@ every section is here with its default; the recipes below change only what diffe
 import ml_collections
 
 from mmjax import configlib
-from mmjax.models.config import ConfigError, RuntimeConfig
+from mmjax.errors import ConfigError
+from mmjax.models.config import RuntimeConfig
+from mmjax.sharding import LOGICAL_AXIS_RULES
 from mmjax.training.config import TrainConfig
-
-# Logical axis name -> mesh axis (or tuple of axes, or None = replicated). FSDP shards
-# weights over 'fsdp' on their model dimension; tensor parallelism splits heads, the MLP
-# hidden and the vocabulary; the batch is split over every data-like axis.
-LOGICAL_AXIS_RULES = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("vision_out", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("lora_rank", None),
-    ("length", None),
-    ("patch_y", None),
-    ("patch_x", None),
-    ("channel", None),
-)
 
 
 def runtime(**overrides) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from typing import Iterator
 from data_pipelines import adapt
 from data_pipelines.core import Raw
 from mmjax.data.quality import Skipped
+from mmjax.data.sources import LlavaJsonSource, TfdsCaptionSource
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -44,8 +45,6 @@ def llava_json(path, source: str = "llava") -> Iterator[Raw | Skipped]:
     LLaVA-Instruct-158K, llava_v1_5_mix665k, ShareGPT4V. Text-only records (no image) pass.
     Read through the training pipeline's indexed source, one record at a time (the 665K mix
     is a 1 GB JSON array)."""
-    from mmjax.data.sources import LlavaJsonSource
-
     src = LlavaJsonSource(path, name=source)
     for n in range(len(src)):
         rec = src[n]
@@ -108,8 +107,6 @@ def tfds_coco(dataset: str = "coco_captions", split: str = "train", data_dir: st
     """A locally prepared TFDS captions dataset (never downloads); images re-encoded as PNG."""
     import numpy as np
     from PIL import Image
-
-    from mmjax.data.sources import TfdsCaptionSource
 
     src = TfdsCaptionSource.from_tfds(dataset, split, data_dir)
     for i in range(len(src)):

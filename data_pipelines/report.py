@@ -23,8 +23,9 @@ import numpy as np
 
 from data_pipelines.adapt import approx_tokens
 from mmjax.data.sources import ArrayRecordSource
-from mmjax.data.templates import ConversationError, normalize_turns
-from mmjax.data.tokenize import ENCODING_VERSION
+from mmjax.data.templates import ConversationError, get_template, normalize_turns
+from mmjax.data.tokenize import ENCODING_VERSION, ConversationEncoder
+from mmjax.hf import load_tokenizer
 
 
 def iter_samples(out: Path | str):
@@ -59,10 +60,6 @@ def compute(out: Path, tokenizer_dir: str | None = None, image_tokens: int = 576
     manifest = json.loads((out / "manifest.json").read_text())
     encoder = None
     if tokenizer_dir:
-        from mmjax.data.templates import get_template
-        from mmjax.data.tokenize import ConversationEncoder
-        from mmjax.hf import load_tokenizer
-
         tok = load_tokenizer(tokenizer_dir)
         # image tokens are counted apart; a placeholder id outside the vocabulary
         encoder = ConversationEncoder(tok, get_template(template, tok), 1, -1, 1 << 30)

@@ -21,9 +21,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
 import time
 from pathlib import Path
+
+import jax
+from jax.experimental import topologies
+
+from mmjax import batch as batch_format
+from mmjax.errors import ConfigError, UsageError
+from mmjax.models import presets
+from mmjax.sharding import make_mesh, mesh_rules
+from mmjax.training import model_spec
+from mmjax.training.config import TrainConfig, check_batch_fits_mesh, from_file
+from mmjax.training.run import StepSetup
 
 GiB = 1024 ** 3
 
@@ -43,10 +56,6 @@ SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8)
              128: (8, 16), 256: (16, 16)}
 REMAT_SWEEP = ("none", "save_qkv_context_mlp", "save_dots", "save_qkv_context", "save_qkv",
                "full")
-
-
-class UsageError(ValueError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +87,6 @@ class Target:
                    num_slices)
 
     def devices(self):
-        import os
-
-        from jax.experimental import topologies
-
         # compile-only: no TPU is opened, so several processes may load libtpu at once
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
@@ -118,8 +123,6 @@ class Report:
     def out_of_memory(cls, message: str, compile_s: float, hbm: int | None) -> "Report":
         """TPU's compiler stops with RESOURCE_EXHAUSTED when the temporaries alone exceed
         HBM; its message names them ('HLO temporaries (118.47G)')."""
-        import re
-
         m = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
         temps = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else 0
         line = next((x for x in message.splitlines() if "RESOURCE_EXHAUSTED" in x),
@@ -151,28 +154,19 @@ class Report:
         return out
 
 
-def model_config(tc, say):
+def model_config(tc: TrainConfig, say):
     """The LlavaConfig a config trains: its preset, the one its weights describe, or
     llava15_7b for `auto` without weights."""
-    from mmjax.models import presets
-    from mmjax.training import recipe as recipe_lib
-
     if tc.model != "auto":
         return presets.get(tc.model)
     if tc.init.stage1_checkpoint or tc.init.hf_llava or (tc.init.hf_vision and tc.init.hf_llm):
-        return recipe_lib.resolve(tc).cfg
+        return model_spec.resolve(tc).cfg
     say("model: auto with no weights given (init.*): compiling the llava15_7b preset")
     return presets.get("llava15_7b")
 
 
 def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     """Lowers and compiles `tc`'s train step for `devices`: (Report, StepSetup)."""
-    import jax
-
-    from mmjax import batch as batch_format
-    from mmjax.sharding import make_mesh, mesh_rules
-    from mmjax.train import StepSetup, check_batch_fits_mesh
-
     mesh = make_mesh(tc.mesh, devices=devices, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
     tc = tc.for_mesh(mesh)
     check_batch_fits_mesh(tc, mesh)
@@ -216,8 +210,6 @@ def sweep(tc, cfg, devices, hbm, say, remats=REMAT_SWEEP, accums=None) -> list[t
     """Compiles every remat policy at increasing grad_accum (from the config's) until one
     fits: rows of
     (policy, grad_accum, Report or the error)."""
-    from mmjax.models.config import ConfigError
-
     accums = accums or [a for a in (1, 2, 4, 8, 16)
                         if a >= tc.grad_accum and tc.batch_size % a == 0]
     rows = []
@@ -255,20 +247,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dump-hlo", default="", help="write the lowered and compiled HLO")
     args, overrides = parser.parse_known_args(argv)
     say = lambda m: print(m, flush=True)  # noqa: E731
-
-    from mmjax import configlib
-    from mmjax.models.config import ConfigError
-
     try:
-        tc = configlib.train_config(configlib.load(args.config, overrides))
+        tc = from_file(args.config, overrides)
         if args.topology:
             target = Target.parse(args.topology, args.num_slices)
             devices, hbm, kind = target.devices(), target.hbm, args.topology
             where = (f"{args.topology} ({target.topology}, {len(devices)} devices"
                      + (f", {args.num_slices} slices" if args.num_slices > 1 else "") + ")")
         else:
-            import jax
-
             devices, hbm, kind = jax.devices(), _local_hbm(), jax.devices()[0].device_kind
             where = f"{len(devices)} local {kind} devices"
         cfg = model_config(tc, say)
@@ -292,7 +278,7 @@ def main(argv=None) -> int:
                     say(f"| {policy} | {a} | - | - | error: {r} | - |")
             return 0 if any(isinstance(r, Report) and r.fits for *_, r in rows) else 1
         report, setup = compile_step(tc, cfg, devices, hbm, args.dump_hlo or None)
-    except (ConfigError, UsageError, KeyError) as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     say(_describe(tc, setup, len(devices), kind, report.grad_accum))
@@ -303,8 +289,6 @@ def main(argv=None) -> int:
 
 
 def _local_hbm() -> int | None:
-    import jax
-
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 

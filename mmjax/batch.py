@@ -16,6 +16,7 @@ boundary in a packed row and the loss needs no shift.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmjax.sharding import Rules, batch_sharding
@@ -64,12 +65,16 @@ def global_batch(batch: dict, mesh, rules: Rules) -> dict:
             for k in DEVICE_KEYS}
 
 
+def normalize(pixels, mean, std):
+    """uint8 [..., 3] -> float32 normalised with the tower's mean/std (numpy or jax arrays)."""
+    xp = np if isinstance(pixels, np.ndarray) else jnp
+    scale = xp.asarray([1 / (255.0 * s) for s in std], xp.float32)
+    shift = xp.asarray([m / s for m, s in zip(mean, std)], xp.float32)
+    return pixels.astype(xp.float32) * scale - shift
+
+
 def device_pixels(pixel_values, vision):
     """Batch pixels on the device -> normalised float32 (a no-op for host-normalised input)."""
-    import jax.numpy as jnp
-
-    from mmjax.data.image import normalize
-
     if pixel_values.dtype == jnp.uint8:
         return normalize(pixel_values, vision.image_mean, vision.image_std)
     return pixel_values

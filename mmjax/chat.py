@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
+from mmjax.errors import UsageError
 from mmjax.inference import cli
+from mmjax.inference.prompt import request
 
 
 class Chat:
@@ -27,14 +31,14 @@ class Chat:
         self.turn = 0
 
     def set_image(self, path: str) -> None:
-        self.images = [cli.read_image(self.m, path)]
+        self.images = [self.m.read_image(path)]
         self.pairs = []
 
     def reset(self) -> None:
         self.pairs = []
 
     def say(self, message: str) -> str:
-        req = cli.request(self.m, self.pairs + [(message, "")], self.images)
+        req = request(self.m, self.pairs + [(message, "")], self.images)
         ids: list[int] = []
         shown = [""]
 
@@ -47,8 +51,8 @@ class Chat:
                 self.out.flush()
                 shown[0] = text
 
-        result = self.engine.generate([req], self.sampling, seed=self.seed + self.turn,
-                                      on_token=stream)[0]
+        key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
+        result = self.engine.generate([req], self.sampling, seed=key, on_token=stream)[0]
         reply, full = result.text.strip(), result.text.lstrip()
         if full.startswith(shown[0]):
             self.out.write(full[len(shown[0]):].rstrip() + "\n")
@@ -69,7 +73,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
     args = parser.parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     m = cli.load_model(args)
-    chat = Chat(m, cli.engine(m), cli.sampling(args), out, seed=args.seed)
+    chat = Chat(m, m.engine(), cli.sampling(args), out, seed=args.seed)
     if args.image:
         chat.set_image(args.image)
     interactive = stdin.isatty()
@@ -94,7 +98,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
             path = line[len("/image"):].strip()
             try:
                 chat.set_image(path)
-            except cli.UsageError as e:
+            except UsageError as e:
                 out.write(f"error: {e}\n")
                 continue
             out.write(f"(image {path}; new conversation)\n")
@@ -106,7 +110,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
         out.flush()
         try:
             replies.append(chat.say(line))
-        except cli.UsageError as e:
+        except UsageError as e:
             out.write(f"\nerror: {e}\n")
     out.flush()
     return replies

@@ -2,13 +2,14 @@
 and the one translation from a ConfigDict to typed dataclasses.
 
     c = load("configs/stage2.py:llava_1b", ["--config.data.workers=4"])
-    tc = train_config(c)                  # TrainConfig, every section typed and checked
+    tc = typed(TrainConfig, c)            # every section typed and checked
 
 The dataclasses are the schema: `defaults(cls)` makes a config section from a dataclass (every
 field, with its default), and `typed(cls, section)` reads one back, naming unknown fields with
-the valid ones and values of the wrong type. Fields whose metadata says `derived` are not in
-the config; the entry point fills them. `python -m mmjax.configlib` prints the reference of
-every section and field (the README's "Configuration reference").
+the valid ones and values of the wrong type (`Literal` fields name their choices). Fields whose
+metadata says `derived` are not in the config; the entry point fills them. This module knows
+no section: `mmjax.training.config` holds the training config's dataclasses and its reference
+(the README's "Configuration reference").
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from pathlib import Path
 
 import ml_collections
 
-from mmjax.models import presets
-from mmjax.models.config import ConfigError, RuntimeConfig
+from mmjax.errors import ConfigError
 
 
 # --------------------------------------------------------------------------- config files
@@ -70,13 +70,24 @@ def _valid(node) -> str:
     return ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "-"
 
 
+def configs_dir() -> Path:
+    """The project's `configs/` folder (installed beside mmjax as the `configs` package), for
+    commands that load its files by path; located, not imported (configs sit above every
+    module of mmjax)."""
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the configs/ folder is not installed beside mmjax (pip install -e .)")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
 # --------------------------------------------------------------------------- the schema
 def settable_fields(cls) -> list[dataclasses.Field]:
     """The fields of a config dataclass that the config holds (not the derived ones)."""
     return [f for f in dataclasses.fields(cls) if "derived" not in f.metadata]
 
 
-def _default(f: dataclasses.Field):
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value (its factory's product), None when it has none."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -99,7 +110,7 @@ def defaults(cls, instance=None) -> ml_collections.ConfigDict:
     defaults). Sequences are lists in the ConfigDict; `typed` makes them tuples again."""
     return ml_collections.ConfigDict({
         f.name: _to_config_value(getattr(instance, f.name) if instance is not None
-                                 else _default(f))
+                                 else field_default(f))
         for f in settable_fields(cls)})
 
 
@@ -152,7 +163,7 @@ def _join(where: str, key: str) -> str:
 def _convert(tp, value, where: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is typing.Any:
-        return _plain(value)
+        return tuples(value)
     if dataclasses.is_dataclass(tp):
         return typed(tp, value, where)
     if origin in (typing.Union, types.UnionType):
@@ -201,49 +212,12 @@ def _convert(tp, value, where: str):
     raise TypeError(f"{where}: config type {tp} is not supported")
 
 
-def _plain(value):
-    """Lists -> tuples, recursively (rules' mesh axes, hashable)."""
+def tuples(value):
+    """Lists -> tuples, recursively (a config's lists as hashable values: logical-axis
+    rules as the sharding functions take them)."""
     if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
+        return tuple(tuples(v) for v in value)
     return value
-
-
-# --------------------------------------------------------------------------- typed views
-def train_config(cfg: ml_collections.ConfigDict):
-    """The whole training config, typed and checked (unknown or mistyped fields named)."""
-    from mmjax.training.config import TrainConfig
-
-    return typed(TrainConfig, cfg)
-
-
-def runtime(cfg: ml_collections.ConfigDict) -> RuntimeConfig:
-    """The runtime section, with the LoRA section's adapters when the config has one."""
-    rt = typed(RuntimeConfig, cfg.runtime, "runtime")
-    if "lora" in cfg:
-        from mmjax.training.lora import LoraConfig
-
-        rt = typed(LoraConfig, cfg.lora, "lora").runtime(rt)
-    return rt
-
-
-def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
-    return _plain(cfg.logical_axis_rules)
-
-
-def mesh_axes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    return dict(cfg.mesh.items())
-
-
-def make_mesh(tc):
-    """The mesh of a TrainConfig: per-granule axis sizes times the DCN sizes."""
-    from mmjax.sharding import make_mesh as _make
-
-    return _make(tc.mesh, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
-
-
-def model(cfg):
-    """The model preset named by a config (ConfigDict or TrainConfig)."""
-    return presets.get(cfg.model)
 
 
 # --------------------------------------------------------------------------- reference
@@ -255,42 +229,3 @@ def field_docs(cls) -> dict[str, str]:
         if m:
             docs[m.group(1)] = m.group(2).strip()
     return docs
-
-
-def reference_markdown() -> str:
-    """Every section and field of the training config, with defaults and meanings."""
-    from mmjax.data.pipeline import SourceConfig
-    from mmjax.training.config import TrainConfig
-
-    def table(cls, prefix: str) -> list[str]:
-        docs = field_docs(cls)
-        rows = ["| field | default | meaning |", "| --- | --- | --- |"]
-        for f in settable_fields(cls):
-            if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
-                continue
-            value = _default(f)
-            shown = repr(list(value) if isinstance(value, tuple) else value)
-            if len(shown) > 40:
-                shown = shown[:37] + "..."
-            shown = shown.replace("|", "\\|")
-            meaning = docs.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {meaning} |")
-        return rows
-
-    out = ["Top level (`--config.FIELD=...`):", ""] + table(TrainConfig, "")
-    for f in settable_fields(TrainConfig):
-        section = typing.get_type_hints(TrainConfig)[f.name]
-        if dataclasses.is_dataclass(section):
-            doc = (section.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-            out += ["", f"`{f.name}`: {doc}", ""] + table(section, f"{f.name}.")
-            derived = [g for g in dataclasses.fields(section) if "derived" in g.metadata]
-            if derived:
-                out += ["", "Set by `mmjax.train`, not in the config: " + ", ".join(
-                    f"`{f.name}.{g.name}` ({g.metadata['derived']})" for g in derived) + "."]
-            if section.__name__ == "DataConfig":
-                out += ["", "Each entry of `data.sources`:", ""] + table(SourceConfig, "")
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import shutil
 import tempfile
 import time
 from importlib import resources
@@ -36,20 +38,25 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-import configs
 from mmjax import configlib
 from mmjax.data.image import preprocess
+from mmjax.data.synthetic import vocabulary_text, write_split
+from mmjax.data.templates import VICUNA_SYSTEM
 from mmjax.data.tokenizer_training import train_bpe_tokenizer
+from mmjax.evaluation import during_training
 from mmjax.models import Llava, presets
+from mmjax.models.config import RuntimeConfig
 from mmjax.models.factory import count_params
 from mmjax.sharding import batch_sharding, logical_shardings, make_mesh, mesh_rules
+from mmjax.training import run
+from mmjax.training.config import from_config
 
 PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
           "USER: <image>\nWhat animal is in the picture? Answer the question using a single "
           "word or phrase. ASSISTANT:")
 
 
-CONFIGS = Path(configs.__file__).resolve().parent
+CONFIGS = configlib.configs_dir()
 CONFIG = CONFIGS / "model.py"
 
 
@@ -62,7 +69,9 @@ def forward_demo(argv=None) -> dict:
 
     t0 = time.time()
     config = configlib.load(args.config, overrides)
-    cfg, rt, rules = configlib.model(config), configlib.runtime(config), configlib.rules(config)
+    cfg = presets.get(config.model)
+    rt = configlib.typed(RuntimeConfig, config.runtime, "runtime")
+    rules = configlib.tuples(config.logical_axis_rules)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_bpe_tokenizer([PROMPT, "A cat.", "cat", "dog", "bird"] * 10,
                                   vocab_size=cfg.llm.vocab_size - 8, out_dir=tmp)
@@ -76,7 +85,7 @@ def forward_demo(argv=None) -> dict:
     v = cfg.vision
     pixels = preprocess(photo, v.image_size, v.image_mean, v.image_std, aspect="pad")
 
-    mesh = make_mesh(configlib.mesh_axes(config))
+    mesh = make_mesh(dict(config.mesh))
     batch = mesh.shape["data"] * mesh.shape["fsdp"]
     input_ids = np.tile(np.asarray(ids)[None], (batch, 1))
     pixel_values = np.tile(pixels[None, None], (batch, 1, 1, 1, 1))
@@ -96,10 +105,10 @@ def forward_demo(argv=None) -> dict:
         params = jax.jit(lambda: nn.unbox(init())["params"], out_shardings=shardings)()
         inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim, rules))
                   for x in (input_ids, pixel_values)]
-        forward = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x))
+        forward = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
         logits = forward(params, *inputs)
     single = model.apply({"params": jax.device_get(params)}, jnp.asarray(input_ids[:1]),
-                         jnp.asarray(pixel_values[:1]))
+                         jnp.asarray(pixel_values[:1])).logits
     err = float(jnp.max(jnp.abs(logits[:1] - single)))
     last = np.asarray(logits[0, -1])
     stats = {"params": count_params(params), "logits_shape": tuple(logits.shape),
@@ -142,8 +151,6 @@ def evaluate_during_training(c, data: Path) -> None:
 
 def _stage(stage: int, workdir: Path, data: Path, overrides, instruct: str = "instruct",
            name: str = "") -> None:
-    from mmjax import train as train_lib
-
     c = configlib.load(f"{CONFIGS}/stage{stage}.py:demo", list(overrides))
     c.tokenizer = str(data / "tokenizer")
     split = "captions" if stage == 1 else instruct
@@ -154,13 +161,12 @@ def _stage(stage: int, workdir: Path, data: Path, overrides, instruct: str = "in
         evaluate_during_training(c, data)
     print(f"\n== stage {stage}{name}: trains {[g for g, lr in c.optim.groups if lr]} ==",
           flush=True)
-    train_lib.train(c, workdir / f"stage{stage}{name.replace(' ', '_')}")
+    run.train(from_config(c), workdir / f"stage{stage}{name.replace(' ', '_')}",
+              evaluators=during_training.evaluators)
 
 
 def last_evaluation(run: Path) -> tuple[int, dict, dict]:
     """(step, {tag: metrics}, {tag: answer lines}) of a run's last in-training evaluation."""
-    import json
-
     step = max(int(p.name.removeprefix("step_")) for p in (run / "eval").iterdir())
     where = run / "eval" / f"step_{step}"
     metrics, answers = {}, {}
@@ -262,11 +268,6 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 100,
                   overrides: list[str] = (), ablation: bool = False) -> dict:
     """Generate shapes data, train a tokenizer, run stage 1 and stage 2 (and the ablation's
     stage 2), report what stage 2's in-training evaluations measured."""
-    import json
-
-    from mmjax.data.synthetic import vocabulary_text, write_split
-    from mmjax.data.templates import VICUNA_SYSTEM
-
     t0 = time.time()
     data = workdir / "data"
     size = presets.get("demo").vision.image_size
@@ -313,8 +314,6 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if args.forward:
         return forward_demo(overrides)
-    import shutil
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)  # the demo always starts from scratch

@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import logging
 import os
+from typing import Literal
 
 import jax
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 class DistributedConfig:
     """Multi-host start-up (see the module docstring for what each mode does)."""
 
-    mode: str = "auto"  # auto | explicit | none
+    mode: Literal["auto", "explicit", "none"] = "auto"  # how processes find each other
     coordinator_address: str = ""  # host:port of process 0
     num_processes: int = 0  # explicit: how many processes (0: from MMJAX_NUM_PROCESSES)
     process_id: int = -1  # explicit: this process's index (-1: from MMJAX_PROCESS_ID)

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from mmjax.inference import cli
+from mmjax.inference.prompt import request
 
 
 def main(argv=None) -> dict:
@@ -27,9 +28,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sampling = cli.sampling(args, logprobs=args.logprobs)
     m = cli.load_model(args)
-    images = [cli.read_image(m, p) for p in args.image]
-    req = cli.request(m, [(args.prompt, "")], images, args.system)
-    result = cli.engine(m).generate([req], sampling, seed=args.seed)[0]
+    images = [m.read_image(p) for p in args.image]
+    req = request(m, [(args.prompt, "")], images, args.system)
+    result = m.engine().generate([req], sampling, seed=args.seed)[0]
     out = {"text": result.text.strip(), "token_ids": result.token_ids,
            "finish": result.finish}
     if args.logprobs:

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import jax
 
+from mmjax.errors import UsageError
 from mmjax.inference import cli
+from mmjax.inference.prompt import request
 
 
 def read_questions(path: Path) -> list[dict]:
     if not path.is_file():
-        raise cli.UsageError(f"question file {path} does not exist")
+        raise UsageError(f"question file {path} does not exist")
     out, seen = [], set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -36,11 +38,11 @@ def read_questions(path: Path) -> list[dict]:
         try:
             q = json.loads(line)
         except json.JSONDecodeError as e:
-            raise cli.UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
+            raise UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
         if "question_id" not in q or "text" not in q:
-            raise cli.UsageError(f"{path}:{n}: needs question_id and text")
+            raise UsageError(f"{path}:{n}: needs question_id and text")
         if q["question_id"] in seen:
-            raise cli.UsageError(f"{path}:{n}: question_id {q['question_id']!r} repeats")
+            raise UsageError(f"{path}:{n}: question_id {q['question_id']!r} repeats")
         seen.add(q["question_id"])
         out.append(q)
     return out
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
     done = answered(args.out) | set().union(*(answered(p) for p in parts))
     todo = [q for q in questions if q["question_id"] not in done][pid::nproc]
     m = cli.load_model(args)
-    engine = cli.engine(m)
+    engine = m.engine()
     model_id = args.model_id or m.model_id
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0, n_done = time.time(), 0
@@ -109,10 +111,11 @@ def main(argv=None) -> dict:
             chunk = todo[start:start + args.batch_size]
             reqs = []
             for q in chunk:
-                images = [cli.read_image(m, args.image_root / q["image"])] if q.get(
+                images = [m.read_image(args.image_root / q["image"])] if q.get(
                     "image") else []
-                reqs.append(cli.request(m, [(q["text"], "")], images))
-            results = engine.generate(reqs, sampling, seed=args.seed + start)
+                reqs.append(request(m, [(q["text"], "")], images))
+            key = jax.random.fold_in(jax.random.key(args.seed), start)
+            results = engine.generate(reqs, sampling, seed=key)
             for q, r in zip(chunk, results):
                 f.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"],
                                     "text": r.text.strip(), "answer_id": uuid.uuid4().hex,

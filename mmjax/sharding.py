@@ -2,7 +2,9 @@
 
 Model code names axes logically ('embed', 'heads', 'activation_batch', ...); which mesh axis
 (data, fsdp, tensor, ...) shards each is data: a rules tuple that comes from config
-(`configs/common.py` holds the default rules; library functions always take them explicitly).
+(`logical_axis_rules`; `configs/common.py` starts from `LOGICAL_AXIS_RULES` below). Library
+functions always take the rules explicitly; only an HF directory loaded for generation, which
+has no config, runs with `LOGICAL_AXIS_RULES` as they are.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,29 @@ log = logging.getLogger(__name__)
 Rules = Sequence[tuple[str, Any]]
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of axes, or None = replicated). FSDP shards
+# weights over 'fsdp' on their model dimension; tensor parallelism splits heads, the MLP
+# hidden and the vocabulary; the batch is split over every data-like axis.
+LOGICAL_AXIS_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vision_out", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("lora_rank", None),
+    ("length", None),
+    ("patch_y", None),
+    ("patch_x", None),
+    ("channel", None),
+)
 
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None,
@@ -42,8 +68,6 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
     sizes = _resolve_sizes(axis_sizes, len(devices) // n_granules)
     names = tuple(sizes)
     types = (AxisType.Auto,) * len(names)
-    from jax.experimental import mesh_utils
-
     if n_granules == 1:
         try:
             return jax.make_mesh(tuple(sizes.values()), names, axis_types=types,
@@ -121,6 +145,13 @@ def plain(boxed_tree):
     return nn.meta.map_axis_meta(
         lambda x: x.unbox(apply_constraint=False) if hasattr(x, "get_partition_spec")
         else x.unbox(), boxed_tree)
+
+
+def with_shardings(abstract_tree, shardings):
+    """Abstract values (ShapeDtypeStructs) that carry their target shardings: what Orbax
+    restores into and what ahead-of-time lowering takes."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_tree, shardings)
 
 
 def single_device_mesh() -> Mesh:

@@ -12,3 +12,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmjax-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo's generated shapes (96 training images at the demo tower's 56 pixels) and
+    its BPE tokenizer: built once per test process."""
+    from mmjax.data.synthetic import vocabulary_text, write_split
+    from mmjax.data.templates import VICUNA_SYSTEM
+    from mmjax.data.tokenizer_training import train_bpe_tokenizer
+    from mmjax.models import presets
+
+    data = tmp_path_factory.mktemp("demo")
+    write_split(data, "train", 96, 56, seed=1)
+    train_bpe_tokenizer(vocabulary_text() + [VICUNA_SYSTEM] * 3,
+                        presets.get("demo").llm.vocab_size, data / "tokenizer")
+    return data

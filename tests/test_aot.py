@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs.common import LOGICAL_AXIS_RULES
 from mmjax import aot
 from mmjax.models.config import RuntimeConfig, VisionConfig
 from mmjax.models.factory import abstract_variables
 from mmjax.models.vision import VisionTower
-from mmjax.sharding import logical_shardings, make_mesh, mesh_rules, plain
+from mmjax.sharding import LOGICAL_AXIS_RULES, logical_shardings, make_mesh, mesh_rules, plain
+from mmjax.training.config import from_config
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 TINY = ["--config.model=tiny", "--config.batch_size=16", "--config.data.max_length=256"]
@@ -113,7 +113,7 @@ def test_auto_grad_accum_follows_the_devices():
     device, the fewest that split evenly."""
     from mmjax import configlib
 
-    tc = configlib.train_config(configlib.load("configs/stage2.py:llava15_7b"))
+    tc = from_config(configlib.load("configs/stage2.py:llava15_7b"))
     assert tc.grad_accum == 0 and tc.batch_size == 128
     for topology, accum in [("v5p-8", 4), ("v5p-64", 1), ("v5e-16", 1)]:
         mesh = make_mesh(dict(tc.mesh), aot.Target.parse(topology).devices())

@@ -108,8 +108,7 @@ def test_splash_in_shard_map_over_batch_and_heads_with_unaligned_lengths(t, caus
     """On an 8-device mesh (rows over data x fsdp, heads over tensor) the splash kernel runs
     per shard inside a shard_map; lengths that are not a multiple of 128 (200, a ViT's 577)
     are padded with segment 0 and give the reference's result, values and gradients."""
-    from configs.common import LOGICAL_AXIS_RULES
-    from mmjax.sharding import make_mesh, mesh_rules
+    from mmjax.sharding import LOGICAL_AXIS_RULES, make_mesh, mesh_rules
 
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(4, t, n, 32)), jnp.float32) for n in (4, 2, 2))
@@ -141,12 +140,18 @@ def test_splash_in_shard_map_over_batch_and_heads_with_unaligned_lengths(t, caus
 def test_auto_picks_the_platform_kernel():
     from mmjax.models.attention import resolve_impl
     from mmjax.models.config import RuntimeConfig
+    from mmjax.models.runtime import resolve
 
     assert resolve_impl("auto", jnp.bfloat16, "tpu") == "splash"
     assert resolve_impl("auto", jnp.bfloat16, "gpu", "NVIDIA H100 80GB HBM3") == "cudnn"
     assert resolve_impl("auto", jnp.float32, "gpu", "NVIDIA H100 80GB HBM3") == "xla"
     assert resolve_impl("auto", jnp.bfloat16, "cpu") == "xla"
     assert resolve_impl("reference", jnp.bfloat16, "tpu") == "reference"
-    rt = RuntimeConfig(dtype="bfloat16", remat_policy="auto").for_platform("tpu")
+    rt = resolve(RuntimeConfig(dtype="bfloat16", remat_policy="auto"), _Device("tpu"))
     assert (rt.attention_impl, rt.remat_policy) == ("splash", "save_qkv")
-    assert RuntimeConfig(remat_policy="auto").for_platform("cpu").remat_policy == "none"
+    assert resolve(RuntimeConfig(remat_policy="auto"), _Device("cpu")).remat_policy == "none"
+
+
+class _Device:
+    def __init__(self, platform: str, device_kind: str = ""):
+        self.platform, self.device_kind = platform, device_kind

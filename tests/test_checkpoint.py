@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 from test_training_step import MODEL, _batch, _run, _setup
 
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from mmjax import batch as batch_format
-from mmjax.sharding import logical_shardings, make_mesh
-from mmjax.training.checkpoint import (
-    CheckpointConfig,
-    Checkpointer,
-    abstract_with_shardings,
-    restore_subtree,
-)
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
+from mmjax.sharding import logical_shardings, make_mesh, with_shardings
+from mmjax.training.checkpoint import CheckpointConfig, Checkpointer, restore_subtree
 
 
 def _abstract(trainer, mesh):
@@ -31,7 +26,7 @@ def test_save_on_fsdp8_restore_on_fsdp4_tensor2(tmp_path):
     ckpt.wait()
     other = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     _, shardings = _abstract(trainer, other)
-    restored = ckpt.restore(1, abstract_with_shardings(jax.eval_shape(lambda: state),
+    restored = ckpt.restore(1, with_shardings(jax.eval_shape(lambda: state),
                                                        shardings))
     q = restored.params["language_model"]["layers"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert tuple(q.sharding.spec)[:2] == ("fsdp", "tensor") and q.sharding.mesh == other
@@ -49,7 +44,7 @@ def test_partial_restore_checks_every_leaf(tmp_path):
     ckpt.save(1, state)
     ckpt.wait()
     boxed, shardings = _abstract(trainer, mesh)
-    abstract = abstract_with_shardings(nn.unbox(boxed), shardings.params)
+    abstract = with_shardings(nn.unbox(boxed), shardings.params)
     proj = restore_subtree(tmp_path, ("params", "projector"), abstract["projector"])
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params["projector"])),
                     jax.tree.leaves(jax.device_get(proj))):

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from data_fixtures import (
     CORPUS,
     bad_records,
@@ -20,7 +19,7 @@ from data_fixtures import (
 )
 from mmjax import batch as batch_format
 from mmjax.data import records
-from mmjax.data.batching import pack, padding_fraction
+from mmjax.data.batching import pack
 from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, skip_report
 from mmjax.data.quality import BadShareExceeded
 from mmjax.data.sources import (
@@ -30,6 +29,7 @@ from mmjax.data.sources import (
     TfdsCaptionSource,
 )
 from mmjax.models import Llava, presets
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
 from mmjax.sharding import make_mesh
 
 MODEL = presets.get("tiny")  # 56 px images, 16 image tokens
@@ -62,6 +62,11 @@ def _drain(it):
 
 def _ids(batches):
     return [i for b in batches for row in b["ids"] for i in row]
+
+
+def _padding(batch: dict) -> float:
+    """Share of a batch's token slots that hold padding."""
+    return float(np.mean(batch["segment_ids"] == 0))
 
 
 def test_json_and_jsonl_give_the_same_records(files, tmp_path, monkeypatch):
@@ -114,13 +119,13 @@ def test_stage2_batches_have_model_shapes_and_run(files):
     # image tokens equal to the images' patch count, and the model runs on the batch
     n_img = (b["input_ids"] == MODEL.image_token_id).sum(1)
     assert set(n_img.tolist()) <= {0, MODEL.image_tokens}
-    from mmjax.data.image import normalize
+    from mmjax.batch import normalize
 
     v = MODEL.vision
     pixels = normalize(jnp.asarray(b["pixel_values"]), v.image_mean, v.image_std)
     params = Llava(MODEL).init(jax.random.key(0), jnp.asarray(b["input_ids"]), pixels)
     logits = Llava(MODEL).apply(params, jnp.asarray(b["input_ids"]), pixels,
-                                jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]))
+                                jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])).logits
     assert logits.shape == (2, 128, MODEL.llm.vocab_size)
 
 
@@ -216,8 +221,8 @@ def test_packing_segments_positions_and_boundaries(files, tmp_path):
                 n_img = int((b["input_ids"][r] == MODEL.image_token_id).sum()) // 16
                 assert all(b["pixel_values"][r, k].max() > 0 for k in range(n_img))
                 assert (b["pixel_values"][r, n_img:] == 0).all()
-        pad_share = np.mean([padding_fraction(b) for b in padded])
-        pack_share = np.mean([padding_fraction(b) for b in batches])
+        pad_share = np.mean([_padding(b) for b in padded])
+        pack_share = np.mean([_padding(b) for b in batches])
         assert pack_share < pad_share
 
 
@@ -241,8 +246,8 @@ def test_group_by_length_batches_similar_lengths(files, tmp_path):
                                           group_by_length=True, pack_window=32,
                                           length_buckets=(64, 96)), files["tok"], MODEL))
     assert {b["input_ids"].shape[1] for b in bucketed} <= {64, 96, 128}
-    assert np.mean([padding_fraction(b) for b in bucketed]) < np.mean(
-        [padding_fraction(b) for b in batches])
+    assert np.mean([_padding(b) for b in bucketed]) < np.mean(
+        [_padding(b) for b in batches])
 
 
 def test_arrayrecord_source_feeds_the_pipeline(files, tmp_path):
@@ -413,7 +418,8 @@ def test_pad_resize_equals_llava_and_the_clip_processor(size):
     from skimage import data
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from mmjax.data.image import normalize, resize_uint8
+    from mmjax.batch import normalize
+    from mmjax.data.image import resize_uint8
 
     v = presets.get("llava15_7b").vision
     proc = CLIPImageProcessorPil(size={"shortest_edge": v.image_size},

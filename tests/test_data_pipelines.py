@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from data_fixtures import bpe_tokenizer, write_photos
 from data_pipelines import adapt, converters
 from data_pipelines.convert import main as convert_main
@@ -19,6 +18,7 @@ from data_pipelines.report import iter_samples
 from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline
 from mmjax.data.templates import VICUNA_SYSTEM
 from mmjax.models import presets
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
 
 CFG = presets.get("tiny")
 

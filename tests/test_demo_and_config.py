@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 from mmjax import configlib, demo
-from mmjax.models.config import ConfigError, RuntimeConfig
+from mmjax.errors import ConfigError
+from mmjax.models import presets
+from mmjax.models.config import RuntimeConfig
+from mmjax.training.config import from_config, reference_markdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -20,13 +23,13 @@ def test_demo_runs_sharded_and_matches_single_device():
 def test_config_variants_and_overrides():
     cfg = configlib.load(f"{CONFIGS / 'model.py'}:llava15_7b_gpu",
                          ["--config.mesh.fsdp=8", "--config.runtime.scan_layers=False"])
-    assert configlib.runtime(cfg) == RuntimeConfig(
+    assert configlib.typed(RuntimeConfig, cfg.runtime) == RuntimeConfig(
         dtype="bfloat16", attention_impl="cudnn", remat_policy="save_qkv_context",
         scan_layers=False)
-    assert configlib.mesh_axes(cfg)["fsdp"] == 8
-    assert configlib.model(cfg).image_tokens == 576
-    assert ("embed", "fsdp") in configlib.rules(cfg)
-    assert ("activation_batch", ("data", "fsdp")) in configlib.rules(cfg)
+    assert cfg.mesh.fsdp == 8
+    assert presets.get(cfg.model).image_tokens == 576
+    rules = configlib.tuples(cfg.logical_axis_rules)
+    assert ("embed", "fsdp") in rules and ("activation_batch", ("data", "fsdp")) in rules
 
 
 def test_config_errors_are_clear():
@@ -35,8 +38,8 @@ def test_config_errors_are_clear():
         configlib.load(str(CONFIGS / "model.py"), ["--config.runtime.nope=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         configlib.load("configs/missing.py")
-    with pytest.raises(KeyError, match="unknown model preset 'llava99'"):
-        configlib.model(configlib.load(f"{CONFIGS / 'model.py'}:llava99"))
+    with pytest.raises(ConfigError, match="unknown model preset 'llava99'"):
+        presets.get(configlib.load(f"{CONFIGS / 'model.py'}:llava99").model)
     with pytest.raises(ConfigError, match="no variant 'nosuch'; variants: auto, llava15_7b"):
         configlib.load(f"{CONFIGS / 'stage1.py'}:nosuch")
     with pytest.raises(ConfigError, match="batch_size: 1.5 has the wrong type"):
@@ -45,14 +48,14 @@ def test_config_errors_are_clear():
     c.data.sources = [{"kind": "llava_json", "pth": "x.json"}]
     with pytest.raises(ConfigError, match=r"unknown field\(s\) data.sources\[0\].pth; valid: "
                                           "kind, path"):
-        configlib.train_config(c)
+        from_config(c)
     c.data.sources = [{"path": "x.json"}]
     with pytest.raises(ConfigError, match=r"data.sources\[0\].kind must be set"):
-        configlib.train_config(c)
+        from_config(c)
     c = configlib.load(str(CONFIGS / "stage1.py"), ["--config.data.packing='pad'"])
     c.runtime.attention_impl = "flash"
     with pytest.raises(ConfigError, match="runtime.attention_impl is 'flash'; one of"):
-        configlib.train_config(c)
+        from_config(c)
 
 
 def _sections(cls, prefix=""):
@@ -87,10 +90,10 @@ def test_every_typed_field_is_a_config_field_and_back(spec):
             node = node[key]
         fields = {f.name for f in configlib.settable_fields(cls)}
         assert set(node.keys()) == fields, (prefix, set(node.keys()) ^ fields)
-    tc = configlib.train_config(c)
+    tc = from_config(c)
     assert tc.logical_axis_rules and tc.data.template
     # fields the old hand translation dropped now reach the typed config from the CLI
-    tc = configlib.train_config(configlib.load(f"{CONFIGS / spec}", [
+    tc = from_config(configlib.load(f"{CONFIGS / spec}", [
         "--config.data.group_by_length=True", "--config.data.length_buckets=(512, 1024)",
         "--config.data.pack_window=64", "--config.data.seq_len=4096",
         "--config.data.shuffle=False", "--config.data.tfds_data_dir=/data/tfds",
@@ -115,8 +118,8 @@ def test_every_config_field_is_documented_and_the_readme_reference_is_current():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     assert start in readme and end in readme
     block = readme[readme.index(start) + len(start):readme.index(end)]
-    assert block.strip() == configlib.reference_markdown().strip(), (
-        "README's configuration reference is stale: python -m mmjax.configlib")
+    assert block.strip() == reference_markdown().strip(), (
+        "README's configuration reference is stale: python -m mmjax.training.config")
 
 
 def test_demo_data_holds_out_phrasings_and_has_the_ablation_twin(tmp_path):

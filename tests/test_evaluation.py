@@ -352,7 +352,7 @@ def test_lmms_eval_adapter_against_transformers(tiny_hf):
     from PIL import Image
 
     from mmjax.evaluation import lmms_adapter
-    from mmjax.inference import cli
+    from mmjax.inference.prompt import request as prompt_request
 
     try:
         from lmms_eval.api.instance import Instance
@@ -395,13 +395,13 @@ def test_lmms_eval_adapter_against_transformers(tiny_hf):
     m = model.m
     v = m.cfg.vision
     for d, (logp, greedy), text in zip(docs, ll, gen):
-        images = [cli.read_image(m, _save(d["image"]))] if d["image"] is not None else []
-        prompt = cli.request(m, [(d["q"], "")], images).ids
+        images = [m.read_image(_save(d["image"]))] if d["image"] is not None else []
+        prompt = prompt_request(m, [(d["q"], "")], images).ids
         cont = m.tokenizer.encode(d["a"], add_special_tokens=False)
         ids = torch.tensor(np.concatenate([prompt, cont])[None].astype(np.int64))
         kw = {}
         if images:
-            from mmjax.data.image import normalize
+            from mmjax.batch import normalize
             px = normalize(images[0], v.image_mean, v.image_std)
             kw["pixel_values"] = torch.tensor(px.transpose(2, 0, 1)[None])
         with torch.no_grad():

@@ -20,8 +20,10 @@ from data_fixtures import bpe_tokenizer, write_photos
 from hf_fixtures import llava_config, make_model, normalize, real_images, save
 from mmjax.hf import load
 from mmjax.inference import Engine, Request, Sampling
-from mmjax.inference.load import default_rules, inference_mesh
+from mmjax.inference.load import inference_mesh
+from mmjax.inference.prompt import request
 from mmjax.models.kv_cache import KVCache
+from mmjax.sharding import LOGICAL_AXIS_RULES
 
 NEW = 32
 PAIRS = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
@@ -133,18 +135,20 @@ def _check_cached_logits(imported, dtype, tol):
     pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
     cache = KVCache.empty(cfg.llm, rows, length + steps, dtype)
     apply = jax.jit(model.apply, static_argnames=("prefill", "last_only"))
-    logits, cache = apply({"params": params}, ids, pixels, pos, seg, cache=cache, prefill=True,
-                          last_only=True)
+    out = apply({"params": params}, ids, pixels, pos, seg, cache=cache, prefill=True,
+                last_only=True)
+    logits, cache = out.logits, out.cache
     full_ids, full_seg = ids, seg
     for step in range(steps):
         full = apply({"params": params}, full_ids, pixels,
-                     np.maximum(np.cumsum(full_seg, 1) - 1, 0), full_seg)[:, -1]
+                     np.maximum(np.cumsum(full_seg, 1) - 1, 0), full_seg).logits[:, -1]
         scale = 1.0 if dtype == jnp.float32 else float(np.max(np.abs(full)))
         np.testing.assert_allclose(logits[:, 0], full, atol=tol * scale, rtol=tol)
         token = np.asarray(jnp.argmax(logits[:, 0], -1), np.int32)
         next_pos = pos[:, -1:] + 1 + step
-        logits, cache = apply({"params": params}, token[:, None], None, next_pos,
-                              np.ones_like(next_pos), cache=cache)
+        out = apply({"params": params}, token[:, None], None, next_pos,
+                    np.ones_like(next_pos), cache=cache)
+        logits, cache = out.logits, out.cache
         full_ids = np.concatenate([full_ids, token[:, None]], 1)
         full_seg = np.concatenate([full_seg, np.ones((rows, 1), np.int32)], 1)
 
@@ -155,7 +159,7 @@ def test_tensor_parallel_decode_matches_one_device(tmp_path):
     one = load(tmp_path)
     mesh = inference_mesh(one.config)
     assert dict(mesh.shape)["tensor"] == 2 and dict(mesh.shape)["data"] == 4
-    rules = default_rules()
+    rules = LOGICAL_AXIS_RULES
     split = load(tmp_path, mesh=mesh, rules=rules)
     layer = split.params["language_model"]["layers"]["layers_0"]
     assert "tensor" in str(layer["self_attn"]["k_proj"]["kernel"].sharding.spec)
@@ -297,19 +301,18 @@ def test_chat_piped_two_turns_and_image_change(hf_dir):
     import io
 
     from mmjax.chat import Chat
-    from mmjax.inference import cli
     from mmjax.inference.load import from_hf
     m = from_hf(root, devices=jax.devices()[:2])
     buf = io.StringIO()
-    chat = Chat(m, cli.engine(m), Sampling(max_new_tokens=8), buf)
+    chat = Chat(m, m.engine(), Sampling(max_new_tokens=8), buf)
     chat.set_image(root / "images" / photos[0])
     first = chat.say(lines[0])
     second = chat.say(lines[1])
     assert [f"ASSISTANT: {g}" for g in (first, second)] == replies[:2]
     assert buf.getvalue().splitlines() == [first, second]
     assert chat.pairs == [(lines[0], first), (lines[1], second)]
-    two_turns = cli.request(m, chat.pairs + [("next", "")], chat.images).ids
-    assert len(two_turns) > len(cli.request(m, [("next", "")], chat.images).ids)
+    two_turns = request(m, chat.pairs + [("next", "")], chat.images).ids
+    assert len(two_turns) > len(request(m, [("next", "")], chat.images).ids)
 
 
 def test_predict_resumes_after_kill_answering_each_question_once(hf_dir, tmp_path):
@@ -361,5 +364,5 @@ def test_unstacked_scanned_parameters_run_unscanned():
     ids = jnp.arange(3, 30, dtype=jnp.int32)[None]
     params = nn.unbox(scanned.init(jax.random.key(0), ids, jnp.zeros((1, 1, s, s, 3))))["params"]
     plain = Llava(cfg, dataclasses.replace(scanned_rt, scan_layers=False))
-    np.testing.assert_allclose(plain.apply({"params": unstack_layers(params)}, ids),
-                               scanned.apply({"params": params}, ids), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(plain.apply({"params": unstack_layers(params)}, ids).logits,
+                               scanned.apply({"params": params}, ids).logits, atol=1e-5, rtol=1e-5)

@@ -45,7 +45,7 @@ def test_llm_parity_with_padding(family, tmp_path):
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(seg),
                     position_ids=torch.tensor(pos)).logits.numpy()
     ours = imported.model.apply({"params": imported.params}, jnp.asarray(ids), jnp.asarray(pos),
-                                jnp.asarray(seg))
+                                jnp.asarray(seg)).logits
     assert ours.shape == ref.shape
     assert rel_err(ours, ref, seg.astype(bool)) < TOL
 
@@ -139,7 +139,7 @@ def test_llava_parity(towers, layout, tmp_path):
                     position_ids=torch.tensor(pos),
                     pixel_values=torch.tensor(flat).permute(0, 3, 1, 2)).logits.numpy()
     ours = imported.model.apply({"params": imported.params}, jnp.asarray(ids),
-                                jnp.asarray(slots), jnp.asarray(pos), jnp.asarray(seg))
+                                jnp.asarray(slots), jnp.asarray(pos), jnp.asarray(seg)).logits
     assert rel_err(ours, ref, seg.astype(bool)) < TOL
 
 
@@ -154,8 +154,8 @@ def test_llava_scanned_import_matches_unscanned(tmp_path):
                        cfg.vision.image_std)
     ids, slots, seg, _ = _llava_batch(cfg, images)
     args = (jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(_positions(ids)), jnp.asarray(seg))
-    a = plain.model.apply({"params": plain.params}, *args)
-    b = scanned.model.apply({"params": scanned.params}, *args)
+    a = plain.model.apply({"params": plain.params}, *args).logits
+    b = scanned.model.apply({"params": scanned.params}, *args).logits
     assert rel_err(b, a, seg.astype(bool)) < TOL
 
 
@@ -163,6 +163,9 @@ def test_llava_hidden_states_returned(tmp_path):
     model = make_model(tf.LlavaForConditionalGeneration, llava_config())
     imported = load(save(model, tmp_path))
     ids = np.zeros((1, 8), np.int32)
-    logits, hidden = imported.model.apply({"params": imported.params}, jnp.asarray(ids),
-                                          return_hidden=True)
-    assert logits.shape == (1, 8, 128) and hidden.shape == (1, 8, 64)
+    out = imported.model.apply({"params": imported.params}, jnp.asarray(ids))
+    assert out.logits.shape == (1, 8, 128) and out.hidden.shape == (1, 8, 64)
+    assert out.cache is None
+    no_head = imported.model.apply({"params": imported.params}, jnp.asarray(ids), head=False)
+    assert no_head.logits is None
+    np.testing.assert_array_equal(no_head.hidden, out.hidden)

@@ -9,8 +9,8 @@ import transformers as tf
 from safetensors.numpy import load_file, save_file
 
 from hf_fixtures import llm_config, make_model, save
+from mmjax.errors import ConfigError
 from mmjax.hf import CheckpointError, load
-from mmjax.models.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmjax import configlib
+from mmjax.training.config import from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--config", "configs/stage2.py:llava15_7b", "--workdir", "/mnt/shared/runs/s2",
@@ -48,7 +49,7 @@ def _check_train_args(argv: list[str]):
     assert not any(a.startswith("--config.runtime.") for a in argv), argv
     config = argv[argv.index("--config") + 1]
     overrides = [a for a in argv if a.startswith("--config.")]
-    tc = configlib.train_config(configlib.load(str(ROOT / config), overrides))
+    tc = from_config(configlib.load(str(ROOT / config), overrides))
     assert tc.stage == 2 and tc.model == "llava15_7b"
     assert tc.runtime.attention_impl == "auto" and tc.runtime.scan_layers
     assert tc.data.packing == "best_fit" and tc.data.sources[0].kind == "arrayrecord"

@@ -10,9 +10,9 @@ import pytest
 import transformers
 
 import hf_fixtures as hf
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from mmjax import batch as batch_format
 from mmjax.models import Llava, RuntimeConfig, presets
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
 from mmjax.sharding import logical_shardings, mesh_rules, single_device_mesh
 from mmjax.training import lora
 from mmjax.training.init import InitConfig, initial_params
@@ -52,28 +52,30 @@ def test_adapters_start_at_zero_and_merge_exactly(scan):
     layers = 1 if scan else CFG.llm.num_layers
     assert len(paths) == 14 * layers and all(p.startswith("language_model/") for p in paths)
     b = _batch()
-    base = Llava(CFG, lora.without_lora(rt)).apply({"params": lora.strip(params)},
-                                                   b["input_ids"], b["pixel_values"] / 255.0)
+    no_lora = dataclasses.replace(rt, lora_rank=0)
+    base = Llava(CFG, no_lora).apply({"params": lora.strip(params)}, b["input_ids"],
+                                     b["pixel_values"] / 255.0).logits
     with_lora = Llava(CFG, rt).apply({"params": params}, b["input_ids"],
-                                     b["pixel_values"] / 255.0)
+                                     b["pixel_values"] / 255.0).logits
     np.testing.assert_array_equal(base, with_lora)  # B = 0: the adapters change nothing yet
     # give B values, then merging W + alpha/r A B must give the adapted model's outputs
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
         if path_str(p).endswith("lora_b") else x, params)
-    adapted = Llava(CFG, rt).apply({"params": params}, b["input_ids"], b["pixel_values"] / 255.0)
+    adapted = Llava(CFG, rt).apply({"params": params}, b["input_ids"],
+                                   b["pixel_values"] / 255.0).logits
     merged = lora.merge(params, rt)
     assert not _lora_paths(merged)
-    out = Llava(CFG, lora.without_lora(rt)).apply({"params": merged}, b["input_ids"],
-                                                   b["pixel_values"] / 255.0)
+    out = Llava(CFG, dataclasses.replace(rt, lora_rank=0)).apply({"params": merged}, b["input_ids"],
+                                                   b["pixel_values"] / 255.0).logits
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3  # the adapters do something
     np.testing.assert_allclose(out, adapted, atol=2e-5, rtol=2e-5)
     # dropout only with a 'dropout' rng: two keys give two results
     k1 = Llava(CFG, rt).apply({"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
-                              rngs={"dropout": jax.random.key(1)})
+                              rngs={"dropout": jax.random.key(1)}).logits
     k2 = Llava(CFG, rt).apply({"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
-                              rngs={"dropout": jax.random.key(2)})
+                              rngs={"dropout": jax.random.key(2)}).logits
     assert float(jnp.max(jnp.abs(k1 - k2))) > 0
 
 

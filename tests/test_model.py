@@ -32,8 +32,8 @@ def tiny_llm():
 def test_llm_with_each_cpu_kernel_matches_reference(tiny_llm, impl):
     cfg, params = tiny_llm
     ids, pos, seg = _llm_inputs()
-    ref = LLM(cfg).apply(params, ids, pos, seg)
-    out = LLM(cfg, RuntimeConfig(attention_impl=impl)).apply(params, ids, pos, seg)
+    ref = LLM(cfg).apply(params, ids, pos, seg).logits
+    out = LLM(cfg, RuntimeConfig(attention_impl=impl)).apply(params, ids, pos, seg).logits
     m = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(out)[m], np.asarray(ref)[m], atol=2e-5)
 
@@ -41,9 +41,9 @@ def test_llm_with_each_cpu_kernel_matches_reference(tiny_llm, impl):
 def test_packed_row_equals_samples_alone(tiny_llm):
     cfg, params = tiny_llm
     ids, pos, seg = _llm_inputs()
-    packed = LLM(cfg).apply(params, ids, pos, seg)
-    first = LLM(cfg).apply(params, ids[:1, :60])
-    second = LLM(cfg).apply(params, ids[:1, 60:100])
+    packed = LLM(cfg).apply(params, ids, pos, seg).logits
+    first = LLM(cfg).apply(params, ids[:1, :60]).logits
+    second = LLM(cfg).apply(params, ids[:1, 60:100]).logits
     np.testing.assert_allclose(packed[0, :60], first[0], atol=1e-5)
     np.testing.assert_allclose(packed[0, 60:100], second[0], atol=1e-5)
 
@@ -54,7 +54,7 @@ def test_remat_policies_keep_values_and_gradients(tiny_llm, policy):
     ids, pos, seg = _llm_inputs()
 
     def loss(model):
-        return lambda p: jnp.mean(model.apply(p, ids, pos, seg) ** 2)
+        return lambda p: jnp.mean(model.apply(p, ids, pos, seg).logits ** 2)
 
     ref_val, ref_grad = jax.value_and_grad(loss(LLM(cfg)))(params)
     val, grad = jax.jit(jax.value_and_grad(loss(LLM(cfg, RuntimeConfig(remat_policy=policy)))))(
@@ -87,8 +87,8 @@ def test_llava_without_images_is_the_llm():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 10)))
     llava = Llava(cfg)
     params = llava.init(jax.random.key(1), ids, jnp.zeros((2, 1, 56, 56, 3)))["params"]
-    a = llava.apply({"params": params}, ids)
-    b = LLM(cfg.llm).apply({"params": params["language_model"]}, ids)
+    a = llava.apply({"params": params}, ids).logits
+    b = LLM(cfg.llm).apply({"params": params["language_model"]}, ids).logits
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -99,7 +99,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     llava = Llava(cfg, rt)
     variables = llava.init(jax.random.key(0), ids, jnp.zeros((1, 1, 56, 56, 3)))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(variables)))
-    logits = llava.apply(nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3)))
+    logits = llava.apply(nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3))).logits
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert dataclasses.asdict(rt)["dtype"] == "bfloat16"
 

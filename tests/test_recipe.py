@@ -16,17 +16,18 @@ import jax
 import numpy as np
 import pytest
 import transformers as tf
+from runs import train as run_train
 from test_reliability import _env
 
 from data_fixtures import CHAT_SPECIALS, conv, llama_sp_tokenizer, write_photos
 from hf_fixtures import llm_config, make_model, save, vision_config
 from mmjax import configlib
-from mmjax import train as train_lib
+from mmjax.errors import ConfigError
 from mmjax.hf import load as hf_load
-from mmjax.models.config import ConfigError
 from mmjax.models.llm import unstack_layers
-from mmjax.training import recipe as recipe_lib
+from mmjax.training import model_spec
 from mmjax.training.checkpoint import restore_subtree
+from mmjax.training.config import from_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ["A photo of an astronaut in a white suit.", "A brown cat lies on a blanket.",
@@ -116,10 +117,10 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
                "--config.llava.vision_feature_select=full"]
 
     # stage 1: the LLaVA-1.5 recipe (projector only) on the towers as they are
-    h1 = train_lib.train(configlib.load(f"{ROOT}/configs/stage1.py",
+    h1 = run_train(configlib.load(f"{ROOT}/configs/stage1.py",
                                         _overrides(data, "captions", 2, hf)), w1)
     assert "model " in capsys.readouterr().out
-    r1 = recipe_lib.read(w1)
+    r1 = model_spec.read(w1)
     tok = r1.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     assert r1.cfg.image_token_id == image_id >= base_vocab  # added after the vocabulary
@@ -129,9 +130,9 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     assert r1.cfg.llm.family == ("llama" if family == "llama3" else family)
     assert r1.cfg.llm.tie_word_embeddings == (family == "qwen2")
     # the model and tokenizer read back equal those resolved from the towers
-    tc1 = configlib.train_config(configlib.load(f"{ROOT}/configs/stage1.py",
+    tc1 = from_config(configlib.load(f"{ROOT}/configs/stage1.py",
                                                 _overrides(data, "captions", 2, hf)))
-    fresh = recipe_lib.resolve(tc1)
+    fresh = model_spec.resolve(tc1)
     assert fresh.cfg == r1.cfg and fresh.tokenizer.get_vocab() == tok.get_vocab()
 
     state = h1["state"].params
@@ -165,8 +166,8 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
 
     # stage 2 from the work dir alone: model, tokenizer, towers and projector from stage 1
     s2 = _overrides(data, "chats", 2, [f"--config.init.stage1_checkpoint={w1}"])
-    h2 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", s2), w2)
-    r2 = recipe_lib.read(w2)
+    h2 = run_train(configlib.load(f"{ROOT}/configs/stage2.py", s2), w2)
+    r2 = model_spec.read(w2)
     assert r2.cfg == r1.cfg and r2.tokenizer.get_vocab() == tok.get_vocab()
     assert r2.template == template
     _assert_equal(h2["state"].params["vision_tower"], state["vision_tower"])
@@ -180,7 +181,7 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     if name in ("clip-llama", "siglip-qwen2"):  # resume is the same for every family
         # resume: the third step only
         capsys.readouterr()
-        h2 = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+        h2 = run_train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
             data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
         assert "resumed from" in capsys.readouterr().out and [s for s, _ in h2["loss"]] == [3]
         last = 3
@@ -194,7 +195,7 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
 
     # Hugging Face export: stage 1's towers come back bitwise; stage 2 runs the same in
     # transformers (logits, greedy tokens), its processor and chat template load and agree
-    from mmjax.hf.export import export
+    from mmjax.export import export
 
     hf1 = export(str(w1), tmp_path / "hf1", dtype="float32", say=lambda _: None)
     _towers_round_trip(hf1, vision_dir, llm_dir, base_vocab)
@@ -235,7 +236,7 @@ def _same_in_transformers(exported, m):
     image = normalize(real_images(cfg.vision.image_size, 1), cfg.vision.image_mean,
                       cfg.vision.image_std)
     ids = np.asarray([1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7, 8], np.int32)
-    ours = m.model.apply({"params": m.params}, ids[None], image[None])
+    ours = m.model.apply({"params": m.params}, ids[None], image[None]).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids[None], dtype=torch.long),
                  pixel_values=torch.tensor(image).permute(0, 3, 1, 2)).logits.numpy()
@@ -277,10 +278,10 @@ def _image_row_is_never_read(cfg, params):
     ids = jnp.asarray([[1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7]])
     images = jax.random.normal(jax.random.key(1), (1, 1, cfg.vision.image_size,
                                                     cfg.vision.image_size, 3))
-    ref = model.apply({"params": params}, ids, images)
+    ref = model.apply({"params": params}, ids, images).logits
     lm = dict(params["language_model"])
     lm["embed_tokens"] = lm["embed_tokens"].at[cfg.image_token_id].set(jnp.nan)
-    out = model.apply({"params": {**params, "language_model": lm}}, ids, images)
+    out = model.apply({"params": {**params, "language_model": lm}}, ids, images).logits
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
@@ -290,7 +291,7 @@ def test_a_preset_that_differs_from_the_towers_fails_at_start(towers, tmp_path):
     hf = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
     c = configlib.load(f"{ROOT}/configs/stage1.py:llava_1b", _overrides(data, "captions", 1, hf))
     with pytest.raises(ConfigError, match=r"preset 'llava_1b' differs from the HF configs") as e:
-        train_lib.train(c, tmp_path / "preset")
+        run_train(c, tmp_path / "preset")
     assert "vision.image_size: 336 vs 56" in str(e.value) and "llm.vocab_size: 32064 vs " in str(
         e.value)
     assert not (tmp_path / "preset" / "model.json").exists()  # nothing resolved or saved
@@ -323,19 +324,19 @@ def test_a_hf_llava_round_trips_bitwise(towers, tmp_path):
     import torch
 
     from hf_fixtures import llava_config, normalize, real_images, rel_err
-    from mmjax.hf.export import export
+    from mmjax.export import export
 
     _, data = towers
     src = tmp_path / "llava"
     tok = llama_sp_tokenizer(src, CORPUS, legacy=False, vocab_size=300)
     tok = tf.AutoTokenizer.from_pretrained(str(src))
-    recipe_lib.add_tokens(tok)
+    model_spec.add_tokens(tok)
     tok.save_pretrained(str(src))
     hf_cfg = llava_config("clip", "llama", image_token_id=tok.convert_tokens_to_ids("<image>"))
     hf_cfg.text_config.vocab_size = 320
     original = make_model(tf.LlavaForConditionalGeneration, hf_cfg)
     save(original, src)
-    h = train_lib.train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+    h = run_train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
         data, "chats", 1, [f"--config.init.hf_llava={src}"])), tmp_path / "run")
     assert h["loss"][0][0] == 1
     out = export(str(tmp_path / "run"), tmp_path / "hf", dtype="float32", say=lambda _: None)

@@ -2,7 +2,6 @@
 falls back to the older one and the losses continue bitwise; all-bad data stops in bounded
 time; a killed run leaves no Grain worker; one run per work dir; a changed config is refused
 on resume; logs hold each step once after kills; user mistakes are one line."""
-# ruff: noqa: F811  (demo_data is a fixture imported from test_train)
 import json
 import os
 import signal
@@ -13,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import ROOT, _overrides, demo_data  # noqa: F401  (fixture)
+from runs import ROOT
+from runs import overrides as _overrides
+from runs import train as run_train
 from test_train_ops import _tensorboard_scalars
 
 from mmjax import configlib
-from mmjax import train as train_lib
-from mmjax.models.config import ConfigError
+from mmjax.errors import ConfigError
+from mmjax.training.config import check_batch_fits_mesh, from_config
 
 
 def _cmd(workdir, data, steps, extra=()):
@@ -50,7 +51,7 @@ def _data_files(step_dir: Path) -> list[Path]:
 
 def test_corrupted_newest_checkpoint_falls_back_and_losses_continue(demo_data, tmp_path,
                                                                     capsys):
-    run = lambda d: train_lib.train(  # noqa: E731
+    run = lambda d: run_train(  # noqa: E731
         configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(demo_data, 1, 10)), d)
     work = tmp_path / "run"
     reference = _losses(run(work))  # CPU steps are deterministic: the reference losses
@@ -89,7 +90,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_losses_continue(demo_data, t
         demo_data, 1, 10, ["--config.checkpoint.strict_restore=True"]))
     from mmjax.training.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="checkpoint step 10 .* not usable"):
-        train_lib.train(c, work, allow_config_change=True)
+        run_train(c, work, allow_config_change=True)
 
 
 def test_checksums_catch_a_changed_value_and_refuse_non_finite_state():
@@ -294,13 +295,13 @@ def test_user_mistakes_are_one_line(demo_data, tmp_path):
 
 
 def test_checked_at_start_without_compiling(demo_data):
-    c = configlib.train_config(configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
+    c = from_config(configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
         demo_data, 1, 2, ["--config.batch_size=12", "--config.grad_accum=4"])))
     from mmjax.sharding import make_mesh
 
     with pytest.raises(ConfigError, match="use a multiple of 32"):
-        train_lib.check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
-    train_lib.check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))
+        check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+    check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
@@ -347,7 +348,8 @@ def test_no_save_inside_a_non_finite_streak_nor_of_non_finite_state(tmp_path, ca
     assert ckpt.intact == 1 and ckpt.manager.all_steps() == [1]
 
     state = types.SimpleNamespace(skipped_in_a_row=jnp.int32(2))  # the loop reads only this
-    run = types.SimpleNamespace(checkpointer=ckpt, data=None, max_skipped_in_a_row=5)
+    run = types.SimpleNamespace(checkpointer=ckpt, data=None,
+                                settings=loop.Settings(total_steps=10, max_skipped_in_a_row=5))
     loop._save_unless_skipping(run, state, 3, force=False)  # deferred: keep_last=1 keeps 1
     assert "step 3: checkpoint deferred, the last 2 step(s) were skipped" in \
         capsys.readouterr().out

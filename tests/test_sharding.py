@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import transformers as tf
 
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from hf_fixtures import llava_config, make_model, normalize, real_images, rel_err, save
 from mmjax.hf import load
 from mmjax.models.config import RuntimeConfig
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
 from mmjax.sharding import batch_sharding, make_mesh, mesh_rules
 
 
@@ -55,12 +55,13 @@ def test_sharded_forward_equals_unsharded(llava_dir, scan):
     assert q.addressable_shards[0].data.size == q.size // 4
 
     ids, slots, pos, seg = _batch(sharded.config)
-    ref = single.model.apply({"params": single.params}, *map(jnp.asarray, (ids, slots, pos, seg)))
+    ref = single.model.apply({"params": single.params},
+                             *map(jnp.asarray, (ids, slots, pos, seg))).logits
 
     with mesh_rules(mesh, RULES):
         inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim, RULES))
                   for x in (ids, slots, pos, seg)]
-        fwd = jax.jit(lambda p, *a: sharded.model.apply({"params": p}, *a))
+        fwd = jax.jit(lambda p, *a: sharded.model.apply({"params": p}, *a).logits)
         out = fwd(sharded.params, *inputs)
         assert out.sharding.spec[0] == ("data", "fsdp")
     assert rel_err(out, ref, seg.astype(bool)) < 1e-5

@@ -4,16 +4,17 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train import _overrides, demo_data  # noqa: F401 (the module's fixture)
+from runs import overrides as _overrides
+from runs import train as run_train
 
 from mmjax import configlib
-from mmjax import train as train_lib
 from mmjax.data.synthetic import write_split
+from mmjax.training.config import from_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
+def test_evaluation_during_training(demo_data, tmp_path):
     """eval.every_steps: validation loss on held-out records that never train (the same
     batches each time, equal to the loss computed here from the final parameters) and a
     benchmark on the live (scanned, LoRA) parameters, in metrics.jsonl and TensorBoard with
@@ -28,7 +29,7 @@ def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
     bench = [{"name": "short_answer", "data": str(heldout["qa"]), "limit": 5}]
     c1 = configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
         demo_data, 1, 2, ["--config.runtime.scan_layers=True"]))
-    train_lib.train(c1, tmp_path / "s1")
+    run_train(c1, tmp_path / "s1")
     c = configlib.load(f"{ROOT}/configs/stage2.py:demo", _overrides(demo_data, 2, 4, [
         f"--config.init.stage1_checkpoint={tmp_path / 's1'}", "--config.lora.enabled=True",
         "--config.runtime.scan_layers=True", "--config.data.holdout_share=0.25",
@@ -36,7 +37,7 @@ def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
         f"--config.eval.benchmarks={bench!r}", "--config.eval.examples=2",
         "--config.log_sample_ids=True"]))
     work = tmp_path / "s2"
-    h = train_lib.train(c, work)
+    h = run_train(c, work)
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val/loss" in r]
     assert [r["step"] for r in evals] == [3, 4]  # every 3 steps and after the last
@@ -51,7 +52,7 @@ def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
     tags = _tensorboard_scalars(work / "tensorboard")
     assert [s for s, _ in tags["val/loss"]] == [3, 4]
     # the held-out records never train
-    tc = configlib.train_config(c)
+    tc = from_config(c)
     dcfg = tc.data_config(1)
     n = len(json.loads((demo_data / "train_instruct.json").read_text()))
     train_idx, held_idx = holdout_indices(n, 0.25)
@@ -65,7 +66,7 @@ def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
 
     from mmjax import batch as batch_format
     from mmjax.models import Llava
-    from mmjax.training.recipe import read
+    from mmjax.training.model_spec import read
 
     recipe = read(work)
     data = build_pipeline(dataclasses.replace(dcfg, shuffle=False, num_epochs=1,
@@ -78,7 +79,7 @@ def test_evaluation_during_training(demo_data, tmp_path):  # noqa: F811
         b = next(data)
         pixels = batch_format.device_pixels(b["pixel_values"], recipe.cfg.vision)
         logits = model.apply({"params": params}, b["input_ids"], pixels, b["positions"],
-                             b["segment_ids"])
+                             b["segment_ids"]).logits
         t, k = token_loss(logits, b["targets"])
         total, count = total + float(t), count + int(k)
     assert evals[-1]["val/loss"] == pytest.approx(total / count, rel=1e-4)

@@ -11,7 +11,8 @@ import sys
 import time
 
 import numpy as np
-from test_train import ROOT, _overrides, demo_data  # noqa: F401  (fixture)
+from runs import ROOT
+from runs import overrides as _overrides
 
 from mmjax.models import RuntimeConfig, presets
 from mmjax.training import flops
@@ -40,7 +41,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_match_one_of_eight(demo_data, tmp_path):  # noqa: F811
+def test_two_processes_of_four_devices_match_one_of_eight(demo_data, tmp_path):
     steps = 3
     one = subprocess.run(_cmd(tmp_path / "one", demo_data, steps), env=_env(8),
                          capture_output=True, text=True, timeout=600)
@@ -95,7 +96,7 @@ def _tensorboard_scalars(directory):
     return tags
 
 
-def test_sigterm_saves_exits_and_resumes_with_metrics(demo_data, tmp_path):  # noqa: F811
+def test_sigterm_saves_exits_and_resumes_with_metrics(demo_data, tmp_path):
     """SIGTERM mid-run saves at once and exits 75; the rerun resumes from that step. The same
     run checks the metrics: jsonl, TensorBoard events, MFU (with a given peak), a profile."""
     workdir, steps = tmp_path / "run", 16
@@ -133,13 +134,17 @@ def test_sigterm_saves_exits_and_resumes_with_metrics(demo_data, tmp_path):  # n
     assert "mfu" in tags and "lr/all" in tags
 
 
+def _step_flops(cfg, rt, trained, real_tokens, images, row_length):
+    return flops.FlopModel.of(cfg, rt, trained, row_length).step(real_tokens, images)
+
+
 def test_mfu_formula_reproduces_the_pytorch_anchor():
     # DESIGN.md section 6: HF LLaVA (CLIP-L/336 + TinyLlama shapes) on one H100, seq 2048,
     # one image per row: 41.9k tokens/s = 29.5% MFU, 53.0k = 37.3% (of 989 TFLOP/s).
     cfg = presets.get("llava_1b")
     stage2 = flops.Trained(vision=False, projector=True, llm=True)
     for tokens_per_s, anchor in ((41.9e3, 0.295), (53.0e3, 0.373)):
-        f = flops.step_flops(cfg, RuntimeConfig(), stage2, int(tokens_per_s),
+        f = _step_flops(cfg, RuntimeConfig(), stage2, int(tokens_per_s),
                              tokens_per_s / 2048, 2048)
         assert abs(flops.mfu(f, 1.0, 1, flops.peak_flops("NVIDIA H100 80GB HBM3")) - anchor) \
             < 0.005
@@ -148,12 +153,12 @@ def test_mfu_formula_reproduces_the_pytorch_anchor():
         32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) + 4096 * 32064
     # stage 1 (LLM frozen, gradients through it) counts 4N, LoRA adds its adapters at 6x
     s1 = flops.Trained(vision=False, projector=True, llm=False, llm_gets_gradients=True)
-    f2 = flops.step_flops(cfg, RuntimeConfig(), stage2, 1000, 0, 2048)
-    f1 = flops.step_flops(cfg, RuntimeConfig(), s1, 1000, 0, 2048)
+    f2 = _step_flops(cfg, RuntimeConfig(), stage2, 1000, 0, 2048)
+    f1 = _step_flops(cfg, RuntimeConfig(), s1, 1000, 0, 2048)
     n = flops.llm_matmul_params(cfg)
     assert abs((f2 - f1) - 2 * n * 1000) < 1e-6 * f2
     rt = RuntimeConfig(lora_rank=128, lora_alpha=256.0)
-    assert flops.step_flops(cfg, rt, stage2, 1000, 0, 2048) == \
+    assert _step_flops(cfg, rt, stage2, 1000, 0, 2048) == \
         f1 + 6 * flops.lora_params(cfg, rt) * 1000
     assert flops.peak_flops("cpu") is None and flops.peak_flops("TPU v5 lite") == 197e12
 

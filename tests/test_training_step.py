@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import LOGICAL_AXIS_RULES as RULES
 from mmjax import batch as batch_format
 from mmjax.models import Llava, presets
+from mmjax.sharding import LOGICAL_AXIS_RULES as RULES
 from mmjax.sharding import logical_shardings, make_mesh, mesh_rules, single_device_mesh
 from mmjax.training.optimizer import OptimConfig, group_labels
 from mmjax.training.step import StepConfig, Trainer, token_loss

@@ -24,6 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mmjax.batch import normalize
+from mmjax.data.image import decode_image, expand_to_square, resize_uint8
+from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, make_encoder, open_source
+from mmjax.data.processing import ImageSpec, SampleProcessor
+from mmjax.data.templates import get_template, normalize_turns
+from mmjax.data.tokenize import ConversationEncoder
+from mmjax.data.tokenizer_training import train_bpe_tokenizer
+from mmjax.models import presets
+
 WORDS = ("the a picture shows person dog cat street car tree sky building table food man "
          "woman child red blue green small large near left right behind holding looking "
          "standing sitting walking there are two three several people objects scene").split()
@@ -66,7 +75,6 @@ def _records(photos, n, seed=0):
 
 class _RssSampler:
     """Peak of RSS summed over this process and its descendants, sampled every 50 ms."""
-
     def __init__(self):
         self.peak = 0.0
         self._stop = threading.Event()
@@ -117,8 +125,6 @@ def _raw_work(blob: bytes, vision) -> None:
     resize). The pipeline's own resize gives the same pixels with less work (`image.py`)."""
     from PIL import Image
 
-    from mmjax.data.image import decode_image, expand_to_square, normalize
-
     size = vision.image_size
     square = expand_to_square(decode_image(blob), vision.image_mean)
     pixels = np.asarray(square.resize((size, size), Image.BICUBIC), np.uint8)
@@ -127,8 +133,6 @@ def _raw_work(blob: bytes, vision) -> None:
 
 def _fast_raw_work(blob: bytes, vision) -> None:
     """The same work through mmjax's resize (bitwise the same pixels)."""
-    from mmjax.data.image import decode_image, normalize, resize_uint8
-
     pixels = resize_uint8(decode_image(blob), vision.image_size, vision.image_mean, "pad")
     normalize(pixels, vision.image_mean, vision.image_std)
 
@@ -143,8 +147,6 @@ def raw_rate(root: Path, photos: list[str], vision, count: int, work=_raw_work) 
 
 
 def pipeline_rate(cfg, tokenizer, model, batches: int, warmup: int = 3):
-    from mmjax.data.pipeline import build_pipeline
-
     it = build_pipeline(cfg, tokenizer, model)
     for _ in range(warmup):  # worker start-up and first fills
         next(it)
@@ -171,10 +173,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--raw-count", type=int, default=300)
     args = parser.parse_args(argv)
 
-    from mmjax.data.pipeline import DataConfig, SourceConfig
-    from mmjax.data.tokenizer_training import train_bpe_tokenizer
-    from mmjax.models import presets
-
     model = presets.get("llava15_7b")  # CLIP-L/336: 576 image tokens
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -186,8 +184,6 @@ def main(argv=None) -> dict:
         corpus = [t["value"] for r in recs[:300] for t in r["conversations"]]
         tok = train_bpe_tokenizer(corpus, 2000, root / "tok",
                                   extra_special_tokens=("<image>",))
-        from mmjax.data.templates import get_template, normalize_turns
-        from mmjax.data.tokenize import ConversationEncoder
 
         enc = ConversationEncoder(tok, get_template("vicuna_v1"), model.image_tokens,
                                   model.image_token_id, 2048)
@@ -248,9 +244,6 @@ def worker_efficiency(root: Path, photos: list[str], cfg, tokenizer, model, roun
                       chunk: int = 40) -> float:
     """Raw image work / everything a worker does per sample, timed in alternating chunks in
     one process, so that the machine's drift hits both alike."""
-    from mmjax.data.pipeline import make_encoder, open_source
-    from mmjax.data.processing import ImageSpec, SampleProcessor
-
     v = model.vision
     src = open_source(cfg.sources[0], cfg)
     processor = SampleProcessor(make_encoder(cfg, tokenizer, model),

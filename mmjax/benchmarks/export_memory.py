@@ -19,6 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmjax.benchmarks.import_memory import write_checkpoint
+from mmjax.data.tokenizer_training import train_bpe_tokenizer
+from mmjax.export import export
+from mmjax.hf import load
+from mmjax.models import presets
+from mmjax.models.config import RuntimeConfig
+from mmjax.training import model_spec
+from mmjax.training.config import TrainConfig
+
 
 def make_workdir(preset: str, root: Path) -> tuple[Path, int, int]:
     """A run's work dir with the preset's shapes; returns it, weight bytes, largest tensor."""
@@ -26,14 +35,6 @@ def make_workdir(preset: str, root: Path) -> tuple[Path, int, int]:
 
     import jax
     import orbax.checkpoint as ocp
-
-    from mmjax.benchmarks.import_memory import write_checkpoint
-    from mmjax.data.tokenizer_training import train_bpe_tokenizer
-    from mmjax.hf import load
-    from mmjax.models import presets
-    from mmjax.models.config import RuntimeConfig
-    from mmjax.training import recipe as recipe_lib
-    from mmjax.training.config import TrainConfig
 
     cfg = presets.get(preset)
     write_checkpoint(cfg, root / "hf")
@@ -50,7 +51,7 @@ def make_workdir(preset: str, root: Path) -> tuple[Path, int, int]:
     tc = TrainConfig(model=preset, runtime=rt)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(tc)))
     tok = train_bpe_tokenizer(["a photo of a cat"] * 10, 300, root / "tok")
-    recipe_lib.save(recipe_lib.Recipe(cfg, tok, "vicuna_v1"), work)
+    model_spec.save(model_spec.ModelSpec(cfg, tok, "vicuna_v1"), work)
     return work, total, largest
 
 
@@ -75,8 +76,6 @@ def _peak_mib() -> float:
 def export_and_measure(workdir: str, out: str) -> dict:
     """Runs in the child process."""
     import jax
-
-    from mmjax.hf.export import export
 
     jax.numpy.zeros(1).block_until_ready()
     import orbax.checkpoint  # noqa: F401

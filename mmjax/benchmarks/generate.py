@@ -23,6 +23,9 @@ import time
 
 import numpy as np
 
+from mmjax.hf import load
+from mmjax.inference import Engine, Request, Sampling
+
 
 def _hf_model(layers: int, width: int, path: str):
     import torch
@@ -43,9 +46,6 @@ def _hf_model(layers: int, width: int, path: str):
 
 
 def _prompts(cfg, rows: int, text_tokens: int = 40, seed: int = 0):
-    from mmjax.inference import Request
-    from mmjax.models.config import LlavaConfig  # noqa: F401
-
     rng = np.random.default_rng(seed)
     size = cfg.vision.image_size
     out = []
@@ -88,9 +88,6 @@ def main(argv=None) -> dict:
 
     import jax
     import torch
-
-    from mmjax.hf import load
-    from mmjax.inference import Engine, Sampling
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = tempfile.mkdtemp(prefix="mmjax-bench-generate-")

@@ -22,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mmjax.hf import load
+from mmjax.hf.config import hf_config_object
+from mmjax.models import presets
+from mmjax.models.config import RuntimeConfig
+
 
 def _hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
     import torch
     import transformers as tf
-
-    from mmjax.hf.config import hf_config_object
 
     with torch.device("meta"):
         model = tf.LlavaForConditionalGeneration(hf_config_object(cfg))
@@ -37,8 +40,6 @@ def _hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
 def write_checkpoint(cfg, directory: Path, shard_bytes: int = 2 << 30) -> int:
     """Streams random bf16 tensors into `model-0000k-of-N.safetensors` files; returns bytes."""
     import ml_dtypes
-
-    from mmjax.hf.config import hf_config_object
 
     directory.mkdir(parents=True, exist_ok=True)
     shapes = _hf_tensor_shapes(cfg)
@@ -92,9 +93,6 @@ def import_and_measure(directory: str, dtype: str) -> dict:
     """Runs in the child process: import, then report memory figures as JSON."""
     import jax
 
-    from mmjax.hf import load
-    from mmjax.models.config import RuntimeConfig
-
     jax.numpy.zeros(1).block_until_ready()
     base = _rss_mib()
     t = time.time()
@@ -118,7 +116,6 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(import_and_measure(args.child, args.dtype)))
         return {}
-    from mmjax.models import presets
 
     cfg = presets.get(args.preset)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -13,7 +13,7 @@ re-packs the window, which is deterministic.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -147,12 +147,12 @@ class BatchSpec:
     seq_len: int  # T
     max_images: int  # M image slots per row
     image_size: int  # S
-    mode: str = "pad"  # pad | first_fit | best_fit
+    mode: Literal["pad", "first_fit", "best_fit"] = "pad"
     window: int = 0  # samples per packing / grouping window (0: a sensible default)
     group_by_length: bool = False  # pad mode: sort a window by length into batches
     pad_id: int = 0
     seed: int = 0
-    pixel_dtype: str = "uint8"
+    pixel_dtype: Literal["uint8", "float32"] = "uint8"
     length_buckets: tuple[int, ...] = ()  # pad mode: row length = smallest bucket that fits
 
     def row_length(self, longest: int) -> int:
@@ -298,7 +298,3 @@ class _BatchIterator(grain.DatasetIterator):
             self._pending = self._pending[int(state["emitted"]):]
             self._emitted = int(state["emitted"])
 
-
-def padding_fraction(batch: dict) -> float:
-    """Share of token slots in a batch that hold padding."""
-    return float(np.mean(batch["segment_ids"] == 0))

@@ -12,11 +12,17 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from mmjax.batch import normalize
+
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb limit (about 8000 x 8000)
+# how an image is brought to the tower's square: pad (LLaVA-1.5: onto a square of the mean
+# colour, then resize), resize (squash), crop (resize the short side, centre crop)
+ImageAspect = Literal["pad", "resize", "crop"]
 
 
 class ImageError(Exception):
@@ -120,15 +126,26 @@ def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np
     return np.asarray(image, np.uint8)
 
 
-def normalize(pixels, mean, std):
-    """uint8 [..., 3] -> float32 normalised with the tower's mean/std (numpy or jax arrays)."""
-    if isinstance(pixels, np.ndarray):
-        xp = np
-    else:
-        import jax.numpy as xp
-    scale = xp.asarray([1 / (255.0 * s) for s in std], xp.float32)
-    shift = xp.asarray([m / s for m, s in zip(mean, std)], xp.float32)
-    return pixels.astype(xp.float32) * scale - shift
+def tower_pixels(image: str | os.PathLike | bytes | Image.Image | np.ndarray, size: int,
+                 mean, aspect: str = "pad", blank: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image as a vision tower of `size` pixels and `mean` colour takes it: a file,
+    encoded bytes, a PIL image or an array -> uint8 [size, size, 3], brought to its square by
+    `aspect`. `blank`: the tower's mean colour instead (the blind baseline). ImageError when
+    the image cannot be used."""
+    if blank:
+        return np.full((size, size, 3), [round(255 * c) for c in mean], np.uint8)
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes):
+        image = decode_image(image, max_pixels)
+    elif isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise ImageError("empty_image", str(image.shape))
+        image = Image.fromarray(image.astype(np.uint8))
+    elif not isinstance(image, Image.Image):
+        raise ImageError("malformed_record", f"an image of type {type(image).__name__}")
+    return resize_uint8(image, size, mean, aspect)
 
 
 def preprocess(image: Image.Image, size: int, mean, std, aspect: str = "pad") -> np.ndarray:

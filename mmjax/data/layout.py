@@ -16,6 +16,7 @@ import json
 from mmjax.batch import IGNORE
 from mmjax.data.templates import get_template, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
+from mmjax.hf import load_tokenizer
 
 EXAMPLE = [{"from": "human", "value": "What is in the picture? <image>"},
            {"from": "gpt", "value": "2 cats."},
@@ -64,7 +65,6 @@ def main(argv=None) -> str:
     p.add_argument("--image-tokens", type=int, default=576)
     p.add_argument("--prompt", action="store_true", help="the generation prompt instead")
     args = p.parse_args(argv)
-    from mmjax.hf import load_tokenizer
 
     conversation = json.loads(args.conversation) if args.conversation else EXAMPLE
     out = layout(load_tokenizer(args.tokenizer), args.template, conversation,

@@ -10,17 +10,18 @@ process samples -> drop bad ones -> pad or pack into batches] -> add up skip cou
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Literal, Sequence
 
 import grain
 import jax
 import numpy as np
 
 from mmjax.data.batching import BatchDataset, BatchSpec, ReportDataset, SkipFilterDataset
+from mmjax.data.image import ImageAspect
 from mmjax.data.processing import ImageSpec, SampleProcessor
 from mmjax.data.quality import SkipReport
 from mmjax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsCaptionSource
-from mmjax.data.templates import default_template, get_template
+from mmjax.data.templates import TemplateName, default_template, get_template
 from mmjax.data.tokenize import ConversationEncoder
 from mmjax.models.config import LlavaConfig
 
@@ -29,7 +30,7 @@ from mmjax.models.config import LlavaConfig
 class SourceConfig:
     """One data source of a mixture (an entry of `data.sources`)."""
 
-    kind: str  # llava_json | arrayrecord | tfds
+    kind: Literal["llava_json", "arrayrecord", "tfds"]  # the source's format
     path: str = ""  # JSON/JSONL file, ArrayRecord glob, or TFDS dataset name
     image_root: str = ""  # llava_json: directory the records' image paths are under
     weight: float = 1.0  # mixture weight
@@ -47,16 +48,16 @@ class DataConfig:
     """The input pipeline: sources, template, lengths, packing, workers, bad-data limits."""
 
     sources: tuple[SourceConfig, ...] = ()  # [{kind, path, image_root, weight, split, name}]
-    template: str = "vicuna_v1"  # auto (the LLM family's), plain, vicuna_v1, llama_3, chatml...
-    special_token_text: str = "skip"  # sample text that would be a control token: skip | keep
+    template: TemplateName = "vicuna_v1"  # auto: the LLM family's (templates.default_template)
+    special_token_text: Literal["skip", "keep"] = "skip"  # text that would be a control token
     max_length: int = 2048  # tokens per sample, image tokens included
     seq_len: int = 0  # row length; 0 = max_length (longer rows pack more samples)
-    packing: str = "pad"  # pad | first_fit | best_fit
+    packing: Literal["pad", "first_fit", "best_fit"] = "pad"  # several samples per row
     pack_window: int = 0  # samples per packing window (0: 32 batches' worth)
     group_by_length: bool = False  # pad mode: batch samples of similar length together
     length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
     max_images_per_row: int = 0  # image slots per row; 0 = 1 (pad), else what a row holds, <= 4
-    image_aspect: str = "pad"  # pad (LLaVA-1.5) | resize | crop
+    image_aspect: ImageAspect = "pad"  # to the tower's square; pad: LLaVA-1.5's
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
     shuffle: bool = True  # shuffle the mixture (seeded by `seed`)

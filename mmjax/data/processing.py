@@ -8,9 +8,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 
-from mmjax.data.image import DEFAULT_MAX_PIXELS, ImageError, decode_image, normalize, resize_uint8
+from mmjax.batch import normalize
+from mmjax.data.image import (
+    DEFAULT_MAX_PIXELS,
+    ImageAspect,
+    ImageError,
+    resolve_image_path,
+    tower_pixels,
+)
 from mmjax.data.quality import Skipped
 from mmjax.data.templates import ConversationError, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
@@ -21,7 +27,7 @@ class ImageSpec:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    aspect: str = "pad"
+    aspect: ImageAspect = "pad"
     max_pixels: int = DEFAULT_MAX_PIXELS
     host_normalize: bool = False  # ship float32 instead of uint8 (measured slower)
 
@@ -59,18 +65,9 @@ class SampleProcessor:
         spec = self.images
         out = np.zeros((len(images), spec.size, spec.size, 3), spec.dtype)
         for k, image in enumerate(images):
-            pixels = resize_uint8(self._open(image, root), spec.size, spec.mean, spec.aspect)
+            if isinstance(image, str):  # a path under the record's image root
+                image = resolve_image_path(root, image)
+            pixels = tower_pixels(image, spec.size, spec.mean, spec.aspect,
+                                  max_pixels=spec.max_pixels)
             out[k] = normalize(pixels, spec.mean, spec.std) if spec.host_normalize else pixels
         return out
-
-    def _open(self, image, root) -> Image.Image:
-        from mmjax.data.image import resolve_image_path
-
-        if isinstance(image, np.ndarray):
-            if image.size == 0:
-                raise ImageError("empty_image", str(image.shape))
-            return Image.fromarray(image.astype(np.uint8)).convert("RGB")
-        if isinstance(image, bytes):
-            return decode_image(image, self.images.max_pixels)
-        path = resolve_image_path(root, image)
-        return decode_image(path.read_bytes(), self.images.max_pixels)

@@ -30,8 +30,12 @@ token straddling a span boundary is detected, not guessed.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 IMAGE = "<image>"
+# a template by name, or `auto` (the LLM family's: `default_template`)
+TemplateName = Literal["auto", "plain", "vicuna_v1", "mistral_instruct", "llama_3", "chatml",
+                       "chat_template"]
 HUMAN_ROLES = {"human", "user"}
 GPT_ROLES = {"gpt", "assistant"}
 SYSTEM_ROLES = {"system"}

@@ -16,17 +16,34 @@ import copy
 import dataclasses
 
 import numpy as np
+from tokenizers import AddedToken
 
 from mmjax.batch import IGNORE
 from mmjax.data.templates import IMAGE, ConversationError, Rendered, Segment, Template
 
-__all__ = ["ENCODING_VERSION", "IGNORE", "ConversationEncoder", "Encoded"]
+__all__ = ["ENCODING_VERSION", "ConversationEncoder", "Encoded", "add_image_token", "has_token"]
 # Bumped whenever the ids or labels produced for the same data change; anything derived
 # from encoded data and kept (token-length reports) records it.
 #   2: LLaVA-1.5 / LLaVA-NeXT reference layouts (pieces between images, per-message units,
 #      vicuna_v1 system prompt, trained separator, image tidying, control-token refusal)
 ENCODING_VERSION = 2
 SPECIAL_TOKEN_TEXT = ("skip", "keep")
+
+
+def has_token(tokenizer, token: str) -> bool:
+    """Whether `token` is one entry of the tokenizer's vocabulary."""
+    return tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+
+
+def add_image_token(tokenizer, token: str = IMAGE) -> bool:
+    """Adds the image placeholder as a special token (never split or normalised), as
+    llava-hf's conversion does, unless the tokenizer has it; True when it was added."""
+    if has_token(tokenizer, token):
+        return False
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(token, special=True, normalized=False)]},
+        replace_extra_special_tokens=False)
+    return True
 
 
 @dataclasses.dataclass
@@ -45,11 +62,10 @@ class ConversationEncoder:
         if special_token_text not in SPECIAL_TOKEN_TEXT:
             raise ValueError(f"special_token_text {special_token_text!r}: one of "
                              f"{', '.join(SPECIAL_TOKEN_TEXT)}")
-        if tokenizer.convert_tokens_to_ids(IMAGE) in (None, tokenizer.unk_token_id):
+        if not has_token(tokenizer, IMAGE):
             # the placeholder needs to be one token; the caller's tokenizer stays as it was
             tokenizer = copy.deepcopy(tokenizer)
-            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]},
-                                         replace_extra_special_tokens=False)
+            add_image_token(tokenizer)
         self.tokenizer, self.template = tokenizer, template
         self.image_tokens, self.image_token_id = image_tokens, image_token_id
         self.max_length = max_length

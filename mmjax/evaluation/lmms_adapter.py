@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mmjax.data.image import normalize, resize_uint8
-from mmjax.inference import cli
+from mmjax.batch import normalize
 from mmjax.inference.load import load
+from mmjax.inference.prompt import request
 from mmjax.inference.sampling import Sampling
 
 
@@ -47,7 +47,7 @@ class LmmsModel:
                  template: str = "auto", dtype: str | None = None, batch_size: Any = 16,
                  max_new_tokens: Any = 128, **_ignored):
         self.m = load(hf, checkpoint, dtype=dtype, template=template)
-        self.engine = cli.engine(self.m)
+        self.engine = self.m.engine()
         self.batch_size = _to_int(batch_size, 16)
         self.max_new_tokens = _to_int(max_new_tokens, 128)
         self.task_dict: dict = getattr(self, "task_dict", {})
@@ -62,13 +62,8 @@ class LmmsModel:
         if doc_to_visual is None:
             return []
         visuals = doc_to_visual(self._doc(task, split, doc_id)) or []
-        v = self.m.cfg.vision
-        out = []
-        for img in visuals:
-            img = img if hasattr(img, "convert") else Image.fromarray(np.asarray(img))
-            out.append(resize_uint8(img.convert("RGB"), v.image_size, v.image_mean,
-                                    self.m.image_aspect))
-        return out
+        return [self.m.pixels(img if isinstance(img, Image.Image) else np.asarray(img))
+                for img in visuals]
 
     def _sampling(self, gen_kwargs: dict) -> Sampling:
         kw = dict(gen_kwargs or {})
@@ -96,13 +91,13 @@ class LmmsModel:
                 for i in chunk:
                     context, _, doc_to_visual, doc_id, task, split = args[i][:6]
                     images = self._images(doc_to_visual, task, split, doc_id)
-                    reqs.append(cli.request(self.m, [(context, "")], images))
+                    reqs.append(request(self.m, [(context, "")], images))
                 for i, r in zip(chunk, self.engine.generate(reqs, sampling)):
                     out[i] = r.text
         return out
 
     def _logits(self, params, ids, pixels):
-        return self.m.model.apply({"params": params}, ids, pixels)
+        return self.m.model.apply({"params": params}, ids, pixels).logits
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = []
@@ -111,7 +106,7 @@ class LmmsModel:
             continuation = target if isinstance(target, str) else target(
                 self._doc(task, split, doc_id))
             images = self._images(doc_to_visual, task, split, doc_id)
-            prompt = cli.request(self.m, [(context, "")], images).ids
+            prompt = request(self.m, [(context, "")], images).ids
             cont = np.asarray(self.m.tokenizer.encode(continuation, add_special_tokens=False),
                               np.int32)
             ids = np.concatenate([prompt, cont])[None]

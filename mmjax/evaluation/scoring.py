@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from mmjax.evaluation.vqa import normalize_answer
+
 # MME's two halves (calculation.py's eval_type_dict)
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
                   "landmark", "artwork", "OCR")
@@ -160,8 +162,6 @@ def is_short(text: str) -> bool:
 
 
 def has_facts(text: str, facts: list[str]) -> bool:
-    from mmjax.evaluation.vqa import normalize_answer
-
     forms = (text.lower(), normalize_answer(text))
     return all(any(re.search(rf"(?<![a-z0-9]){re.escape(f)}", form)
                    for f in {fact.lower(), normalize_answer(fact)} for form in forms)

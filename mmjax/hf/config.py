@@ -10,14 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmjax.models.config import (
-    ConfigError,
-    LlavaConfig,
-    LLMConfig,
-    ProjectorConfig,
-    RopeConfig,
-    VisionConfig,
-)
+from mmjax.errors import ConfigError
+from mmjax.models.config import LlavaConfig, LLMConfig, ProjectorConfig, RopeConfig, VisionConfig
 
 VISION_ARCHS = {"CLIPVisionModel": "clip", "CLIPModel": "clip",
                 "SiglipVisionModel": "siglip", "SiglipModel": "siglip"}

@@ -56,7 +56,8 @@ def _unflat(flat: dict[str, object]) -> dict:
     return out
 
 
-def _layer_counts(cfg) -> dict[str, int]:
+def layer_counts(cfg) -> dict[str, int]:
+    """Layers per part that mmjax builds (the vision tower up to the layer LLaVA reads)."""
     if isinstance(cfg, LlavaConfig):
         return {"vision_tower": max(normalized_feature_layers(cfg)), "projector": 0,
                 "language_model": cfg.llm.num_layers}
@@ -122,7 +123,7 @@ def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
     shardings = _flat(logical_shardings(boxed, mesh, rules))
     abstract = _flat(plain(boxed))
     sources = mapping.plan({p: a.shape for p, a in abstract.items()}, parts,
-                           _layer_counts(cfg), ckpt)
+                           layer_counts(cfg), ckpt)
     unused = mapping.unused_keys(sources, ckpt, _extra_ignorable(cfg, parts))
     dtype = np.dtype(rt.param_dtype)
     params = {}

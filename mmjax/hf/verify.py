@@ -13,7 +13,13 @@ import argparse
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
+
+from mmjax.errors import ConfigError
+from mmjax.hf.loader import load
+from mmjax.hf.weight_files import CheckpointError
+from mmjax.models.config import LlavaConfig, RuntimeConfig, VisionConfig
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
@@ -27,8 +33,6 @@ def relative_error(ours, ref, mask=None) -> float:
 
 def random_inputs(cfg, batch: int, seq: int, seed: int):
     """(ids [B,T], pixels [B,1,S,S,3] or None, segment ids [B,T]); row 1 padded on the right."""
-    from mmjax.models.config import LlavaConfig, VisionConfig
-
     rng = np.random.default_rng(seed)
     if isinstance(cfg, VisionConfig):
         s = cfg.image_size
@@ -51,10 +55,6 @@ def random_inputs(cfg, batch: int, seq: int, seed: int):
 
 
 def ours_forward(imported, ids, pixels, seg):
-    import jax.numpy as jnp
-
-    from mmjax.models.config import LlavaConfig, VisionConfig
-
     variables = {"params": imported.params}
     cfg, model = imported.config, imported.model
     if isinstance(cfg, VisionConfig):
@@ -62,11 +62,12 @@ def ours_forward(imported, ids, pixels, seg):
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     if isinstance(cfg, LlavaConfig):
         return model.apply(variables, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(pos),
-                           jnp.asarray(seg))
-    return model.apply(variables, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
+                           jnp.asarray(seg)).logits
+    return model.apply(variables, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)).logits
 
 
 def reference_forward(directory, arch: str, ids, pixels, seg):
+    # torch is optional (the test extra): the reference is transformers' PyTorch model
     import torch
     import transformers
 
@@ -88,10 +89,7 @@ def reference_forward(directory, arch: str, ids, pixels, seg):
 def verify(directory, dtype: str = "float32", tol: float | None = None, batch: int = 2,
            seq: int = 32, seed: int = 0, allow_pickle: bool = False) -> tuple[float, float]:
     """(max relative error, tolerance); raises ImportError when torch is missing."""
-    import torch  # noqa: F401  (fail before the import work when torch is missing)
-
-    from mmjax.hf.loader import load
-    from mmjax.models.config import RuntimeConfig
+    import torch  # noqa: F401  (optional; fail before the import work when it is missing)
 
     tol = TOLERANCE[dtype] if tol is None else tol
     t0 = time.time()
@@ -119,9 +117,6 @@ def main(argv=None) -> int:
     v.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.pt pickle weights (only for files you trust)")
     args = parser.parse_args(argv)
-    from mmjax.hf.weight_files import CheckpointError
-    from mmjax.models.config import ConfigError
-
     try:
         err, tol = verify(args.directory, args.dtype, args.tol, args.batch, args.seq, args.seed,
                           args.allow_pickle)

@@ -14,6 +14,7 @@ are rounded up to a few buckets, so a handful of compiled programs serve any req
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -26,8 +27,7 @@ import numpy as np
 from jax.experimental import io_callback
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax.batch import device_pixels
-from mmjax.data.image import normalize
+from mmjax.batch import device_pixels, normalize
 from mmjax.inference.sampling import Sampling, knobs, next_token
 from mmjax.models.kv_cache import CACHE_AXES, KVCache
 from mmjax.models.llava import Llava
@@ -114,44 +114,55 @@ class Engine:
         self.batch_buckets, self.length_buckets = tuple(batch_buckets), tuple(length_buckets)
         self.row_multiple = math.prod(self.mesh.shape[a] for a in batch_axes(self.rules))
         self._programs: dict = {}
-        self._stream = None  # the running call's token callback (streaming programs)
+        # the running call's token callback (streaming programs); shared with `with_params`
+        # copies, whose calls run the same compiled programs
+        self._stream: dict = {"callback": None}
 
     # ------------------------------------------------------------------ public
+    def with_params(self, params) -> "Engine":
+        """This engine over other parameters of the same shapes and placement (the live
+        parameters of a training run): its compiled programs are shared, not rebuilt."""
+        other = copy.copy(self)
+        other.params = params
+        return other
+
     def generate(self, requests: Sequence[Request], sampling: Sampling = Sampling(),
-                 seed: int = 0, on_token: Callable[[int, int], None] | None = None
+                 seed: int | jax.Array = 0, on_token: Callable[[int, int], None] | None = None
                  ) -> list[Result]:
-        """Replies for `requests`, in order. `on_token(row, token_id)` streams each new token
-        of each row as it is generated (stop tokens excluded)."""
+        """Replies for `requests`, in order. `seed`: an int or a PRNG key (sampling only).
+        `on_token(row, token_id)` streams each new token of each row as it is generated
+        (stop tokens excluded)."""
         sampling.validate()
         if not requests:
             return []
+        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
         cap = self.batch_buckets[-1]
         if len(requests) > cap:
             out = []
-            for start in range(0, len(requests), cap):
+            for k, start in enumerate(range(0, len(requests), cap)):
                 chunk_cb = None if on_token is None else (
                     lambda r, t, s=start: on_token(s + r, t))
-                out += self.generate(requests[start:start + cap], sampling, seed + start,
-                                     chunk_cb)
+                out += self.generate(requests[start:start + cap], sampling,
+                                     jax.random.fold_in(key, k), chunk_cb)
             return out
         batch = self._batch(requests, sampling.max_new_tokens)
         stop_seqs = self._stop_sequences(sampling.stop)
         rows = batch["ids"].shape[0]
         n_real = len(requests)
-        self._stream = None if on_token is None else (
+        self._stream["callback"] = None if on_token is None else (
             lambda tokens, live: [on_token(r, int(tokens[r])) for r in range(n_real) if live[r]])
         try:
             with mesh_rules(self.mesh, self.rules):
                 placed = self._place(batch)
                 args = (self.params, placed["ids"], placed["segment_ids"], placed["pixels"],
-                        jax.random.key(seed), knobs(sampling, rows),
+                        key, knobs(sampling, rows),
                         jnp.int32(sampling.max_new_tokens),
                         jnp.asarray(self.stop_ids or (-1,), jnp.int32), jnp.asarray(stop_seqs))
                 program = self._program(batch, on_token is not None, sampling.logprobs, args)
                 tokens, lengths, finished, logps = program(*args)
                 tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         finally:
-            self._stream = None
+            self._stream["callback"] = None
         finished, logps = np.asarray(finished), np.asarray(logps)
         return [self._result(tokens[r, :lengths[r]], bool(finished[r]),
                              logps[r, :lengths[r]] if sampling.logprobs else None,
@@ -239,8 +250,8 @@ class Engine:
         return self._programs[key]
 
     def _streamed(self, tokens, live):
-        if self._stream is not None:
-            self._stream(np.asarray(tokens), np.asarray(live))
+        if self._stream["callback"] is not None:
+            self._stream["callback"](np.asarray(tokens), np.asarray(live))
 
     def _run(self, params, ids, segment_ids, pixels, key, k, max_new, stop_ids, stop_seqs,
              *, new: int, stream: bool, logprobs: bool):
@@ -257,16 +268,17 @@ class Engine:
             k=tuple(jax.lax.with_sharding_constraint(a, cache_sh) for a in cache.k),
             v=tuple(jax.lax.with_sharding_constraint(a, cache_sh) for a in cache.v))
         pv = None if pixels is None else device_pixels(pixels, cfg.vision)
-        logits, cache = model.apply({"params": params}, ids, pv, positions, segment_ids,
-                                    cache=cache, prefill=True, last_only=True)
+        out = model.apply({"params": params}, ids, pv, positions, segment_ids, cache=cache,
+                          prefill=True, last_only=True)
+        logits, cache = out.logits, out.cache
         last_position = positions[:, -1]
         real = segment_ids[:, -1] != 0  # padding rows are done from the start
 
         def step_logits(cache, token, step):
             pos = (last_position + 1 + step)[:, None]
-            out, cache = model.apply({"params": params}, token[:, None], None, pos,
-                                     jnp.ones_like(pos), cache=cache)
-            return out[:, 0], cache
+            out = model.apply({"params": params}, token[:, None], None, pos,
+                              jnp.ones_like(pos), cache=cache)
+            return out.logits[:, 0], out.cache
 
         def cond(s):
             return (s["step"] < max_new) & jnp.any(~s["done"])

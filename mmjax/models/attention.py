@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import einops
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +135,6 @@ def _splash_specs(q, k):
     """PartitionSpecs of (q, k/v, segment ids) over the current mesh: rows over the batch
     axes and heads over the head axes of the logical rules, where they divide; None when
     no mesh is set (one device, or the caller's own shard_map)."""
-    import flax.linen as nn
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -9,10 +9,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from mmjax.errors import ConfigError
+
 VisionFamily = Literal["clip", "siglip"]
 AttentionImpl = Literal["auto", "reference", "cudnn", "xla", "splash", "splash_interpret"]
 RematPolicy = Literal["auto", "none", "full", "save_dots", "save_qkv", "save_qkv_context",
                       "save_qkv_context_mlp"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+VisionActivation = Literal["quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new"]
+# the LLM's linear maps that can carry LoRA adapters (all of them, LLaVA-1.5's LoRA recipe)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _from_lora(default):
@@ -24,10 +30,10 @@ def _from_lora(default):
 class RuntimeConfig:
     """How the networks run (not what they are): dtypes, attention kernel, remat, scan."""
 
-    dtype: str = "float32"  # activations and matmuls; bfloat16 on TPU / GPU
-    param_dtype: str = "float32"  # master parameters (created / imported in this dtype)
+    dtype: Dtype = "float32"  # activations and matmuls; bfloat16 on TPU / GPU
+    param_dtype: Dtype = "float32"  # master parameters (created / imported in this dtype)
     # auto = splash on TPU, cudnn on NVIDIA GPUs in bfloat16 / float16, xla elsewhere
-    attention_impl: AttentionImpl = "auto"  # auto | reference | xla | cudnn | splash
+    attention_impl: AttentionImpl = "auto"  # the attention kernel (models/attention.py)
     # (splash_interpret: the TPU kernel in the Pallas interpreter, for CPU tests)
     remat_policy: RematPolicy = "none"  # what the backward keeps (models/remat.py); auto
     # = the platform's (mmjax.models.remat.AUTO)
@@ -41,20 +47,7 @@ class RuntimeConfig:
     lora_rank: int = _from_lora(0)
     lora_alpha: float = _from_lora(0.0)
     lora_dropout: float = _from_lora(0.0)  # active only when a 'dropout' rng is passed
-    lora_targets: tuple[str, ...] = _from_lora(("q_proj", "k_proj", "v_proj", "o_proj",
-                                                "gate_proj", "up_proj", "down_proj"))
-
-    def for_platform(self, platform: str, device_kind: str = "") -> "RuntimeConfig":
-        """This runtime with `auto` choices made for a platform (tpu, gpu, cpu): the
-        attention kernel (mmjax.models.attention.resolve_impl) and the remat policy
-        (mmjax.models.remat.AUTO)."""
-        from mmjax.models.attention import resolve_impl
-        from mmjax.models.remat import resolve_policy
-
-        return dataclasses.replace(
-            self, attention_impl=resolve_impl(self.attention_impl, self.dtype, platform,
-                                              device_kind),
-            remat_policy=resolve_policy(self.remat_policy, platform))
+    lora_targets: tuple[str, ...] = _from_lora(LORA_TARGETS)
 
     def lora(self, name: str) -> dict:
         """Keyword arguments that give the linear map `name` its adapter (or none)."""
@@ -76,7 +69,7 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
+    hidden_act: VisionActivation = "quick_gelu"
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -133,7 +126,7 @@ class LLMConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
-    hidden_act: str = "silu"
+    hidden_act: Literal["silu"] = "silu"
 
     @property
     def head_size(self) -> int:
@@ -197,10 +190,6 @@ class LlavaConfig:
             _check(-(n + 1) <= layer <= n,
                    f"vision_feature_layer {layer} out of range for {n} layers")
         _check(0 <= self.image_token_id, "image_token_id must be >= 0")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used: the message names the field and the fix."""
 
 
 def _check(cond: bool, msg: str) -> None:

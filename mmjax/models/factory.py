@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -50,5 +51,4 @@ def abstract_variables(cfg, rt: RuntimeConfig = RuntimeConfig()):
 
 
 def count_params(tree) -> int:
-    import flax.linen as nn
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.unbox(tree)))

@@ -42,8 +42,8 @@ class KVCache:
                    index=jnp.zeros((), jnp.int32))
 
     def with_tokens(self, positions: jax.Array, segment_ids: jax.Array) -> "KVCache":
-        """Records T new tokens' positions / segments [B, T] at `index` (keys and values are
-        written by the layers; `index` moves on with `advanced`)."""
+        """Records T new tokens' positions / segments [B, T] at `index` (the layers write the
+        keys and values; `LLM.decode` moves `index` on after them)."""
         at = (0, self.index)
         return self.replace(
             positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32),

@@ -12,7 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
+
 Dtype = jnp.dtype | str
+# activations [B, L, D] are constrained to these logical axes at block boundaries
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Sequence[str]):
@@ -135,6 +139,5 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        from mmjax.models.config import ConfigError
         raise ConfigError(
             f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

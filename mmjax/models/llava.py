@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from mmjax.models.config import LlavaConfig, RuntimeConfig
 from mmjax.models.kv_cache import KVCache
-from mmjax.models.llm import LLM, default_positions
+from mmjax.models.llm import LLM, Output, default_positions
 from mmjax.models.projector import Projector
 from mmjax.models.vision import VisionTower
 
@@ -69,15 +69,14 @@ class Llava(nn.Module):
         pixel_values: jax.Array | None = None,  # [B, M, Y, X, C], normalised
         positions: jax.Array | None = None,  # [B, T]
         segment_ids: jax.Array | None = None,  # [B, T], 0 = padding
-        return_hidden: bool = False,
         cache: KVCache | None = None,  # decoding: see LLM.decode
         prefill: bool = False,
         last_only: bool = False,
         head: bool = True,
-    ):
-        """Logits [B, T, V] float32 (and the final hidden states [B, T, D]); with a cache,
-        (that, the cache with the T tokens appended); `head=False`: the final hidden states
-        [B, T, D] instead (see `head_weight`)."""
+    ) -> Output:
+        """`Output`: final hidden states [B, T, D], logits [B, T, V] float32 (not with
+        `head=False`: the training loss applies `head_weight` in chunks), and with a cache
+        the cache with the T tokens appended."""
         positions, segment_ids = default_positions(input_ids, positions, segment_ids)
         lm = self.language_model
         is_image = input_ids == self.cfg.image_token_id
@@ -85,8 +84,8 @@ class Llava(nn.Module):
         embeds = lm.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is not None:
             embeds = merge_embeddings(embeds, self.encode_images(pixel_values), is_image)
-        return lm.decode(embeds, positions, segment_ids, return_hidden, cache, prefill,
-                         last_only, head)
+        return lm.decode(embeds, positions, segment_ids, cache=cache, prefill=prefill,
+                         last_only=last_only, head=head)
 
     def head_weight(self) -> jax.Array:
         """The LLM's output projection [D, V] (parameter dtype)."""

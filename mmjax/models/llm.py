@@ -15,6 +15,7 @@ calls attend over the cache with the mask-based kernels. The cache runs unscanne
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -22,11 +23,9 @@ from jax.ad_checkpoint import checkpoint_name
 from mmjax.models.attention import cached_attention, dot_product_attention
 from mmjax.models.config import LLMConfig, RuntimeConfig
 from mmjax.models.kv_cache import CACHE_AXES, KVCache
-from mmjax.models.layers import Linear, RMSNorm, param_with_axes
+from mmjax.models.layers import ACT_AXES, Linear, RMSNorm, param_with_axes
 from mmjax.models.remat import remat_block
 from mmjax.models.rotary import apply_rope
-
-ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Attention(nn.Module):
@@ -125,6 +124,15 @@ class DecoderLayer(nn.Module):
         return (out, out if self.collect else None) if self.scanned else out
 
 
+@flax.struct.dataclass
+class Output:
+    """What a forward returns, whatever it was asked: one structure (gemma's shape)."""
+
+    hidden: jax.Array  # [B, T, D] the final hidden states (after the last norm)
+    logits: jax.Array | None = None  # [B, T, V] float32; None when asked for no head
+    cache: KVCache | None = None  # decoding: the cache with this call's tokens appended
+
+
 class LLM(nn.Module):
     """The decoder: `embed` token ids, then `decode` embeddings into logits."""
 
@@ -149,15 +157,13 @@ class LLM(nn.Module):
         x = jnp.take(table, ids, axis=0).astype(self.rt.dtype)
         return nn.with_logical_constraint(x, ACT_AXES)
 
-    def decode(self, x, positions, segment_ids, return_hidden: bool = False,
-               cache: KVCache | None = None, prefill: bool = False, last_only: bool = False,
-               head: bool = True):
-        """x [B, T, D] embeddings -> logits [B, T, V] float32 (and final hidden [B, T, D]).
-
-        With a cache: returns (logits, cache) with the T tokens appended; `prefill` for the
-        first call on an empty cache; `last_only` keeps the last position's logits [B, 1, V]
-        (left-padded prompts end together). `head=False` returns the final hidden states
-        [B, T, D] instead of logits (the training loss applies `head_weight` in chunks)."""
+    def decode(self, x, positions, segment_ids, cache: KVCache | None = None,
+               prefill: bool = False, last_only: bool = False, head: bool = True) -> Output:
+        """x [B, T, D] embeddings -> `Output`: the final hidden states [B, T, D], the logits
+        [B, T, V] float32 unless `head=False` (the training loss applies `head_weight` in
+        chunks), and with a cache the cache with the T tokens appended (`prefill` for the
+        first call on an empty cache). `last_only` keeps the last position only ([B, 1, ...]:
+        left-padded prompts end together)."""
         if cache is not None:
             cache = cache.with_tokens(positions, segment_ids)
             x, cache = self.layers(x, positions, segment_ids, cache=cache, prefill=prefill)
@@ -167,11 +173,8 @@ class LLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if not head:
-            return x
-        logits = head_logits(x, self.head_weight(), self.rt.dtype)
-        out = (logits, x) if return_hidden else logits
-        return out if cache is None else (out, cache)
+        logits = head_logits(x, self.head_weight(), self.rt.dtype) if head else None
+        return Output(hidden=x, logits=logits, cache=cache)
 
     def head_weight(self) -> jax.Array:
         """The output projection W [D, V] in the parameter dtype (the embedding table's
@@ -180,10 +183,11 @@ class LLM(nn.Module):
             return self.embed_tokens.T
         return self.lm_head()
 
-    def __call__(self, ids, positions=None, segment_ids=None, return_hidden: bool = False):
-        """ids [B, T] -> logits [B, T, V]; positions default to 0..T-1, segments to one sample."""
+    def __call__(self, ids, positions=None, segment_ids=None) -> Output:
+        """ids [B, T] -> `Output` (logits [B, T, V]); positions default to 0..T-1, segments
+        to one sample."""
         positions, segment_ids = default_positions(ids, positions, segment_ids)
-        return self.decode(self.embed(ids), positions, segment_ids, return_hidden)
+        return self.decode(self.embed(ids), positions, segment_ids)
 
 
 class OutputHead(nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from mmjax.errors import ConfigError
 from mmjax.models.config import LlavaConfig, LLMConfig, ProjectorConfig, RopeConfig, VisionConfig
 
 SIGLIP_MEAN_STD = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
@@ -100,7 +101,8 @@ NAMES = sorted(PRESETS)
 
 
 def get(name: str):
+    """The preset `name`; ConfigError naming the known ones when there is none."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(NAMES)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(NAMES)}") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from mmjax.errors import ConfigError
+
 _CP = jax.checkpoint_policies
 
 POLICIES = {
@@ -41,7 +43,6 @@ def remat_block(layer_cls: type, policy: str, scanned: bool) -> type:
     """`layer_cls` wrapped in `nn.remat` with the named policy ('none' returns it as is)."""
     policy = resolve_policy(policy)
     if policy not in POLICIES:
-        from mmjax.models.config import ConfigError
         raise ConfigError(f"unknown remat_policy {policy!r}; known: auto, "
                           f"{', '.join(sorted(POLICIES))}")
     if policy == "none":

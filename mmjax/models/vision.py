@@ -17,10 +17,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.models.attention import dot_product_attention
 from mmjax.models.config import RuntimeConfig, VisionConfig
-from mmjax.models.layers import LayerNorm, Linear, activation, param_with_axes
+from mmjax.models.layers import ACT_AXES, LayerNorm, Linear, activation, param_with_axes
 from mmjax.models.llm import LayerStack
-
-ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class VisionAttention(nn.Module):

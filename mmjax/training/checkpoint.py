@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mmjax.models.config import ConfigError
+from mmjax.errors import ConfigError
+from mmjax.logs import quiet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +160,6 @@ def _quiet_failed_reads():
     finally:
         gc.collect()
         logger.setLevel(level)
-
-
-def abstract_with_shardings(abstract_tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_tree, shardings)
 
 
 class Checkpointer:
@@ -328,14 +324,9 @@ class SubtreeReader:
 
     def __init__(self, directory: str | Path, step: int | None = None):
         self.directory = Path(directory).absolute()
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.ERROR)  # Orbax's notices about opening read-only
-        try:
+        with quiet():  # Orbax's notices about opening read-only
             self._manager = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(read_only=True))
-        finally:
-            absl.setLevel(level)
         self.step = self._manager.latest_step() if step is None else step
         if self.step is None:
             self._manager.close()
@@ -352,9 +343,10 @@ class SubtreeReader:
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                            dtype=a.dtype), target)
-        out = self._manager.restore(self.step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                         partial_restore=True)))["state"]
+        with quiet():
+            out = self._manager.restore(self.step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                             partial_restore=True)))["state"]
         for key in path:
             out = out[key]
         for (p, leaf), (_, want) in zip(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from mmjax.models.config import LlavaConfig, RuntimeConfig
 from mmjax.models.llava import normalized_feature_layers
 
@@ -52,8 +54,6 @@ class Trained:
     @classmethod
     def from_labels(cls, labels) -> "Trained":
         """What the optimizer updates, by tower, from its group labels (-1 = frozen)."""
-        import jax
-
         trains = {part: any(g >= 0 for g in jax.tree.leaves(tree))
                   for part, tree in labels.items()}
         vision, projector = trains.get("vision_tower", False), trains.get("projector", False)
@@ -126,12 +126,6 @@ class FlopModel:
     def step(self, real_tokens: int, images: int) -> float:
         """Model FLOPs of steps over `real_tokens` text+image tokens and `images` images."""
         return self.per_token * real_tokens + self.per_image * images
-
-
-def step_flops(cfg: LlavaConfig, rt: RuntimeConfig, trained: Trained, real_tokens: int,
-               images: int, row_length: int) -> float:
-    """Model FLOPs of one optimizer step over `real_tokens` text+image tokens and `images`."""
-    return FlopModel.of(cfg, rt, trained, row_length).step(real_tokens, images)
 
 
 def mfu(flops: float, seconds: float, devices: int, peak: float | None) -> float | None:

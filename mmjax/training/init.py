@@ -13,10 +13,13 @@ import jax.numpy as jnp
 
 from mmjax.hf import load as hf_load
 from mmjax.models.factory import for_init
+from mmjax.sharding import with_shardings
 from mmjax.training import lora
 from mmjax.training.checkpoint import restore_subtree
 
 log = logging.getLogger("mmjax.train")
+# fold_in tags of the random streams drawn from the run's seed (the step folds in step numbers)
+GROW_VOCAB = 0x7f6b_0001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +65,9 @@ def initial_params(model, init_cfg: InitConfig, abstract_params, param_shardings
     if init_cfg.stage1_checkpoint:
         directory = _checkpoint_dir(init_cfg.stage1_checkpoint)
         # a stage-1 checkpoint has no LoRA adapters: read the rest, keep fresh adapters
-        abstract = {part: jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            lora.strip(abstract_params[part]), lora.strip(param_shardings[part]))
-            for part in init_cfg.stage1_parts}
+        abstract = {part: with_shardings(lora.strip(abstract_params[part]),
+                                         lora.strip(param_shardings[part]))
+                    for part in init_cfg.stage1_parts}
         loaded.update(restore_subtree(directory, ("params",), abstract))  # one read
         for part in init_cfg.stage1_parts:
             log.info("%s: loaded from stage-1 checkpoint %s", part, directory)
@@ -125,7 +127,7 @@ def grow_vocab(llm: dict, vocab: int, shardings: dict, seed: int) -> dict:
         return llm
     if old > vocab:
         raise ValueError(f"the LLM has {old} embedding rows, the model {vocab}")
-    k_in, k_out = jax.random.split(jax.random.key(seed + 1))
+    k_in, k_out = jax.random.split(jax.random.fold_in(jax.random.key(seed), GROW_VOCAB))
     out = dict(llm)
     out["embed_tokens"] = jax.jit(partial(_grown, n=vocab - old),
                                   out_shardings=shardings["embed_tokens"])(

@@ -1,8 +1,8 @@
 """The training loop: steps, metrics, checkpoints, profiling and preemption.
 
-    history = run(Loop(...), state)      # {'loss': [(step, loss)], 'state', 'preempted'}
+    history = run(Loop(step_fn=..., data=..., ...), state)   # {'loss', 'state', 'preempted'}
 
-`Loop` holds the parts `mmjax.train` built (the jitted step, the data iterator, the
+`Loop` holds the parts `mmjax.training.run` built (the jitted step, the data iterator, the
 checkpointer, the metric writer) and the few settings the loop reads. Device metrics are
 fetched only every `log_every` steps, so the loop never waits on the device in between.
 """
@@ -25,7 +25,7 @@ from mmjax.data.quality import SkipReport
 from mmjax.sharding import Rules
 from mmjax.training import flops
 from mmjax.training.checkpoint import Checkpointer, NonFiniteState
-from mmjax.training.config import ProfileConfig
+from mmjax.training.config import ProfileConfig, TrainConfig
 from mmjax.training.metrics import MetricWriter, format_duration
 from mmjax.training.optimizer import OptimConfig, learning_rates
 
@@ -67,8 +67,26 @@ class Rates:
         return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The few settings the loop reads."""
+
+    total_steps: int
+    log_every: int = 10
+    log_sample_ids: bool = False
+    max_skipped_in_a_row: int = 5
+    profile: ProfileConfig = ProfileConfig()
+
+    @classmethod
+    def of(cls, tc: TrainConfig, total_steps: int) -> "Settings":
+        return cls(total_steps, tc.log_every, tc.log_sample_ids, tc.max_skipped_in_a_row,
+                   tc.profile)
+
+
+@dataclasses.dataclass(kw_only=True)
 class Loop:
+    """The parts the loop runs (built by `mmjax.training.run`)."""
+
     step_fn: Callable  # (state, global batch) -> (state, metrics), jitted
     data: Any  # build_pipeline's iterator (this process's rows)
     mesh: jax.sharding.Mesh
@@ -77,24 +95,23 @@ class Loop:
     writer: MetricWriter
     rates: Rates
     optim: OptimConfig  # for the learning rates in the logs
-    total_steps: int
     workdir: Path
-    log_every: int = 10
-    log_sample_ids: bool = False
-    max_skipped_in_a_row: int = 5
-    profile: ProfileConfig = ProfileConfig()
-    evaluator: Callable | None = None  # (params, step) -> metrics; see training/evaluate.py
+    settings: Settings
+    evaluator: Callable[[Any, int], dict] | None = None  # (params, step) -> metrics
     eval_due: Callable[[int, int], bool] = lambda done, total: False
 
 
 def run(loop: Loop, state) -> dict:
-    """Trains from `state` to `loop.total_steps` (or a preemption); returns the history."""
+    """Trains from `state` to `loop.settings.total_steps` (or a preemption); returns the
+    history."""
     lead = jax.process_index() == 0
     start = int(state.step) + int(state.skipped)
-    steps = loop.total_steps
-    ids_file = open(loop.workdir / "samples.jsonl", "a") if loop.log_sample_ids and lead else None
+    cfg = loop.settings
+    steps = cfg.total_steps
+    ids_file = (open(loop.workdir / "samples.jsonl", "a") if cfg.log_sample_ids and lead
+                else None)
     history = {"loss": [], "preempted": False}
-    profile = Profile(loop.workdir / "profile", loop.profile)
+    profile = Profile(loop.workdir / "profile", cfg.profile)
     sigterm = Sigterm()
     pending: list = []
     t_last, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
@@ -125,9 +142,9 @@ def run(loop: Loop, state) -> dict:
                                            "loss": float(metrics["loss"])}) + "\n")
                 ids_file.flush()
             loop.checkpointer.check_for_errors()  # a failed background save stops the run
-            if done % loop.log_every == 0 or done == steps:
+            if done % cfg.log_every == 0 or done == steps:
                 per_step = jax.device_get(pending)
-                _stop_if_skipping(per_step, done, loop.max_skipped_in_a_row,
+                _stop_if_skipping(per_step, done, cfg.max_skipped_in_a_row,
                                   loop.checkpointer)
                 now = time.perf_counter()
                 rec = _record(loop, state, per_step, done, now - t_last, wait)
@@ -230,7 +247,7 @@ def _save_unless_skipping(loop: Loop, state, done: int, force: bool) -> None:
     the older checkpoints stay (retention would drop the last good one) and the save waits
     for a good step; at the limit the run stops without saving."""
     in_a_row = int(state.skipped_in_a_row)  # a host sync, only on save steps
-    if in_a_row >= loop.max_skipped_in_a_row:
+    if in_a_row >= loop.settings.max_skipped_in_a_row:
         raise _nonfinite(done, in_a_row, loop.checkpointer)
     if in_a_row:
         if jax.process_index() == 0:

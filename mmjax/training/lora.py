@@ -1,5 +1,5 @@
-"""LoRA for stage 2: trainable groups, grafting adapters onto imported weights, and merging
-the adapters back into the kernels for export and inference.
+"""LoRA for stage 2: trainable groups, the tree without its adapters (what a checkpoint without
+LoRA holds), and merging the adapters back into the kernels for export and inference.
 
 The adapters are ordinary parameters (`.../q_proj/lora_a`, `.../q_proj/lora_b`, created by
 `mmjax.models.layers.Linear` when `RuntimeConfig.lora_rank > 0`), so training them is a
@@ -12,10 +12,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.config import RuntimeConfig
+from mmjax.models.config import LORA_TARGETS, RuntimeConfig
 
 LORA_KEYS = ("lora_a", "lora_b")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +27,7 @@ class LoraConfig:
     dropout: float = 0.05  # on the adapter input, training only
     lr: float = 2e-4  # peak learning rate of the adapters
     projector_lr: float = 2e-5  # peak learning rate of the projector
-    targets: tuple[str, ...] = TARGETS  # the LLM's linear maps that get adapters
+    targets: tuple[str, ...] = LORA_TARGETS  # the LLM's linear maps that get adapters
 
     def runtime(self, rt: RuntimeConfig) -> RuntimeConfig:
         """`rt` with this config's adapters (none when disabled)."""
@@ -46,10 +45,6 @@ def groups(lr: float = 2e-4, projector_lr: float = 2e-5):
     return [("projector/.*", projector_lr), ("language_model/.*/lora_[ab]", lr), (".*", None)]
 
 
-def without_lora(rt: RuntimeConfig) -> RuntimeConfig:
-    return dataclasses.replace(rt, lora_rank=0)
-
-
 def strip(tree):
     """The tree without adapter leaves (what a checkpoint without LoRA holds)."""
     if not isinstance(tree, dict):
@@ -57,24 +52,10 @@ def strip(tree):
     return {k: strip(v) for k, v in tree.items() if k not in LORA_KEYS}
 
 
-def graft(base, full):
-    """`base` (no adapters) with the adapter leaves of `full` added where `full` has them."""
-    if not isinstance(full, dict):
-        return base
-    out = dict(base)
-    for k, v in full.items():
-        if k in LORA_KEYS:
-            out[k] = v
-        elif k in base:
-            out[k] = graft(base[k], v)
-        else:
-            raise KeyError(f"{k!r} is in the model but not in the loaded weights")
-    return out
-
-
 def merge(params, rt: RuntimeConfig):
     """Folds every adapter into its kernel (W + alpha/r A B) and drops the adapters: the
-    result runs with `without_lora(rt)` and gives the same outputs (no dropout)."""
+    result runs with `rt` less its adapters (lora_rank 0) and gives the same outputs (no
+    dropout)."""
     scale = rt.lora_alpha / rt.lora_rank if rt.lora_rank else 0.0
 
     def walk(node):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from mmjax.models.config import ConfigError
+from mmjax.errors import ConfigError
 
 log = logging.getLogger("mmjax.train")
 

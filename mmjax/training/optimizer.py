@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Literal, Sequence
 
 import jax
 import optax
@@ -26,7 +26,7 @@ class OptimConfig:
     b2: float = 0.999  # Adam beta 2
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
-    schedule: str = "cosine"  # cosine | constant (after the warmup)
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup
     total_steps: int = dataclasses.field(default=0, metadata={
         "derived": "total_steps, or num_epochs over the data"})
 

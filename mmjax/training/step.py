@@ -122,7 +122,7 @@ class Trainer:
         pixels = device_pixels(micro["pixel_values"], self.vision)
         hidden = self.model.apply({"params": params}, micro["input_ids"], pixels,
                                   micro["positions"], micro["segment_ids"], head=False,
-                                  rngs=rngs)
+                                  rngs=rngs).hidden
         weight = self.model.apply({"params": params}, method="head_weight")
         return chunked_token_loss(hidden, weight, micro["targets"], rt.dtype, rt.loss_chunk)
 

@@ -18,7 +18,7 @@ import os
 import socket
 from pathlib import Path
 
-from mmjax.models.config import ConfigError
+from mmjax.errors import ConfigError
 
 # Fields a resumed run may change: how long it runs, what it logs, evaluates and profiles,
 # where checkpoints and metrics go, how the processes find each other. Anything else (model, data,

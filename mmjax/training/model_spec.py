@@ -1,5 +1,6 @@
-"""What a run trains: the LLaVA config and the tokenizer, resolved once when a run starts and
-saved in its work dir, so that stage 2, resume, inference and export see the same ones.
+"""What a run trains (its `ModelSpec`): the LLaVA config and the tokenizer, resolved once when
+a run starts and saved in its work dir, so that stage 2, resume, inference and export see the
+same ones. (The configs' stage "recipes" are the training settings; this is the model.)
 
 A fresh run resolves them in this order:
 
@@ -25,11 +26,16 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from mmjax import configlib
 from mmjax.data import templates
 from mmjax.data.templates import IMAGE
+from mmjax.data.tokenize import add_image_token
+from mmjax.errors import ConfigError
 from mmjax.hf import load_tokenizer
+from mmjax.hf.config import from_hf, llava_from_hf
+from mmjax.hf.weight_files import Checkpoint
 from mmjax.models import presets
-from mmjax.models.config import ConfigError, LlavaConfig, LLMConfig, ProjectorConfig, VisionConfig
+from mmjax.models.config import LlavaConfig, LLMConfig, ProjectorConfig, VisionConfig
 
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
@@ -43,12 +49,14 @@ class ComposeConfig:
     projector: str = "mlp2x_gelu"  # linear | mlpNx_gelu
     vision_feature_layer: int = -2  # the tower's hidden state fed to the projector
     vision_feature_select: Literal["default", "full"] = "default"  # default drops CLIP's CLS
-    image_token: str = "<image>"  # added to the tokenizer when it has none
+    image_token: Literal["<image>"] = "<image>"  # added to the tokenizer when it has none
     vocab_multiple: int = 64  # the grown vocabulary is a multiple of this
 
 
 @dataclasses.dataclass
-class Recipe:
+class ModelSpec:
+    """The model a run trains, with its tokenizer and conversation template."""
+
     cfg: LlavaConfig
     tokenizer: object
     template: str  # the resolved template name
@@ -70,8 +78,8 @@ class Recipe:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve(tc, workdir: Path | None = None) -> Recipe:
-    """The recipe of a run: read back from its work dir on resume, else resolved (above)."""
+def resolve(tc, workdir: Path | None = None) -> ModelSpec:
+    """The model of a run: read back from its work dir on resume, else resolved (above)."""
     if workdir is not None and (Path(workdir) / MODEL_FILE).is_file():
         return read(workdir)
     stage1 = stage1_dir(tc.init.stage1_checkpoint)
@@ -88,20 +96,20 @@ def resolve(tc, workdir: Path | None = None) -> Recipe:
     sources = {k: getattr(tc.init, k) for k in ("hf_llava", "hf_vision", "hf_llm")
                if getattr(tc.init, k)}
     if tc.model == AUTO:
-        recipe = from_towers(tc.init, tc.llava, tc.tokenizer)
+        spec = from_towers(tc.init, tc.llava, tc.tokenizer)
     else:
         preset = presets.get(tc.model)
         if not isinstance(preset, LlavaConfig):
             raise ConfigError(f"model {tc.model!r} is a tower preset, not a LLaVA model")
         if sources and not tc.init.random:
-            recipe = from_towers(tc.init, tc.llava, tc.tokenizer)
-            _check_equal(preset, recipe.cfg, f"preset {tc.model!r}",
+            spec = from_towers(tc.init, tc.llava, tc.tokenizer)
+            _check_equal(preset, spec.cfg, f"preset {tc.model!r}",
                          "the HF configs of " + " + ".join(sources.values()))
         else:
-            recipe = _preset_recipe(preset, tc)
-    recipe.sources = sources
-    recipe.template = _template(tc.data.template, recipe.cfg, recipe.tokenizer)
-    return recipe
+            spec = _from_preset(preset, tc)
+    spec.sources = sources
+    spec.template = _template(tc.data.template, spec.cfg, spec.tokenizer)
+    return spec
 
 
 def stage1_dir(path: str) -> Path | None:
@@ -112,11 +120,8 @@ def stage1_dir(path: str) -> Path | None:
     return p.parent if p.name == "checkpoints" and not (p / MODEL_FILE).exists() else p
 
 
-def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> Recipe:
+def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> ModelSpec:
     """The LLaVA config the HF weight sources describe, with the tokenizer it needs."""
-    from mmjax.hf.config import from_hf, llava_from_hf
-    from mmjax.hf.weight_files import Checkpoint
-
     if init.hf_llava:
         cfg = llava_from_hf(Checkpoint(init.hf_llava).config(), init.hf_llava)
         tokenizer = load_tokenizer(tokenizer_dir or init.hf_llava)
@@ -124,15 +129,12 @@ def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> Recipe
         if have != cfg.image_token_id:
             raise ConfigError(f"{init.hf_llava}: the tokenizer's {IMAGE} is id {have}, the "
                               f"model's image_token_index is {cfg.image_token_id}")
-        return Recipe(cfg, tokenizer, "")
+        return ModelSpec(cfg, tokenizer, "")
     if not (init.hf_vision and init.hf_llm):
         raise ConfigError(
             "model='auto' builds the model from Hugging Face weights: set init.hf_vision and "
             "init.hf_llm (separate towers) or init.hf_llava (a LLaVA checkpoint), or "
             "init.stage1_checkpoint (a stage-1 work dir); or name a preset with model=...")
-    if compose.image_token != IMAGE:
-        raise ConfigError(f"llava.image_token {compose.image_token!r}: the data pipeline "
-                          f"marks images with {IMAGE!r}")
     vision = from_hf(Checkpoint(init.hf_vision).config(), init.hf_vision)
     llm = from_hf(Checkpoint(init.hf_llm).config(), init.hf_llm)
     if not isinstance(vision, VisionConfig):
@@ -151,10 +153,10 @@ def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> Recipe
         vision_feature_layer=compose.vision_feature_layer,
         vision_feature_select=compose.vision_feature_select)
     cfg.validate()
-    return Recipe(cfg, tokenizer, "", added, llm.vocab_size)
+    return ModelSpec(cfg, tokenizer, "", added, llm.vocab_size)
 
 
-def _preset_recipe(preset: LlavaConfig, tc) -> Recipe:
+def _from_preset(preset: LlavaConfig, tc) -> ModelSpec:
     where = tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm
     if not where:
         raise ConfigError(f"model {tc.model!r}: set tokenizer (a tokenizer directory)")
@@ -166,21 +168,13 @@ def _preset_recipe(preset: LlavaConfig, tc) -> Recipe:
             f"the tokenizer {where} ({len(tokenizer)} tokens, {IMAGE} id {have}) does not fit "
             f"preset {tc.model!r} (vocabulary {preset.llm.vocab_size}, {IMAGE} id "
             f"{preset.image_token_id})")
-    return Recipe(preset, tokenizer, "", added)
+    return ModelSpec(preset, tokenizer, "", added)
 
 
 def add_tokens(tokenizer, image_token: str = IMAGE, pad: bool = True) -> tuple[str, ...]:
     """Adds the image token (special, never split or normalised) and, when the tokenizer has
     none, a pad token, as llava-hf's conversion does. Returns what was added."""
-    from tokenizers import AddedToken
-
-    added = []
-    if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": [AddedToken(image_token, special=True,
-                                                      normalized=False)]},
-            replace_extra_special_tokens=False)
-        added.append(image_token)
+    added = [image_token] if add_image_token(tokenizer, image_token) else []
     if pad and tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
         added.append("<pad>")
@@ -230,30 +224,28 @@ def _check_same_tokenizer(tok, saved, where: str, stage1: Path) -> None:
 # --------------------------------------------------------------------------- save / read
 
 
-def save(recipe: Recipe, workdir: Path) -> None:
+def save(spec: ModelSpec, workdir: Path) -> None:
     """`WORKDIR/model.json` and `WORKDIR/tokenizer/`, each written under a temporary name
     and renamed, so a work dir never holds half of either."""
     workdir = Path(workdir)
     tmp = workdir / (TOKENIZER_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    recipe.tokenizer.save_pretrained(str(tmp))
+    spec.tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(workdir / TOKENIZER_DIR, ignore_errors=True)
     os.replace(tmp, workdir / TOKENIZER_DIR)
-    record = {"config": dataclasses.asdict(recipe.cfg), "template": recipe.template,
-              "added_tokens": list(recipe.added_tokens), "base_vocab": recipe.base_vocab,
-              "sources": recipe.sources}
+    record = {"config": dataclasses.asdict(spec.cfg), "template": spec.template,
+              "added_tokens": list(spec.added_tokens), "base_vocab": spec.base_vocab,
+              "sources": spec.sources}
     path = workdir / MODEL_FILE
     path.with_suffix(".json.tmp").write_text(json.dumps(record, indent=2))
     os.replace(path.with_suffix(".json.tmp"), path)
 
 
-def read(workdir: str | Path) -> Recipe:
-    """The recipe a work dir saved (its model config and tokenizer)."""
-    from mmjax import configlib
-
+def read(workdir: str | Path) -> ModelSpec:
+    """The model a work dir saved (its config, tokenizer and template)."""
     workdir = Path(workdir)
     record = json.loads((workdir / MODEL_FILE).read_text())
     cfg = configlib.from_saved(LlavaConfig, record["config"])
     tokenizer = load_tokenizer(workdir / TOKENIZER_DIR)
-    return Recipe(cfg, tokenizer, record["template"], tuple(record.get("added_tokens", ())),
+    return ModelSpec(cfg, tokenizer, record["template"], tuple(record.get("added_tokens", ())),
                   int(record.get("base_vocab", 0)), dict(record.get("sources", {})))

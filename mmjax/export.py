@@ -1,0 +1,222 @@
+"""Hugging Face export: a training work dir becomes a directory that transformers (and what
+reads its layout: vLLM, the llava-hf processor) loads as it is.
+
+    python -m mmjax.hf export --checkpoint WORKDIR[:STEP] --out DIR [--dtype bfloat16]
+        [--shard-size 5GB] [--merge-lora] [--overwrite] [--llm-only | --projector-only]
+
+Writes `config.json` (LlavaForConditionalGeneration), `model.safetensors` (or shards
+`model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`) in the key layout
+transformers itself saves (`vision_tower.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.weight`), `generation_config.json`, the
+run's tokenizer (with `<image>` and pad), and the processor files (`preprocessor_config.json`,
+`processor_config.json`, `chat_template.jinja` rendering the run's template).
+
+The parameters are read from the checkpoint one module at a time (no optimizer state, no
+whole-model copy): host memory holds about one tensor. The vision layers above the feature
+layer and the tower's post-LayerNorm / head, which mmjax does not build, are copied from the
+HF tower the run started from when it is still there; otherwise transformers initialises
+them (they do not change LLaVA's outputs, which read the feature layer).
+The output is written under a temporary name and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers as tf
+from safetensors.numpy import save_file
+
+from mmjax.data.jinja import chat_template
+from mmjax.errors import ConfigError
+from mmjax.hf.config import hf_config_object
+from mmjax.hf.writer import (
+    CAUSAL_LM,
+    LLAVA_PARTS,
+    LLM_PARTS,
+    llava_config,
+    model_tensors,
+    parse_size,
+    processor,
+    tower_extras,
+    write_weights,
+)
+from mmjax.logs import quiet_notices
+from mmjax.sharding import plain
+from mmjax.training import lora, model_spec
+from mmjax.training.saved_run import SavedRun, parse
+
+log = logging.getLogger("mmjax.export")
+
+
+class ModuleReader:
+    """A run's parameters, one module (a dict of leaves) at a time, from its checkpoint."""
+
+    def __init__(self, run: SavedRun, step: int | None, abstract: dict, device):
+        self._reader = run.reader(step)
+        self.step = self._reader.step
+        self._abstract, self._device, self._rt = abstract, device, run.rt
+        self._cache: tuple | None = None
+
+    def module(self, path: tuple[str, ...]) -> dict:
+        """{leaf name: np.ndarray} of the module at `path` (cached: the last one read)."""
+        if self._cache and self._cache[0] == path:
+            return self._cache[1]
+        node = self._abstract
+        for k in path:
+            node = node[k]
+        sharding = jax.sharding.SingleDeviceSharding(self._device)
+        leaves = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                  for k, v in node.items() if not isinstance(v, dict)}
+        out = self._reader.read(("params", *path), leaves)
+        values = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+        self._cache = (path, values)
+        return values
+
+    def merged(self, path: tuple[str, ...]) -> dict:
+        """`module(path)` with its LoRA adapters folded into the kernel (W + alpha/r A B)."""
+        module = self.module(path)
+        if "lora_a" not in module:
+            return module
+        return {k: np.asarray(v) for k, v in lora.merge(module, self._rt).items()}
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def export(spec: str, out: str | Path, dtype: str = "bfloat16", shard_size: str = "5GB",
+           merge_lora: bool = False, overwrite: bool = False, what: str = "llava",
+           say=print) -> Path:
+    """Writes the run `spec` (WORKDIR[:STEP]) to `out` as an HF directory (`what`: llava,
+    llm or projector). Returns the directory."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: bfloat16, float16 or float32")
+    workdir, step = parse(spec)
+    if not (workdir / model_spec.MODEL_FILE).is_file():
+        raise ConfigError(f"{workdir} has no {model_spec.MODEL_FILE} (not a training work dir, "
+                          "or one from before runs saved their model)")
+    run = SavedRun.open(workdir)
+    cfg, rt, saved = run.cfg, run.rt, run.spec
+    if rt.lora_rank and not merge_lora:
+        raise ConfigError("this run trained LoRA adapters: pass --merge-lora to fold them "
+                          "into the weights (a transformers LLaVA has no adapters)")
+    abstract = plain(run.abstract_params())
+    flat = {"/".join(k.key for k in p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    reader = ModuleReader(run, step, abstract, jax.devices("cpu")[0])
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = saved.tokenizer
+    try:
+        if what == "projector":
+            _write_projector(tmp, reader, cfg, flat)
+        else:
+            parts, roots = ((LLM_PARTS, ("language_model",)) if what == "llm" else
+                            (LLAVA_PARTS, ("vision_tower", "projector", "language_model")))
+            tensors = list(model_tensors(reader.merged, cfg, flat, np_dtype, parts, roots))
+            if what == "llava":
+                source = saved.sources.get("hf_vision") or saved.sources.get("hf_llava")
+                extras = tower_extras(source, cfg, {t.key for t in tensors}, np_dtype)
+                tensors += extras or []
+                if extras is None:
+                    say(f"note: the HF tower the run started from ({source or 'unknown'}) is "
+                        "not there: transformers will initialise the vision layers above the "
+                        "feature layer and the post-LayerNorm (LLaVA's outputs do not read "
+                        "them)")
+            write_weights(tmp, tensors, parse_size(shard_size))
+            if what == "llm":
+                conf = hf_config_object(cfg.llm)
+                conf.architectures = [CAUSAL_LM[cfg.llm.family]]
+                conf.bos_token_id, conf.eos_token_id = tokenizer.bos_token_id, \
+                    tokenizer.eos_token_id
+                conf.pad_token_id, conf.dtype = tokenizer.pad_token_id, dtype
+                conf.save_pretrained(tmp)
+                tokenizer.save_pretrained(str(tmp))
+            else:
+                llava_config(cfg, tokenizer, dtype).save_pretrained(tmp)
+                proc = processor(cfg, tokenizer, chat_template(saved.template))
+                proc.save_pretrained(str(tmp))
+                # also the per-component file older transformers and vLLM read
+                proc.image_processor.save_pretrained(str(tmp))
+            tf.GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+        (tmp / "mmjax_export.json").write_text(json.dumps(
+            {"workdir": str(workdir.absolute()), "step": reader.step, "dtype": dtype,
+             "what": what, "template": saved.template, "merged_lora": bool(rt.lora_rank)},
+            indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    say(f"exported {workdir} step {reader.step} ({what}, {dtype}) to {out}")
+    return out
+
+
+def _write_projector(out: Path, reader: ModuleReader, cfg, flat: dict) -> None:
+    """Stage 1's projector under LLaVA's names (`model.mm_projector.{0,2,..}.weight`, as
+    its `--pretrain_mm_mlp_adapter` reads): `mm_projector.bin` (with torch) and
+    `mm_projector.safetensors`."""
+    tensors = {}
+    for path in flat:
+        names = path.split("/")
+        if names[0] != "projector":
+            continue
+        module = names[1]  # linear_K (mlp) or linear
+        k = int(module.rsplit("_", 1)[1]) if "_" in module else 1
+        index = "" if cfg.projector.kind == "linear" else f"{2 * (k - 1)}."
+        value = reader.module(tuple(names[:-1]))[names[-1]]
+        name = "weight" if names[-1] == "kernel" else names[-1]
+        tensors[f"model.mm_projector.{index}{name}"] = np.ascontiguousarray(
+            value.T if names[-1] == "kernel" else value).astype(np.float32)
+    save_file(tensors, str(out / "mm_projector.safetensors"), metadata={"format": "pt"})
+    try:
+        import torch  # optional (the test extra): LLaVA's loader reads the .bin
+    except ImportError:
+        return
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, out / "mm_projector.bin")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmjax.hf export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="WORKDIR[:STEP]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--merge-lora", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--llm-only", action="store_true",
+                      help="the language model alone, as its own *ForCausalLM")
+    what.add_argument("--projector-only", action="store_true",
+                      help="stage 1's projector under LLaVA's mm_projector names")
+    args = p.parse_args(argv)
+    quiet_notices()
+    try:
+        export(args.checkpoint, args.out, args.dtype, args.shard_size, args.merge_lora,
+               args.overwrite, "llm" if args.llm_only else
+               "projector" if args.projector_only else "llava")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
