@@ -1,8 +1,10 @@
 # The two commands of the README, each self-contained on a fresh machine:
-#   make demo   - creates .venv, installs mmjax, runs the embedded demo
-#   make test   - creates .venv, installs mmjax with its test and tpu extras (libtpu: the
-#                 tests compile the train step for TPU slices with TPU's own compiler),
-#                 runs the tests
+#   make demo       - creates .venv, installs mmjax, runs the embedded demo
+#   make test       - creates .venv, installs mmjax with its test and tpu extras (libtpu: the
+#                     tests compile the train step for TPU slices with TPU's own compiler),
+#                     runs every test (what CI runs)
+# and, for every edit:
+#   make test-fast  - the same without the end-to-end tests (pytest -m "not e2e")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast install install-test clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +36,15 @@ install-test: $(VENV)/.test
 demo: $(VENV)/.base
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m mmjax.demo
 
+# two pytest processes, a test file each at a time (a module's fixtures are built once);
+# compiled programs are kept in .cache/jax-tests between runs (tests/conftest.py)
+PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(PYTEST) --durations=25 tests
+
+test-fast: $(VENV)/.test
+	$(PYTEST) --durations=15 -m "not e2e" tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

@@ -33,7 +33,7 @@ from jax.experimental import topologies
 from mmjax import batch as batch_format
 from mmjax.errors import ConfigError, UsageError
 from mmjax.models import presets
-from mmjax.sharding import make_mesh, mesh_rules
+from mmjax.sharding import make_mesh, mesh_rules, with_shardings
 from mmjax.training import model_spec
 from mmjax.training.config import TrainConfig, check_batch_fits_mesh, from_file
 from mmjax.training.run import StepSetup
@@ -175,8 +175,7 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     batch = batch_format.abstract(tc.batch_size, dcfg.row_len, dcfg.image_slots(cfg.image_tokens),
                                   cfg.vision.image_size,
                                   "float32" if dcfg.normalize_on_host else "uint8")
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sh[k])
-             for k, v in batch.items()}
+    batch = with_shardings(batch, setup.batch_sh)
     t = time.time()
     with mesh_rules(mesh, tc.logical_axis_rules):
         lowered = setup.jit_step().lower(setup.abstract_state(), batch)

@@ -107,8 +107,8 @@ def forward_demo(argv=None) -> dict:
                   for x in (input_ids, pixel_values)]
         forward = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
         logits = forward(params, *inputs)
-    single = model.apply({"params": jax.device_get(params)}, jnp.asarray(input_ids[:1]),
-                         jnp.asarray(pixel_values[:1])).logits
+    single = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)(
+        jax.device_get(params), jnp.asarray(input_ids[:1]), jnp.asarray(pixel_values[:1]))
     err = float(jnp.max(jnp.abs(logits[:1] - single)))
     last = np.asarray(logits[0, -1])
     stats = {"params": count_params(params), "logits_shape": tuple(logits.shape),

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 from mmjax.errors import UsageError
 from mmjax.inference import cli
@@ -129,8 +130,6 @@ def main(argv=None) -> dict:
     if todo:
         print(file=sys.stderr)
     if nproc > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("mmjax.predict answered")
         if pid == 0:
             merge(args.out, parts)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jitted import forward, init
 
 from data_fixtures import (
     CORPUS,
@@ -123,8 +124,8 @@ def test_stage2_batches_have_model_shapes_and_run(files):
 
     v = MODEL.vision
     pixels = normalize(jnp.asarray(b["pixel_values"]), v.image_mean, v.image_std)
-    params = Llava(MODEL).init(jax.random.key(0), jnp.asarray(b["input_ids"]), pixels)
-    logits = Llava(MODEL).apply(params, jnp.asarray(b["input_ids"]), pixels,
+    params = init(Llava(MODEL), jax.random.key(0), jnp.asarray(b["input_ids"]), pixels)
+    logits = forward(Llava(MODEL), params, jnp.asarray(b["input_ids"]), pixels,
                                 jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])).logits
     assert logits.shape == (2, 128, MODEL.llm.vocab_size)
 

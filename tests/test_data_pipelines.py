@@ -231,6 +231,7 @@ def test_gqa_chartqa_multiple_choice(raw, tmp_path):
         _batches(tmp_path / d, raw, n=1)
 
 
+@pytest.mark.e2e
 def test_output_trains(raw, tmp_path):
     """A training step on batches read from converted shards (loss finite, labels present)."""
     from test_training_step import _setup
@@ -328,6 +329,7 @@ def test_tfds_coco(raw, tmp_path):
     _batches(tmp_path / "out", raw, n=1, template="plain")
 
 
+@pytest.mark.e2e
 def test_self_instruct_output_converts_and_trains(raw, tmp_path):
     """Captions + instance boxes -> local chat server -> llava.json -> shards -> batches."""
     from test_self_instruct import Server

@@ -153,3 +153,40 @@ def test_demo_data_holds_out_phrasings_and_has_the_ablation_twin(tmp_path):
     conv = json.loads(p["conv"].read_text())
     assert {c["kind"] for c in conv} == {f"{k}/{s}" for k in syn.PHRASINGS
                                          for s in ("seen", "heldout")}
+
+
+def test_closed_sets_presets_and_benchmarks_are_named_at_start(tmp_path):
+    """A value outside a field's choices, an unknown preset, a benchmark's split: each is one
+    ConfigError naming the choices, from the config alone (before any weight loads)."""
+    from mmjax.evaluation import during_training
+    from mmjax.training.config import from_file, validate
+
+    stage1 = str(CONFIGS / "stage1.py")
+    with pytest.raises(ConfigError, match="optim.schedule is 'linear'; one of 'cosine', "
+                                          "'constant'"):
+        from_file(stage1, ["--config.optim.schedule=linear"])
+    with pytest.raises(ConfigError, match="data.packing is 'best'; one of 'pad', 'first_fit'"):
+        from_file(stage1, ["--config.data.packing=best"])
+    with pytest.raises(ConfigError, match="distributed.mode is 'slurm'; one of"):
+        from_file(stage1, ["--config.distributed.mode=slurm"])
+    with pytest.raises(ConfigError, match="stage is 3; one of 1, 2"):
+        from_file(stage1, ["--config.stage=3"])
+    with pytest.raises(ConfigError, match="unknown model preset 'llava99'; known: .*demo"):
+        validate(from_file(stage1, ["--config.model=llava99"]))
+    with pytest.raises(ConfigError, match="'tiny_clip' is a tower preset, not a LLaVA model"):
+        validate(from_file(stage1, ["--config.model=tiny_clip"]))
+    with pytest.raises(ConfigError, match="unknown projector 'mlp2x_relu'"):
+        validate(from_file(stage1, ["--config.llava.projector=mlp2x_relu"]))
+    data = tmp_path / "qa.json"
+    data.write_text("[]")
+    bench = [{"name": "short_answer", "data": str(data)}]
+    tc = from_file(stage1, [f"--config.eval.benchmarks={bench!r}"])
+    during_training.check(tc.eval)
+    with pytest.raises(ConfigError, match=r"eval.benchmarks\[0\].name is 'vqa'; one of"):
+        from_file(stage1, [f"--config.eval.benchmarks={[dict(bench[0], name='vqa')]!r}"])
+    with pytest.raises(ConfigError, match=r"eval.benchmarks\[0\]: .*split 'nosuch'"):
+        during_training.check(from_file(stage1, [
+            f"--config.eval.benchmarks={[dict(bench[0], split='nosuch')]!r}"]).eval)
+    with pytest.raises(ConfigError, match=r"eval.benchmarks\[0\].data: .* does not exist"):
+        during_training.check(from_file(stage1, [
+            f"--config.eval.benchmarks={[dict(bench[0], data=str(tmp_path / 'x'))]!r}"]).eval)

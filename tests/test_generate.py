@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from jitted import forward, init
 
 from data_fixtures import bpe_tokenizer, write_photos
 from hf_fixtures import llava_config, make_model, normalize, real_images, save
@@ -138,10 +139,14 @@ def _check_cached_logits(imported, dtype, tol):
     out = apply({"params": params}, ids, pixels, pos, seg, cache=cache, prefill=True,
                 last_only=True)
     logits, cache = out.logits, out.cache
-    full_ids, full_seg = ids, seg
+    # the full forward over the prefix so far, in one shape: the prompt, the tokens decoded so
+    # far, then padding on the right (segment 0: causal attention never reads it)
+    full_ids = np.concatenate([ids, np.zeros((rows, steps), np.int32)], 1)
+    full_seg = np.concatenate([seg, np.zeros((rows, steps), np.int32)], 1)
     for step in range(steps):
         full = apply({"params": params}, full_ids, pixels,
-                     np.maximum(np.cumsum(full_seg, 1) - 1, 0), full_seg).logits[:, -1]
+                     np.maximum(np.cumsum(full_seg, 1) - 1, 0), full_seg).logits
+        full = full[:, length + step - 1]
         scale = 1.0 if dtype == jnp.float32 else float(np.max(np.abs(full)))
         np.testing.assert_allclose(logits[:, 0], full, atol=tol * scale, rtol=tol)
         token = np.asarray(jnp.argmax(logits[:, 0], -1), np.int32)
@@ -149,8 +154,7 @@ def _check_cached_logits(imported, dtype, tol):
         out = apply({"params": params}, token[:, None], None, next_pos,
                     np.ones_like(next_pos), cache=cache)
         logits, cache = out.logits, out.cache
-        full_ids = np.concatenate([full_ids, token[:, None]], 1)
-        full_seg = np.concatenate([full_seg, np.ones((rows, 1), np.int32)], 1)
+        full_ids[:, length + step], full_seg[:, length + step] = token, 1
 
 
 def test_tensor_parallel_decode_matches_one_device(tmp_path):
@@ -244,6 +248,7 @@ def _run(module, *args, stdin=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.e2e
 def test_generate_command_raw_matches_transformers(hf_dir):
     root, tok, model, photos = hf_dir
     prompt = "USER: <image>\nwhat is in the image? ASSISTANT:"
@@ -273,6 +278,7 @@ def test_generate_command_raw_matches_transformers(hf_dir):
     assert out["text"] == tok.decode(ref, skip_special_tokens=True).strip()
 
 
+@pytest.mark.e2e
 def test_generate_command_mistakes_are_one_line(hf_dir, tmp_path):
     root, _, _, photos = hf_dir
     r = _run("mmjax.generate", "--hf", root, "--image", tmp_path / "nope.png", "--prompt", "hi")
@@ -283,6 +289,7 @@ def test_generate_command_mistakes_are_one_line(hf_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_chat_piped_two_turns_and_image_change(hf_dir):
     root, _, _, photos = hf_dir
     lines = ["What is in the image?", "Describe the image in detail.",
@@ -315,6 +322,7 @@ def test_chat_piped_two_turns_and_image_change(hf_dir):
     assert len(two_turns) > len(request(m, [("next", "")], chat.images).ids)
 
 
+@pytest.mark.e2e
 def test_predict_resumes_after_kill_answering_each_question_once(hf_dir, tmp_path):
     root, _, _, photos = hf_dir
     questions = tmp_path / "q.jsonl"
@@ -362,7 +370,8 @@ def test_unstacked_scanned_parameters_run_unscanned():
     scanned = Llava(cfg, scanned_rt)
     s = cfg.vision.image_size
     ids = jnp.arange(3, 30, dtype=jnp.int32)[None]
-    params = nn.unbox(scanned.init(jax.random.key(0), ids, jnp.zeros((1, 1, s, s, 3))))["params"]
+    params = nn.unbox(init(scanned, jax.random.key(0), ids, jnp.zeros((1, 1, s, s, 3))))["params"]
     plain = Llava(cfg, dataclasses.replace(scanned_rt, scan_layers=False))
-    np.testing.assert_allclose(plain.apply({"params": unstack_layers(params)}, ids).logits,
-                               scanned.apply({"params": params}, ids).logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(forward(plain, {"params": unstack_layers(params)}, ids).logits,
+                               forward(scanned, {"params": params}, ids).logits, atol=1e-5,
+                               rtol=1e-5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from jitted import forward
 
 from hf_fixtures import (
     llava_config,
@@ -44,7 +45,7 @@ def test_llm_parity_with_padding(family, tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(seg),
                     position_ids=torch.tensor(pos)).logits.numpy()
-    ours = imported.model.apply({"params": imported.params}, jnp.asarray(ids), jnp.asarray(pos),
+    ours = forward(imported.model, {"params": imported.params}, jnp.asarray(ids), jnp.asarray(pos),
                                 jnp.asarray(seg)).logits
     assert ours.shape == ref.shape
     assert rel_err(ours, ref, seg.astype(bool)) < TOL
@@ -70,7 +71,7 @@ def test_vision_tower_parity_all_layers(family, tmp_path):
     with torch.no_grad():
         ref = model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
                     output_hidden_states=True)
-    hidden, normed = imported.model.apply({"params": imported.params}, jnp.asarray(pixels),
+    hidden, normed = forward(imported.model, {"params": imported.params}, jnp.asarray(pixels),
                                           post_norm=True)
     assert len(hidden) == len(ref.hidden_states) == cfg.num_layers + 1
     for ours, theirs in zip(hidden, ref.hidden_states):
@@ -98,7 +99,7 @@ def test_dual_encoder_checkpoint_imports_vision_side(family, tmp_path):
     with torch.no_grad():
         ref = model.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
                                  output_hidden_states=True).hidden_states
-    ours = imported.model.apply({"params": imported.params}, jnp.asarray(pixels))
+    ours = forward(imported.model, {"params": imported.params}, jnp.asarray(pixels))
     assert rel_err(ours[-2], ref[-2].numpy()) < TOL
 
 
@@ -138,7 +139,7 @@ def test_llava_parity(towers, layout, tmp_path):
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(seg),
                     position_ids=torch.tensor(pos),
                     pixel_values=torch.tensor(flat).permute(0, 3, 1, 2)).logits.numpy()
-    ours = imported.model.apply({"params": imported.params}, jnp.asarray(ids),
+    ours = forward(imported.model, {"params": imported.params}, jnp.asarray(ids),
                                 jnp.asarray(slots), jnp.asarray(pos), jnp.asarray(seg)).logits
     assert rel_err(ours, ref, seg.astype(bool)) < TOL
 
@@ -154,8 +155,8 @@ def test_llava_scanned_import_matches_unscanned(tmp_path):
                        cfg.vision.image_std)
     ids, slots, seg, _ = _llava_batch(cfg, images)
     args = (jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(_positions(ids)), jnp.asarray(seg))
-    a = plain.model.apply({"params": plain.params}, *args).logits
-    b = scanned.model.apply({"params": scanned.params}, *args).logits
+    a = forward(plain.model, {"params": plain.params}, *args).logits
+    b = forward(scanned.model, {"params": scanned.params}, *args).logits
     assert rel_err(b, a, seg.astype(bool)) < TOL
 
 
@@ -163,9 +164,9 @@ def test_llava_hidden_states_returned(tmp_path):
     model = make_model(tf.LlavaForConditionalGeneration, llava_config())
     imported = load(save(model, tmp_path))
     ids = np.zeros((1, 8), np.int32)
-    out = imported.model.apply({"params": imported.params}, jnp.asarray(ids))
+    out = forward(imported.model, {"params": imported.params}, jnp.asarray(ids))
     assert out.logits.shape == (1, 8, 128) and out.hidden.shape == (1, 8, 64)
     assert out.cache is None
-    no_head = imported.model.apply({"params": imported.params}, jnp.asarray(ids), head=False)
+    no_head = forward(imported.model, {"params": imported.params}, jnp.asarray(ids), head=False)
     assert no_head.logits is None
     np.testing.assert_array_equal(no_head.hidden, out.hidden)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from jitted import forward, init
 
 import hf_fixtures as hf
 from mmjax import batch as batch_format
@@ -35,7 +36,7 @@ def _batch(b=4, t=40, seed=0):
 
 
 def _params(rt, seed=0):
-    return nn.unbox(Llava(CFG, rt).init(jax.random.key(seed), *ARGS))["params"]
+    return nn.unbox(init(Llava(CFG, rt), jax.random.key(seed), *ARGS))["params"]
 
 
 def _lora_paths(params):
@@ -53,9 +54,9 @@ def test_adapters_start_at_zero_and_merge_exactly(scan):
     assert len(paths) == 14 * layers and all(p.startswith("language_model/") for p in paths)
     b = _batch()
     no_lora = dataclasses.replace(rt, lora_rank=0)
-    base = Llava(CFG, no_lora).apply({"params": lora.strip(params)}, b["input_ids"],
+    base = forward(Llava(CFG, no_lora), {"params": lora.strip(params)}, b["input_ids"],
                                      b["pixel_values"] / 255.0).logits
-    with_lora = Llava(CFG, rt).apply({"params": params}, b["input_ids"],
+    with_lora = forward(Llava(CFG, rt), {"params": params}, b["input_ids"],
                                      b["pixel_values"] / 255.0).logits
     np.testing.assert_array_equal(base, with_lora)  # B = 0: the adapters change nothing yet
     # give B values, then merging W + alpha/r A B must give the adapted model's outputs
@@ -63,18 +64,18 @@ def test_adapters_start_at_zero_and_merge_exactly(scan):
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
         if path_str(p).endswith("lora_b") else x, params)
-    adapted = Llava(CFG, rt).apply({"params": params}, b["input_ids"],
+    adapted = forward(Llava(CFG, rt), {"params": params}, b["input_ids"],
                                    b["pixel_values"] / 255.0).logits
     merged = lora.merge(params, rt)
     assert not _lora_paths(merged)
-    out = Llava(CFG, dataclasses.replace(rt, lora_rank=0)).apply({"params": merged}, b["input_ids"],
-                                                   b["pixel_values"] / 255.0).logits
+    out = forward(Llava(CFG, no_lora), {"params": merged}, b["input_ids"],
+                  b["pixel_values"] / 255.0).logits
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3  # the adapters do something
     np.testing.assert_allclose(out, adapted, atol=2e-5, rtol=2e-5)
     # dropout only with a 'dropout' rng: two keys give two results
-    k1 = Llava(CFG, rt).apply({"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
+    k1 = forward(Llava(CFG, rt), {"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
                               rngs={"dropout": jax.random.key(1)}).logits
-    k2 = Llava(CFG, rt).apply({"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
+    k2 = forward(Llava(CFG, rt), {"params": params}, b["input_ids"], b["pixel_values"] / 255.0,
                               rngs={"dropout": jax.random.key(2)}).logits
     assert float(jnp.max(jnp.abs(k1 - k2))) > 0
 

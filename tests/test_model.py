@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jitted import forward, init
 
 from mmjax.models import LLM, Llava, RuntimeConfig, merge_embeddings, presets
 
@@ -24,7 +25,7 @@ def _llm_inputs(t=128):
 def tiny_llm():
     cfg = presets.get("tiny_llm")
     ids, pos, seg = _llm_inputs()
-    params = nn.unbox(LLM(cfg).init(jax.random.key(0), ids, pos, seg))
+    params = nn.unbox(init(LLM(cfg), jax.random.key(0), ids, pos, seg))
     return cfg, params
 
 
@@ -32,8 +33,8 @@ def tiny_llm():
 def test_llm_with_each_cpu_kernel_matches_reference(tiny_llm, impl):
     cfg, params = tiny_llm
     ids, pos, seg = _llm_inputs()
-    ref = LLM(cfg).apply(params, ids, pos, seg).logits
-    out = LLM(cfg, RuntimeConfig(attention_impl=impl)).apply(params, ids, pos, seg).logits
+    ref = forward(LLM(cfg), params, ids, pos, seg).logits
+    out = forward(LLM(cfg, RuntimeConfig(attention_impl=impl)), params, ids, pos, seg).logits
     m = np.asarray(seg != 0)
     np.testing.assert_allclose(np.asarray(out)[m], np.asarray(ref)[m], atol=2e-5)
 
@@ -41,9 +42,9 @@ def test_llm_with_each_cpu_kernel_matches_reference(tiny_llm, impl):
 def test_packed_row_equals_samples_alone(tiny_llm):
     cfg, params = tiny_llm
     ids, pos, seg = _llm_inputs()
-    packed = LLM(cfg).apply(params, ids, pos, seg).logits
-    first = LLM(cfg).apply(params, ids[:1, :60]).logits
-    second = LLM(cfg).apply(params, ids[:1, 60:100]).logits
+    packed = forward(LLM(cfg), params, ids, pos, seg).logits
+    first = forward(LLM(cfg), params, ids[:1, :60]).logits
+    second = forward(LLM(cfg), params, ids[:1, 60:100]).logits
     np.testing.assert_allclose(packed[0, :60], first[0], atol=1e-5)
     np.testing.assert_allclose(packed[0, 60:100], second[0], atol=1e-5)
 
@@ -86,9 +87,9 @@ def test_llava_without_images_is_the_llm():
     cfg = presets.get("tiny")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 10)))
     llava = Llava(cfg)
-    params = llava.init(jax.random.key(1), ids, jnp.zeros((2, 1, 56, 56, 3)))["params"]
-    a = llava.apply({"params": params}, ids).logits
-    b = LLM(cfg.llm).apply({"params": params["language_model"]}, ids).logits
+    params = init(llava, jax.random.key(1), ids, jnp.zeros((2, 1, 56, 56, 3)))["params"]
+    a = forward(llava, {"params": params}, ids).logits
+    b = forward(LLM(cfg.llm), {"params": params["language_model"]}, ids).logits
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -97,9 +98,9 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     rt = RuntimeConfig(dtype="bfloat16")
     ids = jnp.zeros((1, 20), int).at[0, 1:17].set(cfg.image_token_id)
     llava = Llava(cfg, rt)
-    variables = llava.init(jax.random.key(0), ids, jnp.zeros((1, 1, 56, 56, 3)))
+    variables = init(llava, jax.random.key(0), ids, jnp.zeros((1, 1, 56, 56, 3)))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(variables)))
-    logits = llava.apply(nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3))).logits
+    logits = forward(llava, nn.unbox(variables), ids, jnp.zeros((1, 1, 56, 56, 3))).logits
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert dataclasses.asdict(rt)["dtype"] == "bfloat16"
 
@@ -113,11 +114,11 @@ def test_vision_tower_keeps_only_the_layers_asked_for(scan):
     cfg = presets.get("tiny_clip")
     rt = RuntimeConfig(scan_layers=scan)
     pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 56, 56, 3)), jnp.float32)
-    params = nn.unbox(VisionTower(cfg, rt).init(jax.random.key(0), pixels))
-    full = VisionTower(cfg, rt).apply(params, pixels)  # [depth+1, B, L, D]
+    params = nn.unbox(init(VisionTower(cfg, rt), jax.random.key(0), pixels))
+    full = forward(VisionTower(cfg, rt), params, pixels)  # [depth+1, B, L, D]
     n = cfg.num_layers
     for keep in [(n,), (1, n), (0, 2), (n, 1)]:
-        out = VisionTower(cfg, rt, keep=keep).apply(params, pixels)
+        out = forward(VisionTower(cfg, rt, keep=keep), params, pixels)
         np.testing.assert_allclose(out, full[np.array(keep)], atol=1e-6)
     jaxpr = str(jax.make_jaxpr(lambda p: VisionTower(cfg, rt, keep=(n,)).apply(p, pixels))(
         params))

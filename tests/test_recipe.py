@@ -1,10 +1,11 @@
 """LLaVA's recipe from separate Hugging Face towers (tiny random ones, made with transformers):
 stage 1 with model='auto' adds <image> (and pad) to a plain LLM tokenizer, grows the
-vocabulary, trains the projector only (both towers bitwise the HF weights), saves the model
-and tokenizer in its work dir; stage 2 reads them back from there with no model, tokenizer
-or weight flags, in the LLM family's template; each resumes. A preset that differs from the
+vocabulary, starts from the towers bitwise, saves the model and tokenizer in its work dir;
+stage 2 reads them back from there with no model, tokenizer or weight flags, in the LLM
+family's template; runs load for generation and export to transformers at parity (four
+tower pairs, from work dirs built without training); one pair trains end to end (the
+projector only in stage 1, the LLM in stage 2, a resume). A preset that differs from the
 towers fails at start naming the fields."""
-# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -16,18 +17,22 @@ import jax
 import numpy as np
 import pytest
 import transformers as tf
+from jitted import forward
+from runs import env as _env
 from runs import train as run_train
-from test_reliability import _env
+from tiny_runs import make_run
 
 from data_fixtures import CHAT_SPECIALS, conv, llama_sp_tokenizer, write_photos
 from hf_fixtures import llm_config, make_model, save, vision_config
 from mmjax import configlib
 from mmjax.errors import ConfigError
+from mmjax.export import export
 from mmjax.hf import load as hf_load
+from mmjax.inference.load import from_checkpoint
 from mmjax.models.llm import unstack_layers
 from mmjax.training import model_spec
 from mmjax.training.checkpoint import restore_subtree
-from mmjax.training.config import from_config
+from mmjax.training.config import TrainConfig, from_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ["A photo of an astronaut in a white suit.", "A brown cat lies on a blanket.",
@@ -105,43 +110,40 @@ def _params(workdir, part, cfg_tree, step=None):
     return restore_subtree(workdir / "checkpoints", ("params", part), abstract, step)
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path, capsys):
-    out, data = towers
-    vision_dir, llm_dir, base_vocab = out[name]
-    vision, family, _, template = PAIRS[name]
-    w1, w2 = tmp_path / "w1", tmp_path / "w2"
-    hf = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
-    if vision == "siglip":  # SigLIP has no CLS: LLaVA-style 'full' from the last layer
-        hf += ["--config.llava.vision_feature_layer=-1",
-               "--config.llava.vision_feature_select=full"]
+def _hf_flags(out, name):
+    vision_dir, llm_dir, _ = out[name]
+    flags = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
+    if PAIRS[name][0] == "siglip":  # SigLIP has no CLS: LLaVA-style 'full' from the last layer
+        flags += ["--config.llava.vision_feature_layer=-1",
+                  "--config.llava.vision_feature_select=full"]
+    return flags
 
-    # stage 1: the LLaVA-1.5 recipe (projector only) on the towers as they are
-    h1 = run_train(configlib.load(f"{ROOT}/configs/stage1.py",
-                                        _overrides(data, "captions", 2, hf)), w1)
-    assert "model " in capsys.readouterr().out
-    r1 = model_spec.read(w1)
-    tok = r1.tokenizer
+
+def _stage_config(data, stage: int, steps: int, extra) -> TrainConfig:
+    split = "captions" if stage == 1 else "chats"
+    return from_config(configlib.load(f"{ROOT}/configs/stage{stage}.py",
+                                      _overrides(data, split, steps, extra)))
+
+
+def _check_stage1_model(spec, family, base_vocab):
+    """What stage 1 resolves from two towers: <image> (and pad) added after the vocabulary,
+    which grows to a multiple of 64; the `plain` template; the family and its tying."""
+    tok = spec.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
-    assert r1.cfg.image_token_id == image_id >= base_vocab  # added after the vocabulary
-    assert r1.cfg.llm.vocab_size % 64 == 0 and r1.cfg.llm.vocab_size >= len(tok) > base_vocab
-    assert "<image>" in r1.added_tokens and tok.pad_token is not None
-    assert r1.template == "plain" and r1.base_vocab == base_vocab
-    assert r1.cfg.llm.family == ("llama" if family == "llama3" else family)
-    assert r1.cfg.llm.tie_word_embeddings == (family == "qwen2")
-    # the model and tokenizer read back equal those resolved from the towers
-    tc1 = from_config(configlib.load(f"{ROOT}/configs/stage1.py",
-                                                _overrides(data, "captions", 2, hf)))
-    fresh = model_spec.resolve(tc1)
-    assert fresh.cfg == r1.cfg and fresh.tokenizer.get_vocab() == tok.get_vocab()
+    assert spec.cfg.image_token_id == image_id >= base_vocab  # added after the vocabulary
+    assert spec.cfg.llm.vocab_size % 64 == 0 and spec.cfg.llm.vocab_size >= len(tok) > base_vocab
+    assert "<image>" in spec.added_tokens and tok.pad_token is not None
+    assert spec.template == "plain" and spec.base_vocab == base_vocab
+    assert spec.cfg.llm.family == ("llama" if family == "llama3" else family)
+    assert spec.cfg.llm.tie_word_embeddings == (family == "qwen2")
 
-    state = h1["state"].params
-    # the recipe scans its layers (stacked 'layer/...'); per layer they are the HF weights
-    flat_state = unstack_layers(state)
-    # towers bitwise the HF weights (the LLM's first base_vocab rows; the new rows are drawn)
-    hf_llm = hf_load(llm_dir).params
+
+def _check_towers_are_the_hf_weights(params, vision_dir, llm_dir, base_vocab, family):
+    """The recipe scans its layers (stacked 'layer/...'); per layer they are the HF weights,
+    bitwise (the LLM's first base_vocab rows; the new rows are drawn near their mean)."""
+    flat_state = unstack_layers(params)
     lm = _flat(flat_state["language_model"])
-    for k, v in _flat(hf_llm).items():
+    for k, v in _flat(hf_load(llm_dir).params).items():
         if "embed_tokens" in k or "lm_head" in k:
             axis = 0 if "embed_tokens" in k else 1
             np.testing.assert_array_equal(np.take(lm[k], range(base_vocab), axis), v, k)
@@ -156,20 +158,78 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     assert len(mine) < len(hf_vision)  # built up to the layer LLaVA reads
     for k, v in mine.items():
         np.testing.assert_array_equal(v, hf_vision[k], k)
+    return flat_state
+
+
+# the fast tier composes LLaVA-1.5's pair; the other families run with the end-to-end tests
+@pytest.mark.parametrize("name", [n if n == "clip-llama" else pytest.param(
+    n, marks=pytest.mark.e2e) for n in PAIRS])
+def test_towers_compose_save_load_and_export_per_family(towers, name, tmp_path):
+    """Per tower pair, without training (the step is the same for every family: the
+    end-to-end test below trains one pair): stage 1 resolves the model from the towers and
+    initialises from their weights bitwise; stage 2 resolves it back from the stage-1 work
+    dir alone in the family's template; the run loads for generation and exports to a
+    transformers LLaVA that gives its logits, greedy tokens and prompt."""
+    out, data = towers
+    vision_dir, llm_dir, base_vocab = out[name]
+    vision, family, _, template = PAIRS[name]
+    hf = _hf_flags(out, name)
+    tc1 = _stage_config(data, 1, 1, hf)
+    w1 = make_run(tmp_path / "w1", tc1)
+    r1 = model_spec.read(w1)
+    _check_stage1_model(r1, family, base_vocab)
+    fresh = model_spec.resolve(tc1)  # the model and tokenizer read back equal those resolved
+    assert fresh.cfg == r1.cfg and fresh.tokenizer.get_vocab() == r1.tokenizer.get_vocab()
+    params = from_checkpoint(str(w1), dtype="float32").params
+    flat_state = _check_towers_are_the_hf_weights(params, vision_dir, llm_dir, base_vocab,
+                                                  family)
+    if not r1.cfg.llm.tie_word_embeddings:
+        _image_row_is_never_read(r1.cfg, flat_state)
+    hf1 = export(str(w1), tmp_path / "hf1", dtype="float32", say=lambda _: None)
+    _towers_round_trip(hf1, vision_dir, llm_dir, base_vocab)
+
+    tc2 = _stage_config(data, 2, 1, [f"--config.init.stage1_checkpoint={w1}"])
+    w2 = make_run(tmp_path / "w2", tc2, perturb=0.0)
+    r2 = model_spec.read(w2)
+    assert r2.cfg == r1.cfg and r2.tokenizer.get_vocab() == r1.tokenizer.get_vocab()
+    assert r2.template == template
+    m = from_checkpoint(str(w2), dtype="float32")
+    assert m.cfg == r1.cfg and m.template == template
+    _assert_equal(m.params["vision_tower"], params["vision_tower"])
+    _assert_equal(m.params["projector"], params["projector"])
+    hf2 = export(str(w2), tmp_path / "hf2", dtype="float32", say=lambda _: None)
+    _same_in_transformers(hf2, m)
+
+
+@pytest.mark.e2e
+def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, tmp_path, capsys):
+    """The recipe trained for real on one pair (CLIP + Llama, sentencepiece): stage 1 trains
+    the projector only (both towers stay the HF weights), stage 2 from the work dir alone
+    trains the LLM, a resume runs the third step only, and the run generates and exports."""
+    name = "clip-llama"
+    out, data = towers
+    vision_dir, llm_dir, base_vocab = out[name]
+    vision, family, _, template = PAIRS[name]
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    hf = _hf_flags(out, name)
+    h1 = run_train(configlib.load(f"{ROOT}/configs/stage1.py",
+                                  _overrides(data, "captions", 2, hf)), w1)
+    assert "model " in capsys.readouterr().out
+    r1 = model_spec.read(w1)
+    _check_stage1_model(r1, family, base_vocab)
+    state = h1["state"].params
+    _check_towers_are_the_hf_weights(state, vision_dir, llm_dir, base_vocab, family)
     projector_1 = _params(w1, "projector", state["projector"], step=1)
     assert any(np.any(a != b) for a, b in zip(
         jax.tree.leaves(jax.device_get(projector_1)),
         jax.tree.leaves(jax.device_get(state["projector"]))))  # the projector trains
     assert all(np.isfinite(loss) for _, loss in h1["loss"])
-    if not r1.cfg.llm.tie_word_embeddings:
-        _image_row_is_never_read(r1.cfg, flat_state)
 
     # stage 2 from the work dir alone: model, tokenizer, towers and projector from stage 1
     s2 = _overrides(data, "chats", 2, [f"--config.init.stage1_checkpoint={w1}"])
     h2 = run_train(configlib.load(f"{ROOT}/configs/stage2.py", s2), w2)
     r2 = model_spec.read(w2)
-    assert r2.cfg == r1.cfg and r2.tokenizer.get_vocab() == tok.get_vocab()
-    assert r2.template == template
+    assert r2.cfg == r1.cfg and r2.template == template
     _assert_equal(h2["state"].params["vision_tower"], state["vision_tower"])
     # the LLM starts from stage 1's (step 1 runs at warm-up lr 0) and then trains
     _assert_equal(_params(w2, "language_model", state["language_model"], step=1),
@@ -177,29 +237,16 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, name, tmp_path
     assert any(np.any(a != b) for a, b in zip(
         jax.tree.leaves(jax.device_get(h2["state"].params["language_model"])),
         jax.tree.leaves(jax.device_get(state["language_model"]))))
-    last = 2
-    if name in ("clip-llama", "siglip-qwen2"):  # resume is the same for every family
-        # resume: the third step only
-        capsys.readouterr()
-        h2 = run_train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
-            data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
-        assert "resumed from" in capsys.readouterr().out and [s for s, _ in h2["loss"]] == [3]
-        last = 3
+    # resume: the third step only
+    capsys.readouterr()
+    h2 = run_train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
+        data, "chats", 3, [f"--config.init.stage1_checkpoint={w1}"])), w2)
+    assert "resumed from" in capsys.readouterr().out and [s for s, _ in h2["loss"]] == [3]
     # loaded for use (generate / predict / evaluate --checkpoint): params only, same model
-    from mmjax.inference.load import from_checkpoint
-
-    m = from_checkpoint(f"{w2}:{last}", dtype="float32")
+    m = from_checkpoint(f"{w2}:3", dtype="float32")
     assert m.cfg == r1.cfg and m.template == template
-    assert m.tokenizer.get_vocab() == tok.get_vocab()
     _assert_equal(m.params["projector"], h2["state"].params["projector"])
-
-    # Hugging Face export: stage 1's towers come back bitwise; stage 2 runs the same in
-    # transformers (logits, greedy tokens), its processor and chat template load and agree
-    from mmjax.export import export
-
-    hf1 = export(str(w1), tmp_path / "hf1", dtype="float32", say=lambda _: None)
-    _towers_round_trip(hf1, vision_dir, llm_dir, base_vocab)
-    hf2 = export(f"{w2}:{last}", tmp_path / "hf2", dtype="float32", say=lambda _: None)
+    hf2 = export(f"{w2}:3", tmp_path / "hf2", dtype="float32", say=lambda _: None)
     _same_in_transformers(hf2, m)
 
 
@@ -236,7 +283,7 @@ def _same_in_transformers(exported, m):
     image = normalize(real_images(cfg.vision.image_size, 1), cfg.vision.image_mean,
                       cfg.vision.image_std)
     ids = np.asarray([1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7, 8], np.int32)
-    ours = m.model.apply({"params": m.params}, ids[None], image[None]).logits
+    ours = forward(m.model, {"params": m.params}, ids[None], image[None]).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids[None], dtype=torch.long),
                  pixel_values=torch.tensor(image).permute(0, 3, 1, 2)).logits.numpy()
@@ -278,10 +325,10 @@ def _image_row_is_never_read(cfg, params):
     ids = jnp.asarray([[1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7]])
     images = jax.random.normal(jax.random.key(1), (1, 1, cfg.vision.image_size,
                                                     cfg.vision.image_size, 3))
-    ref = model.apply({"params": params}, ids, images).logits
+    ref = forward(model, {"params": params}, ids, images).logits
     lm = dict(params["language_model"])
     lm["embed_tokens"] = lm["embed_tokens"].at[cfg.image_token_id].set(jnp.nan)
-    out = model.apply({"params": {**params, "language_model": lm}}, ids, images).logits
+    out = forward(model, {"params": {**params, "language_model": lm}}, ids, images).logits
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
@@ -297,6 +344,7 @@ def test_a_preset_that_differs_from_the_towers_fails_at_start(towers, tmp_path):
     assert not (tmp_path / "preset" / "model.json").exists()  # nothing resolved or saved
 
 
+@pytest.mark.e2e
 def test_readme_commands_through_the_cli(towers, tmp_path):
     """The README's two commands (stage 1 from two towers, stage 2 from its work dir)."""
     out, data = towers
@@ -318,13 +366,12 @@ def test_readme_commands_through_the_cli(towers, tmp_path):
 
 
 def test_a_hf_llava_round_trips_bitwise(towers, tmp_path):
-    """A whole LlavaForConditionalGeneration directory: imported by a stage-2 run (one step,
-    at warm-up lr 0, so nothing moves), exported: every tensor bitwise the original's, and
-    transformers gives the original's logits."""
+    """A whole LlavaForConditionalGeneration directory: imported by a stage-2 run (its
+    initial state, as the first step at warm-up lr 0 leaves it), exported: every tensor
+    bitwise the original's, and transformers gives the original's logits."""
     import torch
 
     from hf_fixtures import llava_config, normalize, real_images, rel_err
-    from mmjax.export import export
 
     _, data = towers
     src = tmp_path / "llava"
@@ -336,9 +383,7 @@ def test_a_hf_llava_round_trips_bitwise(towers, tmp_path):
     hf_cfg.text_config.vocab_size = 320
     original = make_model(tf.LlavaForConditionalGeneration, hf_cfg)
     save(original, src)
-    h = run_train(configlib.load(f"{ROOT}/configs/stage2.py", _overrides(
-        data, "chats", 1, [f"--config.init.hf_llava={src}"])), tmp_path / "run")
-    assert h["loss"][0][0] == 1
+    make_run(tmp_path / "run", _stage_config(data, 2, 1, [f"--config.init.hf_llava={src}"]))
     out = export(str(tmp_path / "run"), tmp_path / "hf", dtype="float32", say=lambda _: None)
     mine, theirs = _tensors(out), _tensors(src)
     assert set(theirs) <= set(mine)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runs import ROOT
+from runs import cmd as _cmd
+from runs import env as _env
 from runs import overrides as _overrides
 from runs import train as run_train
 from test_train_ops import _tensorboard_scalars
@@ -20,15 +22,6 @@ from test_train_ops import _tensorboard_scalars
 from mmjax import configlib
 from mmjax.errors import ConfigError
 from mmjax.training.config import check_batch_fits_mesh, from_config
-
-
-def _cmd(workdir, data, steps, extra=()):
-    return [sys.executable, "-m", "mmjax.train", "--config", f"{ROOT}/configs/stage1.py:demo",
-            "--workdir", str(workdir), *_overrides(data, 1, steps, list(extra))]
-
-
-def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
 
 
 def _cli(workdir, data, steps, extra=(), timeout=600):
@@ -49,6 +42,7 @@ def _data_files(step_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: -p.stat().st_size)
 
 
+@pytest.mark.e2e
 def test_corrupted_newest_checkpoint_falls_back_and_losses_continue(demo_data, tmp_path,
                                                                     capsys):
     run = lambda d: run_train(  # noqa: E731
@@ -112,6 +106,7 @@ def test_checksums_catch_a_changed_value_and_refuse_non_finite_state():
     assert not bool(checksums(nan)[1])
 
 
+@pytest.mark.e2e
 def test_all_bad_data_stops_in_bounded_time_and_sigterm_ends_a_wait(demo_data, tmp_path):
     nowhere = tmp_path / "no_images"
     nowhere.mkdir()
@@ -192,6 +187,7 @@ def _per_step(workdir):
         json.loads, (workdir / "samples.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
 def test_kills_with_workers_lock_config_and_logs(demo_data, tmp_path):
     """Two SIGKILLs of a run with Grain workers, then a resume: the same losses and samples
@@ -268,6 +264,7 @@ def _records(path):
         i += 12 + n + 4
 
 
+@pytest.mark.e2e
 def test_user_mistakes_are_one_line(demo_data, tmp_path):
     cases = {
         "batch": (["--config.batch_size=15", "--config.grad_accum=1"],
@@ -304,6 +301,7 @@ def test_checked_at_start_without_compiling(demo_data):
     check_batch_fits_mesh(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
 def test_failed_save_stops_the_run_in_one_line(demo_data, tmp_path):
     import resource

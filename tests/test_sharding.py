@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
+from jitted import forward
 
 from hf_fixtures import llava_config, make_model, normalize, real_images, rel_err, save
 from mmjax.hf import load
@@ -55,7 +56,7 @@ def test_sharded_forward_equals_unsharded(llava_dir, scan):
     assert q.addressable_shards[0].data.size == q.size // 4
 
     ids, slots, pos, seg = _batch(sharded.config)
-    ref = single.model.apply({"params": single.params},
+    ref = forward(single.model, {"params": single.params},
                              *map(jnp.asarray, (ids, slots, pos, seg))).logits
 
     with mesh_rules(mesh, RULES):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from jitted import forward
 from runs import overrides as _overrides
 from runs import train as run_train
 
@@ -14,6 +15,7 @@ from mmjax.training.config import from_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.e2e
 def test_evaluation_during_training(demo_data, tmp_path):
     """eval.every_steps: validation loss on held-out records that never train (the same
     batches each time, equal to the loss computed here from the final parameters) and a
@@ -78,7 +80,7 @@ def test_evaluation_during_training(demo_data, tmp_path):
     for _ in range(2):
         b = next(data)
         pixels = batch_format.device_pixels(b["pixel_values"], recipe.cfg.vision)
-        logits = model.apply({"params": params}, b["input_ids"], pixels, b["positions"],
+        logits = forward(model, {"params": params}, b["input_ids"], pixels, b["positions"],
                              b["segment_ids"]).logits
         t, k = token_loss(logits, b["targets"])
         total, count = total + float(t), count + int(k)

@@ -2,33 +2,24 @@
 devices; SIGTERM saves a checkpoint and exits 75, and a rerun resumes from it; metrics
 (TensorBoard events, MFU, learning rates, data wait), a profiler window; MFU formula."""
 import json
-import os
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 
 import numpy as np
-from runs import ROOT
-from runs import overrides as _overrides
+import pytest
+from runs import cmd
+from runs import env as _env
 
 from mmjax.models import RuntimeConfig, presets
 from mmjax.training import flops
 
 
 def _cmd(workdir, data, steps, extra=()):
-    return [sys.executable, "-m", "mmjax.train", "--config", f"{ROOT}/configs/stage1.py:demo",
-            "--workdir", str(workdir), *_overrides(data, 1, steps, ["--config.data.packing=pad",
-                                                                   "--config.data.max_length=96",
-                                                                   *extra])]
-
-
-def _env(devices, **extra):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return cmd(workdir, data, steps, ["--config.data.packing=pad",
+                                      "--config.data.max_length=96", *extra])
 
 
 def _losses(workdir):
@@ -41,6 +32,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_of_four_devices_match_one_of_eight(demo_data, tmp_path):
     steps = 3
     one = subprocess.run(_cmd(tmp_path / "one", demo_data, steps), env=_env(8),
@@ -96,6 +88,7 @@ def _tensorboard_scalars(directory):
     return tags
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_exits_and_resumes_with_metrics(demo_data, tmp_path):
     """SIGTERM mid-run saves at once and exits 75; the rerun resumes from that step. The same
     run checks the metrics: jsonl, TensorBoard events, MFU (with a given peak), a profile."""

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jitted import init
 
 from mmjax import batch as batch_format
 from mmjax.models import Llava, presets
@@ -40,7 +41,7 @@ def _setup(groups=STAGE2, mesh=None, accum=1, steps=20):
     shardings = trainer.state_shardings(logical_shardings(boxed, mesh, RULES), nn.unbox(boxed))
     with mesh_rules(mesh, RULES):
         state = jax.jit(lambda: trainer.create_state(
-            nn.unbox(MODEL.init(jax.random.key(0), *args))["params"]),
+            nn.unbox(init(MODEL, jax.random.key(0), *args))["params"]),
             out_shardings=shardings)()
     step = trainer.jit_step(shardings, batch_format.shardings(mesh, RULES))
     return trainer, state, step, mesh
@@ -172,3 +173,39 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk):
         np.testing.assert_allclose(val, ref, rtol=1e-6)
         for a, b in zip(g, ref_g):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_tied_embeddings_and_a_siglip_tower_train():
+    """The step on a Qwen2-style LLM (qkv bias, one table for the input embedding and the
+    output projection) under a SigLIP tower (no CLS, 'full' features): the one table gets
+    the gradient of both its uses and the loss falls (the families' recipe tests build their
+    runs without training; test_recipe.py trains LLaVA-1.5's pair end to end)."""
+    import dataclasses
+
+    base = presets.get("tiny_siglip")
+    cfg = dataclasses.replace(base, llm=dataclasses.replace(
+        base.llm, family="qwen2", qkv_bias=True, tie_word_embeddings=True))
+    model = Llava(cfg)
+    trainer = Trainer(model, OptimConfig(groups=STAGE2, total_steps=20, warmup_ratio=0.0))
+    mesh = single_device_mesh()
+    args = (jnp.zeros((1, 20), jnp.int32), jnp.zeros((1, 1, 56, 56, 3)))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+    shardings = trainer.state_shardings(logical_shardings(boxed, mesh, RULES), nn.unbox(boxed))
+    assert "lm_head" not in boxed["language_model"]
+    batch = _batch()
+    batch["input_ids"][:, 1:17] = cfg.image_token_id  # the SigLIP tower's 16 patches
+    with mesh_rules(mesh, RULES):
+        state = jax.jit(lambda: trainer.create_state(
+            nn.unbox(init(model, jax.random.key(0), *args))["params"]),
+            out_shardings=shardings)()
+        before = jax.device_get(state.params["language_model"]["embed_tokens"])
+        step = trainer.jit_step(shardings, batch_format.shardings(mesh, RULES))
+        losses = []
+        for _ in range(4):
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+    after = jax.device_get(state.params["language_model"]["embed_tokens"])
+    assert losses[-1] < losses[0] and np.all(np.isfinite(losses))
+    # rows only the output projection reads (never an input token here) moved too
+    unused = np.setdiff1d(np.arange(cfg.llm.vocab_size), batch["input_ids"])
+    assert np.any(after[unused] != before[unused])

@@ -9,7 +9,11 @@ process samples -> drop bad ones -> pad or pack into batches] -> add up skip cou
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
+import signal
+import sys
 from typing import Literal, Sequence
 
 import grain
@@ -189,11 +193,6 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
 def die_with_parent(*_) -> None:
     """In a worker process: the kernel kills it when the process that started it dies, even
     by SIGKILL (Linux `PR_SET_PDEATHSIG`), so no worker outlives a killed run."""
-    import ctypes
-    import os
-    import signal
-    import sys
-
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()

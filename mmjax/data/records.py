@@ -48,7 +48,7 @@ def decode(record: bytes) -> dict:
 
 def write_shard(path, encoded_records) -> int:
     """Writes encoded records to one ArrayRecord file; returns how many."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+    from array_record.python.array_record_module import ArrayRecordWriter  # writers only
 
     writer = ArrayRecordWriter(str(path), "group_size:1")
     n = 0

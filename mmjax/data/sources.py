@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import grain
 import numpy as np
 
 from mmjax.data import records
@@ -162,8 +163,6 @@ class ArrayRecordSource:
     """ArrayRecord shards of `mmjax.data.records` samples (image bytes embedded)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike] | str, name: str = "arrayrecord"):
-        import grain
-
         if isinstance(paths, (str, os.PathLike)):
             paths = sorted(str(p) for p in Path(paths).parent.glob(Path(paths).name)) or [paths]
         missing = [p for p in paths if not Path(p).is_file()]
@@ -198,7 +197,7 @@ class TfdsCaptionSource:
     @classmethod
     def from_tfds(cls, dataset: str = "coco_captions", split: str = "train",
                   data_dir: str | None = None):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # start-up cost (TFDS sources only)
 
         return cls(tfds.data_source(dataset, split=split, data_dir=data_dir, download=False),
                    name=dataset)

@@ -14,6 +14,7 @@ SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
                         extra_special_tokens: tuple[str, ...] = ("<image>",)):
     """Trains byte-level BPE on `texts`, saves it to `out_dir`, returns the HF tokenizer."""
+    # start-up cost (transformers): tests and the demo only
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -559,7 +559,7 @@ class MMBench(Benchmark):
         table = [[(pred.get(int(r["index"])) if c == "prediction" else r.get(c)) for c in columns]
                  for r in rows]
         try:
-            import openpyxl
+            import openpyxl  # optional extra (eval)
         except ImportError:
             dst = out / "mmbench_submission.tsv"
             with open(dst, "w", newline="", encoding="utf-8") as f:

@@ -137,7 +137,7 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def manifest():
     """The `lmms_eval.models` entry point: mmjax's model manifest."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # optional extra (lmms)
 
     return ModelManifest(model_id="mmjax", simple_class_path="mmjax.evaluation.lmms_adapter.MMJax")
 

@@ -188,7 +188,7 @@ def llm_to_hf(m: LLMConfig) -> dict[str, Any]:
 
 def hf_config_object(cfg):
     """A transformers config object for an mmjax config."""
-    import transformers as tf
+    import transformers as tf  # start-up cost: only tests and export need the objects
 
     if isinstance(cfg, VisionConfig):
         cls = tf.CLIPVisionConfig if cfg.family == "clip" else tf.SiglipVisionConfig

@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,15 +56,17 @@ def random_inputs(cfg, batch: int, seq: int, seed: int):
 
 
 def ours_forward(imported, ids, pixels, seg):
-    variables = {"params": imported.params}
+    """mmjax's output on the inputs, one jitted forward (eager, every op compiles alone)."""
     cfg, model = imported.config, imported.model
     if isinstance(cfg, VisionConfig):
-        return model.apply(variables, jnp.asarray(pixels))[-1]
+        fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[-1])
+        return fn(imported.params, jnp.asarray(pixels))
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     if isinstance(cfg, LlavaConfig):
-        return model.apply(variables, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(pos),
-                           jnp.asarray(seg)).logits
-    return model.apply(variables, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)).logits
+        fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a).logits)
+        return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg)))
+    fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a).logits)
+    return fn(imported.params, *map(jnp.asarray, (ids, pos, seg)))
 
 
 def reference_forward(directory, arch: str, ids, pixels, seg):

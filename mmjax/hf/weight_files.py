@@ -143,7 +143,7 @@ class Checkpoint:
 
     def _load_pickles(self, files: list[Path]) -> None:
         try:
-            import torch
+            import torch  # optional extra (test): pickle checkpoints only
         except ImportError as e:
             raise CheckpointError("loading pickle checkpoints needs torch installed") from e
         self._pickled = {}

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -105,8 +106,11 @@ def _splash_block(t: int, s: int, preferred: int = 512) -> int:
 
 
 def _splash_kernel(num_heads_per_kv, t, s, causal, sliding_window, interpret, block):
+    # the TPU kernels are imported where they run: an optional part of JAX's experimental
+    # tree, which moves between releases (jax 0.10 here, 0.11 on the GPU image)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
 
     if sliding_window:
         head = sm.LocalMask((t, s), window_size=(sliding_window - 1, 0 if causal else None),
@@ -135,8 +139,6 @@ def _splash_specs(q, k):
     """PartitionSpecs of (q, k/v, segment ids) over the current mesh: rows over the batch
     axes and heads over the head axes of the logical rules, where they divide; None when
     no mesh is set (one device, or the caller's own shard_map)."""
-    from jax.sharding import PartitionSpec as P
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None

@@ -28,6 +28,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mmjax.errors import ConfigError
@@ -283,9 +284,7 @@ class Checkpointer:
                 target = target.with_name(f"{step}-{int(time.time())}")
             shutil.move(str(self.directory / str(step)), str(target))
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"mmjax quarantine {step}")
+                multihost_utils.sync_global_devices(f"mmjax quarantine {step}")
         self.manager.reload()
         return target
 

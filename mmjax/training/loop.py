@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mmjax import batch as batch_format
 from mmjax.data.pipeline import skip_report
@@ -208,8 +209,6 @@ def total_report(data_it) -> SkipReport:
     report = skip_report(data_it)
     if jax.process_count() == 1:
         return report
-    from jax.experimental import multihost_utils
-
     vectors = multihost_utils.process_allgather(np.asarray(report.vector(), np.int64))
     return SkipReport.from_vector(np.sum(vectors, axis=0), report.max_bad_share)
 

@@ -112,4 +112,7 @@ def inference_params_fn(cfg: LlavaConfig, trained: RuntimeConfig, inference: Run
             params = unstack_layers(params)
         return jax.tree.map(lambda a: a.astype(jnp.dtype(inference.param_dtype)), params)
 
+    # donated buffers are reused only where every leaf keeps its place and shape (not when
+    # layers are unstacked or adapters folded away)
+    donate = donate and not trained.scan_layers and not merge
     return jax.jit(convert, out_shardings=target, donate_argnums=(0,) if donate else ())
