@@ -2,6 +2,8 @@
 
     python -m mmjax.evaluate (--hf DIR | --checkpoint WORKDIR[:STEP]) --benchmark NAME
         --data DIR [--split S] [--variant V] [--image-root DIR] [--out DIR] [--limit N]
+    python -m mmjax.evaluate (--hf DIR | --checkpoint WORKDIR) --benchmark all
+        --data playground/data/eval      (every benchmark LLaVA's eval tree holds)
     python -m mmjax.evaluate --compare results_a.json results_b.json
 
 Benchmarks: vqav2, gqa, textvqa, pope, scienceqa, mme, mmbench, chartqa, vizwiz, and
@@ -49,12 +51,17 @@ def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
-    parser.add_argument("--benchmark", required=True, choices=sorted(bench_lib.BENCHMARKS))
+    parser.add_argument("--benchmark", required=True,
+                        choices=sorted(bench_lib.BENCHMARKS) + ["all"],
+                        help="all: every benchmark whose folder LLaVA's playground/data/eval "
+                        "tree (--data) holds")
     parser.add_argument("--data", required=True, type=Path,
-                        help="the benchmark's folder as released (MMBench: the TSV)")
+                        help="the benchmark's folder as released or as LLaVA's eval tree has "
+                        "it, or the tree itself (MMBench: the TSV or its folder)")
     parser.add_argument("--split", default="", help="default: the one LLaVA-1.5 reports")
-    parser.add_argument("--variant", default="", help="textvqa: ocr | plain; scienceqa: "
-                        "img | all; mmbench: circular | single")
+    parser.add_argument("--variant", default="", help="vqav2, vizwiz: official | llava "
+                        "(LLaVA's route: EvalAI's processor first); textvqa: ocr | plain; "
+                        "scienceqa: img | all; mmbench: circular | single")
     parser.add_argument("--image-root", type=Path, default=None,
                         help="where the images are, if not where the release puts them")
     parser.add_argument("--out", type=Path, default=None)
@@ -64,13 +71,26 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--blank-images", action="store_true", help="every image replaced "
                         "by the tower's mean colour: how much of the score needs the image")
     args = parser.parse_args(argv)
+    if args.benchmark == "all":
+        names = bench_lib.in_tree(args.data)
+        if not names:
+            raise UsageError(f"{args.data} holds none of LLaVA's evaluation folders (vqav2, gqa, "
+                             "vizwiz, scienceqa, textvqa, pope, MME, mmbench)")
+        m = cli.load_model(args)
+        return {name: _one(args, name, m) for name in names}
+    return _one(args, args.benchmark)
+
+
+def _one(args, name: str, m=None) -> dict:
+    """One benchmark: answers, scores, reports; printed as a table."""
     try:
-        bench = bench_lib.get(args.benchmark, args.data, args.image_root, args.split,
-                              args.variant)
+        bench = bench_lib.get(name, args.data, args.image_root, args.split, args.variant)
     except bench_lib.BenchmarkError as e:
         raise UsageError(str(e)) from None
-    out = args.out or Path("eval") / (bench.name + (f"-{bench.split}" if bench.split else ""))
-    m = cli.load_model(args)
+    default = Path("eval") / (bench.name + (f"-{bench.split}" if bench.split else ""))
+    out = (args.out / default.name if args.benchmark == "all" else args.out) if args.out \
+        else default
+    m = m or cli.load_model(args)
     try:
         report = run(m, bench, out, batch_size=args.batch_size, limit=args.limit,
                      max_new_tokens=args.max_new_tokens,

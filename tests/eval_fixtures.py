@@ -254,3 +254,42 @@ def vizwiz(root: Path, broken: bool = False) -> Path:
 WRITERS = {"vqav2": vqav2, "gqa": gqa, "textvqa": textvqa, "pope": pope,
            "scienceqa": scienceqa, "mme": mme, "mmbench": mmbench, "chartqa": chartqa,
            "vizwiz": vizwiz}
+
+
+def llava_tree(root: Path) -> Path:
+    """LLaVA-1.5's playground/data/eval tree (its docs/Evaluation.md and
+    scripts/v1_5/eval/*.sh): each benchmark's folder as LLaVA's scripts read it, with LLaVA's
+    own question files where it ships them (VQAv2 test-dev, TextVQA's OCR prompts)."""
+    import shutil
+
+    v = root / "vqav2"
+    lines = [{"question_id": 70, "image": "COCO_test2015_000000000007.jpg",
+              "text": "What is it?\nAnswer the question using a single word or phrase.",
+              "category": "default"}]
+    v.mkdir(parents=True)
+    (v / "llava_vqav2_mscoco_test-dev2015.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in lines))
+    (v / "llava_vqav2_mscoco_test2015.jsonl").write_text(
+        "".join(json.dumps({**lines[0], "question_id": q}) + "\n" for q in (70, 80, 90)))
+    _img(v / "test2015" / "COCO_test2015_000000000007.jpg", 0)
+    gqa(root / "gqa" / "data")
+    t = textvqa(root / "textvqa")
+    (t / "TextVQA_Rosetta_OCR_v0.2_val.json").unlink()
+    (t / "llava_textvqa_val_v051_ocr.jsonl").write_text("".join(json.dumps(
+        {"question_id": qid, "image": f"{img}.jpg", "text": text}) + "\n" for qid, img, text in (
+        (10, "t1", "what brand is this?\nReference OCR token: SONY, alpha\n"
+                   "Answer the question using a single word or phrase."),
+        (11, "t2", "what number is shown?\nAnswer the question using a single word or "
+                   "phrase."))))
+    p = pope(root / "pope" / "coco")
+    shutil.move(p / "val2014", root / "pope" / "val2014")
+    s = scienceqa(root / "scienceqa")
+    (s / "images").mkdir()
+    shutil.move(s / "test", s / "images" / "test")
+    mme(root / "MME" / "MME_Benchmark_release_version")
+    tsv = mmbench(root / "mmbench")
+    tsv.rename(tsv.with_name("mmbench_dev_20230712.tsv"))
+    w = vizwiz(root / "vizwiz")
+    (w / "val.json").unlink()
+    shutil.rmtree(w / "val")
+    return root

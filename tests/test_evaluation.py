@@ -19,24 +19,26 @@ from mmjax.evaluation import scoring, vqa
     ("two", fx.TEN, 1.0),  # "two" -> "2": 5 of the others say "2"
     ("3", fx.TEN, 0.9),  # three "3": 2/3 when one of them is left out, else 1
     ("Two dogs", fx.TEN, 0.0),
-    ("yes.", ["yes"] * 10, 1.0),  # identical human answers are not normalised
-    ("a dog", ["dog"] * 4 + ["a dog"] * 3 + ["cat"] * 3, 1.0),  # humans keep their articles
+    ("yes.", ["yes"] * 10, 0.0),  # ten identical answers: neither side is normalised
+    ("a dog", ["dog"] * 4 + ["a dog"] * 3 + ["cat"] * 3, 1.0),  # both sides lose "a"
     ("cat", ["dog"] * 4 + ["a dog"] * 3 + ["cat"] * 3, 0.9),
     ("dog", ["dog", "dog"] + ["cat"] * 8, 0.6),  # 2 matches: 1/3 or 2/3
     ("1", ["1"] * 5 + ["2"] * 5, 1.0),  # a tie: both halves score fully
 ])
 def test_vqa_accuracy_by_hand(pred, answers, expected):
-    assert vqa.vqa_accuracy(pred, answers) == pytest.approx(expected)
+    assert vqa.official_accuracy(pred, answers) == pytest.approx(expected)
 
 
 def test_evalai_processor_and_textvqa_soft_scores():
     n = vqa.evalai_normalize
     assert n("Sony.") == "sony" and n("Two") == "2" and n("the cat's toy?") == "cat 's toy"
     assert n("10,000") == "10000" and n("a, b") == "b"
-    # "two" becomes "2" on the human side too (unlike the VQAv2 scorer)
+    # "two" becomes "2" on the human side too (as VQAv2's scorer does since 2021; VizWiz's
+    # compares the human answers as they are)
     answers = ["2", "2", "two"] + ["3"] * 7
     assert vqa.textvqa_accuracy("two", answers) == pytest.approx(0.9)
-    assert vqa.vqa_accuracy("two", answers) == pytest.approx(0.6)
+    assert vqa.official_accuracy("two", answers) == pytest.approx(0.9)
+    assert vqa.vizwiz_accuracy("two", answers) == pytest.approx(0.6)
     assert vqa.soft_scores(["a"] * 3 + ["b"] * 7) == {"a": pytest.approx(0.9), "b": 1.0}
 
 
@@ -66,20 +68,23 @@ def test_mme_label(text, label):
     assert scoring.mme_label(text) == label
 
 
-@pytest.mark.parametrize("text, n, letter", [
-    ("A", 2, "A"), ("B. water", 3, "B"), ("The answer is C.", 4, "C"), ("The answer is D", 4, "D"),
-    ("E", 2, None), ("water", 3, None), ("A\nbecause", 2, "A"), (" B ", 3, "B"),
+@pytest.mark.parametrize("text, n, letter, lenient", [
+    ("A", 2, "A", "A"), ("B. water", 3, "B", "B"), ("The answer is C.", 4, "C", "C"),
+    ("The answer is D", 4, None, "D"),  # LLaVA's pattern needs a character after the letter
+    ("E", 2, None, None), ("water", 3, None, None), ("A\nbecause", 2, None, "A"),
+    (" B ", 3, None, "B"), ("", 2, None, None), ("AB", 2, None, None),
 ])
-def test_sqa_letter(text, n, letter):
+def test_sqa_letter(text, n, letter, lenient):
     assert scoring.sqa_letter(text, n) == letter
+    assert scoring.sqa_letter_lenient(text, n) == lenient
 
 
 @pytest.mark.parametrize("text, letter", [
     ("B", "B"), ("(C) bird", "C"), ("The answer is D.", "D"), ("dog", "B"),
     ("A or B", None), ("it is a cat or a dog", None), ("I cannot tell", None),
 ])
-def test_choice_letter(text, letter):
-    assert scoring.choice_letter(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) \
+def test_mmbench_letter(text, letter):
+    assert scoring.mmbench_letter(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) \
         == letter
 
 
@@ -106,8 +111,10 @@ def test_mme_scores_by_hand():
 # per benchmark: (fixture kwargs, Benchmark kwargs, texts answering the items in order,
 # expected metrics, the prompt of the first item)
 CASES = {
+    # the official scorer leaves "yes." unnormalised when all ten humans said "yes" (0/1)
     "vqav2": ({}, {}, ["Two", "yes.", "cat"],
-              {"accuracy": 2.9 / 3, "accuracy/number": 1.0, "accuracy/other": 0.9},
+              {"accuracy": 1.9 / 3, "accuracy/number": 1.0, "accuracy/other": 0.9,
+               "accuracy/yes/no": 0.0},
               f"How many cats?\n{B.SHORT}"),
     "gqa": ({}, {}, ["Gray.", "yes", "right"],
             {"accuracy": 2 / 3, "structural/query": 0.5, "structural/verify": 1.0,
@@ -287,20 +294,20 @@ def test_evaluate_scores_saved_answers_resumes_and_compares(tiny_hf, tmp_path, c
     data = fx.vqav2(tmp_path / "data")
     bench = B.get("vqav2", data)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    for out, texts in ((out_a, CASES["vqav2"][2]), (out_b, ["2", "no", "a dog"])):
+    for out, texts in ((out_a, CASES["vqav2"][2]), (out_b, ["3", "yes", "a dog"])):
         out.mkdir()
         with open(out / "answers.jsonl", "w") as f:
             for it, t in zip(bench.read(), texts):
                 f.write(json.dumps({"question_id": it.question_id, "text": t}) + "\n")
         _evaluate("--hf", tiny_hf, "--benchmark", "vqav2", "--data", data, "--out", out)
     a = json.loads((out_a / "results.json").read_text())
-    assert a["metrics"]["accuracy"] == pytest.approx(2.9 / 3)
+    assert a["metrics"]["accuracy"] == pytest.approx(1.9 / 3)
     assert len((out_a / "answers.jsonl").read_text().splitlines()) == 3  # nothing re-asked
     capsys.readouterr()
     _evaluate("--compare", out_a / "results.json", out_b / "results.json")
     table = capsys.readouterr().out
-    assert "| accuracy | 0.9667 | 0.6667 | -0.3000 |" in table
-    assert "| accuracy/yes/no | 1.0000 | 0.0000 | -1.0000 |" in table
+    assert "| accuracy | 0.6333 | 0.9667 | 0.3333 |" in table  # "3": 3 of 10 humans -> 0.9
+    assert "| accuracy/yes/no | 0.0000 | 1.0000 | 1.0000 |" in table
 
 
 def test_submission_files_for_the_official_servers(tiny_hf, tmp_path):
@@ -325,6 +332,46 @@ def test_submission_files_for_the_official_servers(tiny_hf, tmp_path):
                (out / "answers.jsonl").read_text().splitlines()
                if json.loads(x)["round_id"] == 0}
     assert [r[6] or "" for r in rows[1:]] == [answers[i] for i in (0, 1, 2)]
+
+
+# LLaVA's playground/data/eval tree: (split chosen by default, items read) per benchmark
+TREE = {"vqav2": ("test-dev", 1), "gqa": ("testdev_balanced", 3), "textvqa": ("val", 2),
+        "pope": ("", 12), "scienceqa": ("test", 3), "mme": ("", 10), "mmbench": ("", 9),
+        "vizwiz": ("test", 1)}
+
+
+def test_llava_eval_tree_read_with_data_only(tmp_path):
+    """--data naming LLaVA's eval tree, or a benchmark's folder in it, is all a reader needs:
+    the split LLaVA reports, LLaVA's own question files and prompts where it ships them."""
+    tree = fx.llava_tree(tmp_path / "eval")
+    assert sorted(B.in_tree(tree)) == sorted(TREE)
+    for name, (split, n) in TREE.items():
+        for data in (tree, tree / B.BENCHMARKS[name].llava_folder):
+            bench = B.get(name, data)
+            items = bench.read()
+            assert (bench.split, len(items), bench.skips.total) == (split, n, 0), (name, data)
+    assert B.get("textvqa", tree).read()[0].text == CASES["textvqa"][4]
+    assert B.get("vqav2", tree).read()[0].text == f"What is it?\n{B.SHORT}"
+    assert B.get("mmbench", tree).read()[0].text == CASES["mmbench"][4]
+
+
+def test_evaluate_all_on_llava_tree(tiny_hf, tmp_path):
+    """`--benchmark all` runs every benchmark the tree holds with one model load: scores
+    where the split has references, the servers' files where it has none."""
+    tree = fx.llava_tree(tmp_path / "eval")
+    out = tmp_path / "out"
+    reports = _evaluate("--hf", tiny_hf, "--benchmark", "all", "--data", tree, "--out", out,
+                        "--max-new-tokens", 2, "--batch-size", 8)
+    assert sorted(reports) == sorted(TREE)
+    for name, (split, n) in TREE.items():
+        saved = json.loads((out / (name + (f"-{split}" if split else "")) / "results.json")
+                           .read_text())
+        assert reports[name]["answer_lines"] == n and saved["skipped"] == 0
+        assert bool(saved["metrics"]) == (name not in ("vqav2", "vizwiz")), name
+    sub = json.loads((out / "vqav2-test-dev" / "vqav2_test-dev_submission.json").read_text())
+    assert [s["question_id"] for s in sub] == [70, 80, 90]  # every test2015 question
+    sub = json.loads((out / "vizwiz-test" / "vizwiz_test_submission.json").read_text())
+    assert [s["image"] for s in sub] == ["VizWiz_test_00000000.jpg"]
 
 
 def test_evaluate_usage_errors(tiny_hf, tmp_path):

@@ -93,11 +93,14 @@ class Benchmark:
     splits: tuple[str, ...] = ("",)
     variants: tuple[str, ...] = ("",)
     max_new_tokens = 16  # short answers; LLaVA's loader allowed 128
+    llava_folder = ""  # the benchmark's folder in LLaVA's playground/data/eval tree
 
     def __init__(self, data: Path, image_root: Path | None = None, split: str = "",
                  variant: str = ""):
         self.data = Path(data)
-        self.split = split or self.splits[0]
+        if self.llava_folder and (self.data / self.llava_folder).is_dir():
+            self.data = self.data / self.llava_folder  # --data names the whole eval tree
+        self.split = split or self.default_split()
         self.variant = variant or self.variants[0]
         if self.split not in self.splits:
             raise BenchmarkError(f"{self.name}: split {self.split!r} is not one of "
@@ -109,6 +112,10 @@ class Benchmark:
         self.skips = Skips()
         self.files: list[Path] = []  # what was read (hashed into the report)
         self._keys: set[str] = set()
+
+    def default_split(self) -> str:
+        """The split LLaVA-1.5 reports, or the first whose files are there."""
+        return self.splits[0]
 
     # ------------------------------------------------------------------ helpers
     def _file(self, *names: str, required: bool = True) -> Path | None:
@@ -131,8 +138,12 @@ class Benchmark:
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
 
-    def _images(self, default: str) -> Path:
-        return self.image_root or self.data / default
+    def _images(self, *defaults: str) -> Path:
+        """--image-root, else the first of the layouts' image folders that exists."""
+        if self.image_root:
+            return self.image_root
+        return next((self.data / d for d in defaults if (self.data / d).is_dir()),
+                    self.data / defaults[0])
 
     def _image(self, path: Path, qid) -> Path | None:
         if path.is_file():
@@ -207,20 +218,40 @@ def _write_json(path: Path, value) -> Path:
 
 
 class VQAv2(Benchmark):
+    """`official` (default): GT-Vision-Lab's vqaEval.py as of 2021; `llava`: LLaVA's route (EvalAI's
+    processor over each prediction, then the official scorer: what the server scores of
+    LLaVA's upload). Questions from the official files, or for test-dev LLaVA's
+    `llava_vqav2_mscoco_test-dev2015.jsonl` (its prompts as they are)."""
+
     name = "vqav2"
     splits = ("val", "test-dev")
+    variants = ("official", "llava")
+    llava_folder = "vqav2"
     FILES = {"val": ("v2_OpenEnded_mscoco_val2014_questions.json", "val2014", "COCO_val2014"),
              "test-dev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", "test2015",
                           "COCO_test2015")}
+    LLAVA = {"test-dev": "llava_vqav2_mscoco_test-dev2015.jsonl"}
+    LLAVA_ALL = "llava_vqav2_mscoco_test2015.jsonl"  # every test2015 question (submission)
+
+    def default_split(self):
+        # LLaVA's tree has test-dev only (scored by the server)
+        if not (self.data / self.FILES["val"][0]).is_file() and (
+                (self.data / self.FILES["test-dev"][0]).is_file()
+                or (self.data / self.LLAVA["test-dev"]).is_file()):
+            return "test-dev"
+        return "val"
 
     def _read(self):
         qfile, folder, prefix = self.FILES[self.split]
+        root = self._images(folder)
+        llava = self.LLAVA.get(self.split)
+        if not (self.data / qfile).is_file() and llava and (self.data / llava).is_file():
+            return self._read_llava(self._file(llava), root)
         questions = self._json(qfile)["questions"]
         refs = {}
         if self.split == "val":
             for a in self._json("v2_mscoco_val2014_annotations.json")["annotations"]:
                 refs[a["question_id"]] = a
-        root = self._images(folder)
 
         def make(q):
             qid = int(q["question_id"])
@@ -236,32 +267,61 @@ class VQAv2(Benchmark):
 
         return self._records(questions, lambda q: q.get("question_id"), make)
 
+    def _read_llava(self, path: Path, root: Path) -> list[Item]:
+        """LLaVA's question file: {question_id, image, text (format prompt included)}."""
+        records = _jsonl(path, self.skips)
+
+        def make(q):
+            qid = int(q["question_id"])
+            image = self._image(root / _str(q["image"]), qid)
+            return image and Item(qid, _str(q["text"]), image, {})
+
+        return self._records(records, lambda q: q.get("question_id"), make)
+
     @property
     def scored(self):
         return self.split == "val"
 
     def score(self, items, texts):
-        return _vqa_scores(items, texts)
+        scorer = vqa.llava_accuracy if self.variant == "llava" else vqa.official_accuracy
+        return _vqa_scores(items, texts, scorer)
 
     def submission(self, items, texts, out):
         """LLaVA's convert_vqav2_for_submission: every question of test2015 (when its file
         is there; test-dev is scored from it), unanswered ones with an empty answer."""
         answers = {it.question_id: vqa.evalai_normalize(t) for it, t in zip(items, texts)}
         ids = list(answers)
-        full = self._json("v2_OpenEnded_mscoco_test2015_questions.json", required=False)
-        if self.split == "test-dev" and full is not None:
-            ids = [q["question_id"] for q in full["questions"]]
+        if self.split == "test-dev":
+            full = self._json("v2_OpenEnded_mscoco_test2015_questions.json", required=False)
+            if full is not None:
+                ids = [q["question_id"] for q in full["questions"]]
+            elif (self.data / self.LLAVA_ALL).is_file():
+                ids = [q["question_id"] for q in _jsonl(self._file(self.LLAVA_ALL), Skips())]
         return [_write_json(out / f"vqav2_{self.split}_submission.json",
                             [{"question_id": i, "answer": answers.get(i, "")} for i in ids])]
+
+
+def _jsonl(path: Path, skips: Skips) -> list:
+    """The records of a JSON-lines file; a line that is not JSON is a counted skip."""
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                skips.add("malformed", f"{path.name}:{n}: not JSON ({e.msg})")
+    return out
 
 
 class GQA(Benchmark):
     name = "gqa"
     splits = ("testdev_balanced",)
+    llava_folder = "gqa"
 
     def _read(self):
-        questions = self._json(f"{self.split}_questions.json")
-        root = self._images("images")
+        # the release's files, or LLaVA's tree (gqa/data/...)
+        questions = self._json(f"{self.split}_questions.json", f"data/{self.split}_questions.json")
+        root = self._images("images", "data/images")
 
         def make(kv):
             qid, q = kv
@@ -294,22 +354,34 @@ class TextVQA(Benchmark):
     name = "textvqa"
     splits = ("val",)
     variants = ("ocr", "plain")
+    llava_folder = "textvqa"
+    LLAVA = "llava_textvqa_val_v051_ocr.jsonl"  # LLaVA's questions, OCR prompt included
 
     def _read(self):
         data = self._json("TextVQA_0.5.1_val.json")["data"]
         ocr: dict = {}
+        prompts: dict = {}
         if self.variant == "ocr" and not all("ocr_tokens" in d for d in data):
             rosetta = self._json("TextVQA_Rosetta_OCR_v0.2_val.json", required=False)
-            if rosetta is None:
+            if rosetta is not None:
+                ocr = {d["image_id"]: d["ocr_tokens"] for d in rosetta["data"]}
+            elif (self.data / self.LLAVA).is_file():  # LLaVA's tree: its prompts as they are
+                prompts = {int(q["question_id"]): _str(q["text"])
+                           for q in _jsonl(self._file(self.LLAVA), self.skips)}
+            else:
                 raise BenchmarkError("textvqa: the ocr variant needs OCR tokens: "
-                                     f"{self.data / 'TextVQA_Rosetta_OCR_v0.2_val.json'} does "
-                                     "not exist (or use --variant plain)")
-            ocr = {d["image_id"]: d["ocr_tokens"] for d in rosetta["data"]}
+                                     f"{self.data / 'TextVQA_Rosetta_OCR_v0.2_val.json'} (or "
+                                     f"LLaVA's {self.LLAVA}) does not exist (or use --variant "
+                                     "plain)")
         root = self._images("train_images")
 
         def make(d):
             qid = int(d["question_id"])
             text = _str(d["question"])
+            if prompts:
+                answers = [_str(a) for a in d["answers"]]
+                image = self._image(root / f"{_str(d['image_id'])}.jpg", qid)
+                return image and Item(qid, prompts[qid], image, {"answers": answers})
             if self.variant == "ocr":
                 tokens = d["ocr_tokens"] if "ocr_tokens" in d else ocr.get(d["image_id"], [])
                 if tokens:
@@ -328,12 +400,14 @@ class TextVQA(Benchmark):
 class POPE(Benchmark):
     name = "pope"
     CATEGORIES = ("adversarial", "popular", "random")
+    llava_folder = "pope"
 
     def _read(self):
         root = self._images("val2014")
         items = []
         for cat in self.CATEGORIES:
-            path = self._file(f"coco_pope_{cat}.json")
+            # the release's files, or LLaVA's tree (pope/coco/, images in pope/val2014/)
+            path = self._file(f"coco_pope_{cat}.json", f"coco/coco_pope_{cat}.json")
             records = []
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
@@ -377,12 +451,13 @@ class ScienceQA(Benchmark):
     name = "scienceqa"
     splits = ("test", "val", "minival", "train")
     variants = ("img", "all")
+    llava_folder = "scienceqa"
     LETTERS = "ABCDE"
 
     def _read(self):
         problems = self._json("problems.json")
         pids = self._json("pid_splits.json")[self.split]
-        root = self._images(self.split)
+        root = self._images(self.split, f"images/{self.split}")  # LLaVA's tree: images/test
 
         def make(pid):
             p = problems[pid]
@@ -413,19 +488,30 @@ class ScienceQA(Benchmark):
         return ScienceQA.LETTERS[item.ref["answer"]]
 
     def score(self, items, texts):
-        ok = [float(scoring.sqa_letter(t, it.ref["n"]) == self.LETTERS[it.ref["answer"]])
-              for it, t in zip(items, texts)]
+        """LLaVA's eval_science_qa.py: `accuracy` over the items asked (with the default
+        `img` variant, its IMG-Accuracy), `img_accuracy` over those with an image,
+        `unparsed` (its FAILED: no letter read). `lenient_accuracy` (not LLaVA's figure)
+        also reads 'The answer is A' with nothing after the letter, a letter before a
+        newline or after a space, repeated sentences."""
+        letters = [scoring.sqa_letter(t, it.ref["n"]) for it, t in zip(items, texts)]
+        ok = [float(a == self.LETTERS[it.ref["answer"]]) for a, it in zip(letters, items)]
         img = [o for o, it in zip(ok, items) if it.ref["image"]]
+        lenient = [float(scoring.sqa_letter_lenient(t, it.ref["n"]) ==
+                         self.LETTERS[it.ref["answer"]]) for it, t in zip(items, texts)]
         return {"accuracy": _mean(ok), "img_accuracy": _mean(img),
-                "unparsed": sum(scoring.sqa_letter(t, it.ref["n"]) is None
-                                for it, t in zip(items, texts))}
+                "unparsed": sum(scoring.sqa_parse(t) is None for t in texts),
+                "lenient_accuracy": _mean(lenient)}
 
 
 class MME(Benchmark):
     name = "mme"
     max_new_tokens = 8
+    llava_folder = "MME"
+    RELEASE = "MME_Benchmark_release_version"  # the release's folder, as LLaVA's tree holds it
 
     def _read(self):
+        if (self.data / self.RELEASE).is_dir():
+            self.data = self.data / self.RELEASE
         if not self.data.is_dir():
             raise BenchmarkError(f"mme: {self.data} is not a directory")
         tasks = scoring.MME_PERCEPTION + scoring.MME_COGNITION
@@ -471,12 +557,16 @@ class MMBench(Benchmark):
 
     name = "mmbench"
     variants = ("circular", "single")
+    llava_folder = "mmbench"
     LETTERS = "ABCD"
+    LLAVA_TSV = "mmbench_dev_20230712.tsv"  # the split LLaVA-1.5 reports
 
     def _read(self):
         path = self.data
         if path.is_dir():
             tsvs = sorted(path.glob("*.tsv"))
+            if (path / self.LLAVA_TSV).is_file():
+                tsvs = [path / self.LLAVA_TSV]
             if len(tsvs) != 1:
                 raise BenchmarkError(f"mmbench: {path} holds {len(tsvs)} .tsv files; pass the "
                                      "TSV itself as --data")
@@ -529,17 +619,24 @@ class MMBench(Benchmark):
         return self.has_answers
 
     def score(self, items, texts):
+        """MMBench's circular evaluation: a question is right only when the answer to every
+        rotation of its options is (MMBench's evaluator's reading, `scoring.mmbench_letter`).
+        With no GPT judge here, an answer it cannot read counts wrong (VLMEvalKit's
+        `exact_matching`); `unmatched` counts them."""
         rounds: dict = {}
+        unmatched = 0
         for it, t in zip(items, texts):
             opts = dict(zip(self.LETTERS, it.ref["options"]))
-            letter = scoring.choice_letter(t, opts)
-            ok = letter is not None and opts[letter] == it.ref["answer"]
+            letter = scoring.mmbench_letter(t, opts)
+            unmatched += letter is None
+            ok = letter in opts and opts[letter] == it.ref["answer"]
             rounds.setdefault(it.question_id, (it.ref, []))[1].append((it.ref["round"], ok))
         circular = [float(all(ok for _, ok in rs)) for _, rs in rounds.values()]
         single = [float(dict(rs).get(0, False)) for _, rs in rounds.values()]
         refs = [ref for ref, _ in rounds.values()]
         out = {"accuracy": _mean(circular if self.variant == "circular" else single),
-               "single_pass_accuracy": _mean(single), "questions": len(rounds)}
+               "single_pass_accuracy": _mean(single), "questions": len(rounds),
+               "unmatched": unmatched}
         out.update(scoring.mean_by(circular, [r["category"] for r in refs], "category"))
         out.update(scoring.mean_by(circular, [r["l2"] for r in refs], "l2_category"))
         return out
@@ -621,9 +718,22 @@ class ChartQA(Benchmark):
 
 
 class VizWiz(Benchmark):
+    """`official` (default): the VizWiz API's vqaEval.py; `llava`: LLaVA's route (EvalAI's
+    processor over each prediction first, convert_vizwiz_for_submission.py). Unanswerability
+    as the VizWiz API scores it: a prediction is 'unanswerable' when its normalised answer
+    is, average precision and F1 over that against the annotations' `answerable`."""
+
     name = "vizwiz"
     splits = ("val", "test")
+    variants = ("official", "llava")
     max_new_tokens = 16
+    llava_folder = "vizwiz"
+
+    def default_split(self):
+        # LLaVA's tree has test only (scored by the server)
+        if not (self.data / "val.json").is_file() and (self.data / "test.json").is_file():
+            return "test"
+        return "val"
 
     def _read(self):
         records = self._json(f"{self.split}.json")
@@ -647,12 +757,16 @@ class VizWiz(Benchmark):
         return self.split == "val"
 
     def score(self, items, texts):
-        said = [vqa.normalize_answer(t) == "unanswerable" for t in texts]
+        if self.variant == "llava":
+            texts = [vqa.evalai_normalize(t) for t in texts]
+        said = [vqa.vizwiz_normalize(t) == "unanswerable" for t in texts]
         truth = [not it.ref["answerable"] for it in items]
         m = scoring.pope_metrics(["yes" if s else "no" for s in said],
                                  ["yes" if t else "no" for t in truth])
-        return {**_vqa_scores(items, texts), "unanswerable/precision": m["precision"],
-                "unanswerable/recall": m["recall"], "unanswerable/f1": m["f1"]}
+        return {**_vqa_scores(items, texts, vqa.vizwiz_accuracy),
+                "unanswerable/average_precision": scoring.average_precision(truth, said),
+                "unanswerable/f1": m["f1"], "unanswerable/precision": m["precision"],
+                "unanswerable/recall": m["recall"]}
 
     def submission(self, items, texts, out):
         return [_write_json(out / f"vizwiz_{self.split}_submission.json",
@@ -716,9 +830,9 @@ class ShortAnswer(Benchmark):
         return out
 
 
-def _vqa_scores(items, texts) -> dict:
+def _vqa_scores(items, texts, scorer) -> dict:
     """VQA accuracy over ten human answers, overall and per answer type (VQAv2, VizWiz)."""
-    acc = [vqa.vqa_accuracy(t, it.ref["answers"]) for it, t in zip(items, texts)]
+    acc = [scorer(t, it.ref["answers"]) for it, t in zip(items, texts)]
     return {"accuracy": _mean(acc),
             **scoring.mean_by(acc, [it.ref["answer_type"] for it in items], "accuracy")}
 
@@ -731,6 +845,12 @@ def _mean(values) -> float:
 BENCHMARKS: dict[str, type[Benchmark]] = {
     b.name: b for b in (VQAv2, GQA, TextVQA, POPE, ScienceQA, MME, MMBench, ChartQA, VizWiz,
                         ShortAnswer)}
+
+
+def in_tree(root: Path) -> list[str]:
+    """The benchmarks whose folder LLaVA's playground/data/eval tree `root` holds."""
+    return [name for name, cls in BENCHMARKS.items()
+            if cls.llava_folder and (Path(root) / cls.llava_folder).is_dir()]
 
 
 def get(name: str, data, image_root=None, split: str = "", variant: str = "") -> Benchmark:

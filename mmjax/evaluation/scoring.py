@@ -7,9 +7,11 @@ benchmark's own evaluation defines it.
                      characters decide, else "other" (always wrong)
     mme_scores       per subtask accuracy and accuracy+ (both questions of an image right),
                      score = 100 * (acc + acc+); perception and cognition totals
-    sqa_letter       LLaVA `eval_science_qa.py`: "B", "B. ...", "The answer is B."
-    choice_letter    MMBench's `can_infer`: exactly one option letter as a word, else exactly
-                     one option's text inside the answer
+    sqa_letter       LLaVA `eval_science_qa.py`: "B", "B. ...", "The answer is B." (exactly);
+                     sqa_letter_lenient: a separate, more lenient reading
+    mmbench_letter   MMBench's evaluator (OpenCompass `can_infer`): one of A-E as a word, or
+                     in a form such as "(B)", else exactly one option's text in the answer
+    average_precision  scikit-learn's average precision (VizWiz's unanswerability)
     relaxed_correct  ChartQA (pix2struct's relaxed_correctness): numbers within 5%, "%" read
                      as /100; text exact after lowercasing
     gqa_prediction   LLaVA `convert_gqa_for_eval.py`: trailing periods off, lowercased
@@ -91,12 +93,32 @@ def mme_scores(records: list[tuple[str, str, bool]]) -> dict:
     return out
 
 
+def sqa_parse(text: str, letters: str = "ABCDE") -> str | None:
+    """The letter LLaVA's eval_science_qa.py reads in an answer, or None (its FAILED):
+    exactly a letter; a letter then ". "; else exactly one match of `The answer is
+    ([A-Z]).` (the "." is any character, as there)."""
+    if text in tuple(letters):  # one of the letters (LLaVA's list of options), not "" or "AB"
+        return text
+    if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
+        return text[0]
+    matches = re.findall(r"The answer is ([A-Z]).", text)
+    return matches[0] if len(matches) == 1 else None
+
+
 def sqa_letter(text: str, n_choices: int, letters: str = "ABCDE") -> str | None:
-    """The option letter in a ScienceQA answer, or None."""
+    """The option letter of a ScienceQA answer as LLaVA scores it: `sqa_parse`, and only a
+    letter among the question's choices (a letter beyond them is its index -1)."""
+    found = sqa_parse(text, letters)
+    return found if found and found in letters[:n_choices] else None
+
+
+def sqa_letter_lenient(text: str, n_choices: int, letters: str = "ABCDE") -> str | None:
+    """A more lenient reading than LLaVA's (`sqa_letter`): also 'The answer is A' with
+    nothing after it, a letter before a newline or after spaces, repeated sentences."""
     text = text.replace("\n", ". ")
     valid = letters[:n_choices]
     found = None
-    if text.strip() in letters:
+    if text.strip() in tuple(letters):
         found = text.strip()
     elif len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
         found = text[0]
@@ -107,15 +129,29 @@ def sqa_letter(text: str, n_choices: int, letters: str = "ABCDE") -> str | None:
     return found if found and found in valid else None
 
 
-def choice_letter(text: str, options: dict[str, str]) -> str | None:
-    """The option in a multiple-choice answer (options: letter -> text), or None."""
-    words = text
-    for c in ".()[],:;!*#{}":
-        words = words.replace(c, " ")
-    tokens = set(words.split())
-    named = [k for k in options if k in tokens]
-    if len(named) == 1:
-        return named[0]
+# OpenCompass's MMBench evaluator (`can_infer_option`): prefix / suffix around a letter
+_LETTER_FORMS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
+                 (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."))
+
+
+def mmbench_letter(text: str, options: dict[str, str]) -> str | None:
+    """The option of a multiple-choice answer (options: letter -> text) as MMBench's own
+    evaluator reads it without a GPT judge (OpenCompass `MMBench_Evaluator.can_infer`, as
+    lmms-eval carries it): exactly one of A-E as a word (not when "A" may be a quantifier in
+    a longer answer), else exactly one in one of the forms "A." "(A)" ":A" ..., else exactly
+    one option's text inside the answer; None when none of these holds (VLMEvalKit's exact
+    matching then counts the answer wrong)."""
+    words = [w.strip() for w in text.split()]
+    letters = "ABCDE"  # the evaluator counts five letters whatever the options
+
+    def count(prefix="", suffix=""):
+        return sum(1 for c in letters if prefix + c + suffix in words)
+
+    if count() == 1 and not ("A" in words and len(words) > 3):
+        return next(c for c in letters if c in words)
+    for prefix, suffix in _LETTER_FORMS:
+        if count(prefix, suffix) == 1:
+            return next(c for c in letters if prefix + c + suffix in words)
     lowered = text.lower()
     inside = [k for k, v in options.items() if str(v).lower() in lowered]
     return inside[0] if len(inside) == 1 else None
@@ -126,6 +162,27 @@ def _number(text: str) -> float | None:
         return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         return None
+
+
+def average_precision(labels: list[bool], scores: list[float]) -> float:
+    """Average precision of `scores` ranking the positive `labels` first (scikit-learn's
+    `average_precision_score`: the sum over the distinct thresholds of the recall gained
+    times the precision there); 0 without positives."""
+    positives = sum(bool(x) for x in labels)
+    if not positives:
+        return 0.0
+    order = sorted(zip(scores, labels), key=lambda sl: -sl[0])
+    ap, tp, seen, last_recall, i = 0.0, 0, 0, 0.0, 0
+    while i < len(order):
+        j = i
+        while j < len(order) and order[j][0] == order[i][0]:  # ties share a threshold
+            tp += bool(order[j][1])
+            j += 1
+        seen = j
+        recall = tp / positives
+        ap += (recall - last_recall) * (tp / seen)
+        last_recall, i = recall, j
+    return ap
 
 
 def relaxed_correct(target: str, prediction: str, tolerance: float = 0.05) -> bool:

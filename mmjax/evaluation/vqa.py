@@ -1,13 +1,29 @@
 """VQA answer normalisation and accuracy, as the official evaluations define them.
 
-The tables and steps are those of GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/
-vqaEval.py` (the Python 3 version; EvalAI scores VQAv2 test-dev with the same), kept as they
-are, quirks included: contraction keys with capitals ("Im", "Ive") never match because the
-text is lowercased first; "-" and "!" are punctuation, ":" and "'" are not; the period strip
-replaces at most 32 periods (the official call passes re.UNICODE as the count).
+Three scorers, each equal to its reference on every question (tests/test_reference_scores.py
+holds the reference's own per-question figures):
+
+- `official_accuracy` (VQAv2's default): GT-Vision-Lab/VQA `PythonEvaluationTools/
+  vqaEvaluation/vqaEval.py` as of a013f00 (2021-03-11, "Fixed processing answers bug").
+  Newlines, tabs and outer spaces go on both sides; when the ten human answers are not all
+  the same, both the prediction and every human answer get the full normalisation
+  (punctuation, then number words, articles and contractions); when they are all the same,
+  nothing more (so "t-shirt" matches ten "t-shirt", "Yes" does not match ten "yes").
+- the LLaVA route (`--variant llava`): the prediction first through EvalAI's answer processor
+  (`evalai_normalize`, LLaVA's `convert_vqav2_for_submission.py` and
+  `convert_vizwiz_for_submission.py`), then the official scorer, as the evaluation server
+  scores LLaVA's upload.
+- `vizwiz_accuracy` (VizWiz's default): the VizWiz API's `vqaEval.py` (Qing Li): the
+  prediction always fully normalised, with the 2015 contraction table (curly apostrophes,
+  `VIZWIZ_CONTRACTIONS`); the human answers compared as they are.
+
+The tables are the official ones, quirks included: contraction keys with capitals ("Im",
+"Ive") never match because the text is lowercased first; "-" and "!" are punctuation, ":"
+and "'" are not; the period strip replaces at most 32 periods (the official call passes
+re.UNICODE as the count).
 
     normalize_answer(" Two dogs.")      -> "2 dogs"
-    vqa_accuracy("2", ten_answers)      -> min(#matching / 3, 1) over the ten leave-one-out
+    official_accuracy("2", ten_answers) -> min(#matching / 3, 1) over the ten leave-one-out
                                            subsets of the human answers, averaged
 
 TextVQA and the submission files of VQAv2 and VizWiz use EvalAI's answer processor (pythia /
@@ -76,34 +92,70 @@ def process_punctuation(text: str, comma_strip: re.Pattern = COMMA_STRIP) -> str
     return PERIOD_STRIP.sub("", out, count=re.UNICODE)
 
 
-def process_digit_article(text: str) -> str:
+def process_digit_article(text: str, contractions: dict = CONTRACTIONS) -> str:
     words = []
     for word in text.lower().split():
         word = MANUAL_MAP.get(word, word)
         if word not in ARTICLES:
             words.append(word)
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+    return " ".join(contractions.get(w, w) for w in words)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer: str) -> str:
-    """A prediction as the official evaluation compares it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """An answer with the official full normalisation (punctuation, number words, articles,
+    contractions)."""
+    return process_digit_article(process_punctuation(_clean(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """The official VQA accuracy of one prediction against the human answers (ten in VQAv2):
-    for each answer left out, min(#other answers equal to the prediction / 3, 1); averaged.
-    Human answers get the punctuation step only, and only when they are not all the same."""
-    pred = normalize_answer(prediction)
-    gts = list(answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    accs = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
-        accs.append(min(1.0, sum(1 for a in others if a == pred) / 3))
+def _leave_one_out(prediction: str, answers: list[str]) -> float:
+    """For each human answer left out, min(#other answers equal to the prediction / 3, 1);
+    averaged (0 for no answers)."""
+    accs = [min(1.0, sum(1 for j, a in enumerate(answers) if j != i and a == prediction) / 3)
+            for i in range(len(answers))]
     return sum(accs) / len(accs) if accs else 0.0
+
+
+def official_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy as GT-Vision-Lab's vqaEval.py (a013f00) scores one prediction: full
+    normalisation of both sides only when the human answers are not all the same."""
+    pred, gts = _clean(prediction), [_clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        pred = process_digit_article(process_punctuation(pred))
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+    return _leave_one_out(pred, gts)
+
+
+def llava_accuracy(prediction: str, answers: list[str]) -> float:
+    """LLaVA's route: EvalAI's processor over the prediction, then the official scorer."""
+    return official_accuracy(evalai_normalize(prediction), answers)
+
+
+def _curly(text: str) -> str:
+    return text.replace("'", "\u2019")
+
+
+# The VizWiz API's table: the 2015 vqaEval.py contractions, with curly apostrophes in every
+# key and value but these, which that table has with straight ones
+_STRAIGHT_VALUES = ("aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove")
+_STRAIGHT_KEYS = ("couldn'tve", "hadn'tve")
+VIZWIZ_CONTRACTIONS = {
+    (k if k in _STRAIGHT_KEYS else _curly(k)): (v if k in _STRAIGHT_VALUES else _curly(v))
+    for k, v in CONTRACTIONS.items()}
+
+
+def vizwiz_normalize(answer: str) -> str:
+    """A prediction as the VizWiz API's vqaEval.py compares it."""
+    return process_digit_article(process_punctuation(_clean(answer)), VIZWIZ_CONTRACTIONS)
+
+
+def vizwiz_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy as the VizWiz API scores one prediction: the prediction normalised, the
+    human answers as they are."""
+    return _leave_one_out(vizwiz_normalize(prediction), list(answers))
 
 
 def evalai_normalize(answer: str) -> str:
