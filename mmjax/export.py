@@ -31,10 +31,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import transformers as tf
+from PIL import Image
 from safetensors.numpy import save_file
 
 from mmjax.data.jinja import chat_template
+from mmjax.data.templates import IMAGE, get_template
+from mmjax.data.tokenize import ConversationEncoder
 from mmjax.errors import ConfigError
+from mmjax.hf import check_written, save_tokenizer
 from mmjax.hf.config import hf_config_object
 from mmjax.hf.writer import (
     CAUSAL_LM,
@@ -142,13 +146,10 @@ def export(spec: str, out: str | Path, dtype: str = "bfloat16", shard_size: str 
                     tokenizer.eos_token_id
                 conf.pad_token_id, conf.dtype = tokenizer.pad_token_id, dtype
                 conf.save_pretrained(tmp)
-                tokenizer.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp)
             else:
                 llava_config(cfg, tokenizer, dtype).save_pretrained(tmp)
-                proc = processor(cfg, tokenizer, chat_template(saved.template))
-                proc.save_pretrained(str(tmp))
-                # also the per-component file older transformers and vLLM read
-                proc.image_processor.save_pretrained(str(tmp))
+                write_processor(tmp, cfg, saved, run.tc.data.image_aspect)
             tf.GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                 eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
@@ -166,6 +167,78 @@ def export(spec: str, out: str | Path, dtype: str = "bfloat16", shard_size: str 
     os.replace(tmp, out)
     say(f"exported {workdir} step {reader.step} ({what}, {dtype}) to {out}")
     return out
+
+
+# conversations the exported processor must turn into the ids training gives them:
+# (system, pairs as mmjax renders them, whether the chat messages hold the text as a string)
+PROBES = (
+    (None, [("<image>\nWhat is in this picture?", "")], False),
+    (None, [("<image>\nWhat is this?", "A cat."), ("And the colour?", "")], False),
+    ("You answer briefly.", [("<image>\nDescribe it.", "")], False),
+    (None, [("<image>\nWhat is this?", "A dog."), ("Why?", "")], True),
+    (None, [("Say something.", "")], False),
+)
+IMAGE_SUFFIXES = ("", " ")  # after each <image> in the chat template (mmjax.data.jinja)
+
+
+def write_processor(out: Path, cfg, spec, aspect: str) -> str | None:
+    """The processor files (image processor of the run's aspect, tokenizer, chat template)
+    such that transformers' own `apply_chat_template` + processor give the prompt ids the
+    run trained on: each image suffix is written, read back with AutoProcessor and checked
+    on `PROBES`; the first that gives training's ids stays. Returns it (None for `plain`,
+    which has no chat format); ConfigError when none does."""
+    tokenizer = spec.tokenizer
+    if chat_template(spec.template) is None:
+        _save_processor(out, processor(cfg, tokenizer, None, aspect), tokenizer)
+        return None
+    encoder = ConversationEncoder(tokenizer, get_template(spec.template, tokenizer),
+                                  cfg.image_tokens, cfg.image_token_id, 1 << 30,
+                                  special_token_text="keep")
+    tried = []
+    for suffix in IMAGE_SUFFIXES:
+        _save_processor(out, processor(cfg, tokenizer, chat_template(spec.template, suffix),
+                                       aspect), tokenizer)
+        back = tf.AutoProcessor.from_pretrained(str(out), local_files_only=True)
+        diff = _first_difference(back, encoder, cfg.vision.image_size)
+        if diff is None:
+            return suffix
+        tried.append(f"with {suffix!r} after <image>: {diff}")
+    raise ConfigError(f"the exported processor and chat template cannot give the prompt ids "
+                      f"this run trained on (template {spec.template}, "
+                      f"{type(tokenizer).__name__}): " + "; ".join(tried))
+
+
+def _save_processor(out: Path, proc, tokenizer) -> None:
+    proc.save_pretrained(str(out))
+    # also the per-component file older transformers and vLLM read
+    proc.image_processor.save_pretrained(str(out))
+    check_written(tokenizer, out)
+
+
+def _first_difference(proc, encoder, size: int) -> str | None:
+    """None when the processor gives the encoder's prompt ids on every probe."""
+    for system, pairs, as_string in PROBES:
+        messages = [{"role": "system", "content": system}] if system else []
+        for q, a in pairs:
+            text = q.replace(IMAGE, "").strip()
+            content = q if as_string else (
+                [{"type": "image"}] * q.count(IMAGE) + [{"type": "text", "text": text}])
+            messages.append({"role": "user", "content": content})
+            if a:
+                messages.append({"role": "assistant", "content": a})
+        rendered = proc.apply_chat_template(messages, add_generation_prompt=True)
+        n = sum(q.count(IMAGE) for q, _ in pairs)
+        images = [Image.new("RGB", (size, size))] * n or None
+        theirs = proc(images=images, text=rendered, return_tensors="np")["input_ids"][0]
+        ours = encoder.prompt_ids(system, pairs)
+        if list(theirs) != list(ours):
+            k = next((i for i, (x, y) in enumerate(zip(theirs, ours)) if x != y),
+                     min(len(theirs), len(ours)))
+            tok = encoder.tokenizer
+            return (f"{rendered!r} gives {len(theirs)} ids, training {len(ours)}; from id {k}: "
+                    f"{tok.convert_ids_to_tokens(list(theirs[k:k + 4]))} against "
+                    f"{tok.convert_ids_to_tokens(list(ours[k:k + 4]))}")
+    return None
 
 
 def _write_projector(out: Path, reader: ModuleReader, cfg, flat: dict) -> None:

@@ -144,6 +144,24 @@ def test_llava_parity(towers, layout, tmp_path):
     assert rel_err(ours, ref, seg.astype(bool)) < TOL
 
 
+@pytest.mark.parametrize("select", ["default", "full"])
+def test_siglip_llava_imports_at_parity_under_either_strategy(select, tmp_path):
+    """transformers' 'default' drops the tower's first token whatever it is: with SigLIP (no
+    CLS) one patch. Imported either way, the image token count is transformers' and
+    `mmjax.hf verify` passes."""
+    from mmjax.hf.verify import verify
+
+    hf_cfg = llava_config("siglip", "qwen2")
+    hf_cfg.vision_feature_select_strategy = select
+    save(make_model(tf.LlavaForConditionalGeneration, hf_cfg), tmp_path)
+    cfg = load(tmp_path).config
+    n = cfg.vision.num_patches
+    assert cfg.vision_feature_select == select
+    assert cfg.image_tokens == (n - 1 if select == "default" else n)
+    err, _ = verify(str(tmp_path), "float32", None, 2, 16, 0)
+    assert err < 1e-5
+
+
 def test_llava_scanned_import_matches_unscanned(tmp_path):
     model = make_model(tf.LlavaForConditionalGeneration, llava_config("clip", "llama"))
     save(model, tmp_path)

@@ -40,6 +40,8 @@ CORPUS = ["A photo of an astronaut in a white suit.", "A brown cat lies on a bla
           "What is in the picture? Describe it briefly. Answer in one word."] * 4
 # (vision, LLM family, tokenizer kind, expected stage-2 template)
 PAIRS = {"clip-llama": ("clip", "llama", "sentencepiece", "vicuna_v1"),
+         # Llama-2 / Vicuna's slow tokenizer: a "▁" after every special token
+         "clip-llama-legacy": ("clip", "llama", "sentencepiece-legacy", "vicuna_v1"),
          "siglip-qwen2": ("siglip", "qwen2", "chatml", "chatml"),
          "clip-mistral": ("clip", "mistral", "sentencepiece", "mistral_instruct"),
          "clip-llama3": ("clip", "llama3", "llama3", "llama_3")}
@@ -48,8 +50,8 @@ ARCH = {"llama": tf.LlamaForCausalLM, "llama3": tf.LlamaForCausalLM,
 
 
 def _tokenizer(kind: str, out: Path):
-    if kind == "sentencepiece":  # Llama-2 / Vicuna / Mistral: no <image>, no pad
-        llama_sp_tokenizer(out, CORPUS, legacy=False, vocab_size=300)
+    if kind.startswith("sentencepiece"):  # Llama-2 / Vicuna / Mistral: no <image>, no pad
+        llama_sp_tokenizer(out, CORPUS, legacy=kind.endswith("legacy"), vocab_size=300)
         return tf.AutoTokenizer.from_pretrained(str(out))  # as saved: no chat specials
     from mmjax.data.tokenizer_training import train_bpe_tokenizer
 
@@ -113,9 +115,8 @@ def _params(workdir, part, cfg_tree, step=None):
 def _hf_flags(out, name):
     vision_dir, llm_dir, _ = out[name]
     flags = [f"--config.init.hf_vision={vision_dir}", f"--config.init.hf_llm={llm_dir}"]
-    if PAIRS[name][0] == "siglip":  # SigLIP has no CLS: LLaVA-style 'full' from the last layer
-        flags += ["--config.llava.vision_feature_layer=-1",
-                  "--config.llava.vision_feature_select=full"]
+    if PAIRS[name][0] == "siglip":  # from the last layer; no CLS, so 'auto' keeps every patch
+        flags += ["--config.llava.vision_feature_layer=-1"]
     return flags
 
 
@@ -136,6 +137,10 @@ def _check_stage1_model(spec, family, base_vocab):
     assert spec.template == "plain" and spec.base_vocab == base_vocab
     assert spec.cfg.llm.family == ("llama" if family == "llama3" else family)
     assert spec.cfg.llm.tie_word_embeddings == (family == "qwen2")
+    # transformers' "default" drops the first token of any tower: CLIP's CLS; SigLIP has
+    # none, so its patches are all kept ("full")
+    assert spec.cfg.vision_feature_select == ("default" if spec.cfg.vision.has_cls else "full")
+    assert spec.cfg.image_tokens == spec.cfg.vision.num_patches
 
 
 def _check_towers_are_the_hf_weights(params, vision_dir, llm_dir, base_vocab, family):
@@ -272,45 +277,56 @@ def _towers_round_trip(exported, vision_dir, llm_dir, base_vocab):
 
 
 def _same_in_transformers(exported, m):
+    """transformers alone, on the exported directory: its logits and greedy tokens on
+    mmjax's ids equal mmjax's; `mmjax.hf verify` passes; and its own processor and chat
+    template turn a one-image prompt and a two-turn one (a real, non-square photo) into the
+    ids and pixels the run trained on, with logits within 1e-5."""
     import torch
+    from PIL import Image
+    from skimage import data
     from test_generate import _hf_generate
 
-    from hf_fixtures import normalize, real_images, rel_err
+    from hf_fixtures import rel_err
+    from mmjax.batch import normalize
+    from mmjax.hf.verify import verify
     from mmjax.inference import Engine, Request, Sampling
 
     hf = tf.LlavaForConditionalGeneration.from_pretrained(exported).eval()
     cfg = m.cfg
-    image = normalize(real_images(cfg.vision.image_size, 1), cfg.vision.image_mean,
-                      cfg.vision.image_std)
+    photo = Image.fromarray(data.chelsea()).resize((80, 60))
+    image = normalize(m.pixels(photo), cfg.vision.image_mean, cfg.vision.image_std)
     ids = np.asarray([1, *([cfg.image_token_id] * cfg.image_tokens), 5, 6, 7, 8], np.int32)
-    ours = forward(m.model, {"params": m.params}, ids[None], image[None]).logits
+    ours = forward(m.model, {"params": m.params}, ids[None], image[None, None]).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids[None], dtype=torch.long),
-                 pixel_values=torch.tensor(image).permute(0, 3, 1, 2)).logits.numpy()
+                 pixel_values=torch.tensor(image[None]).permute(0, 3, 1, 2)).logits.numpy()
     assert rel_err(ours, ref) < 1e-5
-    requests = [Request(ids, [image[0]])]
+    requests = [Request(ids, [image])]
     mine = Engine(m.model, m.params, m.tokenizer).generate(requests, Sampling(max_new_tokens=8))
     assert mine[0].token_ids == _hf_generate(hf, requests, 8)[0].tolist()
-    from mmjax.hf.verify import verify
-
     err, tol = verify(str(exported), "float32", None, 2, 16, 0)
     assert err < tol
-    # the processor: the image token count, and the chat template renders the run's template
+    if m.template == "plain":
+        return
     proc = tf.AutoProcessor.from_pretrained(exported)
-    if m.template != "plain":
-        chat = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": "What is this?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-                {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]}]
-        text = proc.apply_chat_template(chat, add_generation_prompt=True)
-        rendered = m.encoder().render(None, [("<image>\nWhat is this?", "A cat."),
-                                             ("And the colour?", "")])
-        assert text == "".join(seg.text for seg in rendered.prompt())
-        from PIL import Image
-
-        batch = proc(images=Image.new("RGB", (80, 60)), text=text, return_tensors="np")
-        assert int((batch["input_ids"] == cfg.image_token_id).sum()) == cfg.image_tokens
-        assert batch["pixel_values"].shape[-2:] == (cfg.vision.image_size,) * 2
+    encoder = m.encoder()
+    one = ([{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "What is this?"}]}],
+           [("<image>\nWhat is this?", "")])
+    two = (one[0] + [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                     {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]}],
+           [("<image>\nWhat is this?", "A cat."), ("And the colour?", "")])
+    for messages, pairs in (one, two):
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        batch = proc(images=photo, text=text, return_tensors="np")
+        prompt = encoder.prompt_ids(None, pairs)
+        assert batch["input_ids"][0].tolist() == prompt.tolist(), text
+        np.testing.assert_allclose(batch["pixel_values"][0].transpose(1, 2, 0), image,
+                                   rtol=0, atol=1e-6)
+        ours = forward(m.model, {"params": m.params}, prompt[None], image[None, None]).logits
+        with torch.no_grad():
+            ref = hf(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+        assert rel_err(ours, ref) < 1e-5
 
 
 def _image_row_is_never_read(cfg, params):

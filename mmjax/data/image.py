@@ -114,10 +114,11 @@ def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np
     elif aspect == "resize":
         image = image.resize((size, size), Image.BICUBIC)
     elif aspect == "crop":
+        # CLIPImageProcessor's arithmetic: the long side is int(size * long / short)
         w, h = image.size
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                             Image.BICUBIC)
+        short, long = min(w, h), max(w, h)
+        other = int(size * long / short)
+        image = image.resize((size, other) if w <= h else (other, size), Image.BICUBIC)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))

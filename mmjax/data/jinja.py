@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from mmjax.data import templates
+from mmjax.data.templates import IMAGE
 
 CHAT_TEMPLATES = {
     # each renders exactly what mmjax.data.templates renders (tested against it): a user
@@ -46,21 +47,28 @@ CHAT_TEMPLATES = {
         "{%- if add_generation_prompt -%}"
         "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
 }
-# a message's text: a string as it is, or its image parts as "<image>\n" then its text parts
-_TEXT = ("((m['content'] if m['content'] is string else "
+# a message's text: a string as it is, or its image parts as "<image>\n" then its text
+# parts; IMAGE is "<image>" followed by the image suffix
+_TEXT = ("((m['content'] | replace('<image>', IMAGE) if m['content'] is string else "
          "(m['content'] | selectattr('type', 'equalto', 'image') | map(attribute='type') "
-         "| map('replace', 'image', '<image>\\n') | join('')) + "
+         "| map('replace', 'image', IMAGE + '\\n') | join('')) + "
          "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
          "| join(' '))))")
 
 
-def chat_template(name: str) -> str | None:
+def chat_template(name: str, image_suffix: str = "") -> str | None:
     """A Jinja chat template that renders the run's conversation template (None for
-    `plain`, which is not a chat format, and for the tokenizer's own)."""
+    `plain`, which is not a chat format, and for the tokenizer's own).
+
+    `image_suffix` follows every `<image>`: " " makes a tokenizer that prepends "▁" only to
+    the start of the text (sentencepiece, legacy=False) give the ids LLaVA's
+    `tokenizer_image_token` trained on, where the text after each image was tokenized on
+    its own and so began with "▁" (`mmjax.export` picks it by comparing ids)."""
     if name not in CHAT_TEMPLATES:
         return None
     system = {"vicuna_v1": templates.VICUNA_SYSTEM, "chatml": templates.CHATML_SYSTEM,
               "llama_3": templates.LLAMA3_SYSTEM}.get(name, "")
-    return CHAT_TEMPLATES[name].replace("SYSTEM", json.dumps(system)).replace("TEXT", _TEXT)
+    return (CHAT_TEMPLATES[name].replace("SYSTEM", json.dumps(system)).replace("TEXT", _TEXT)
+            .replace("IMAGE", json.dumps(IMAGE + image_suffix)))
 
 

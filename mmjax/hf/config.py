@@ -48,6 +48,19 @@ def from_hf(config: dict, directory: str | Path | None = None):
     return llava_from_hf(config, directory)
 
 
+def image_aspect(directory) -> str:
+    """How a HF directory's image processor brings an image to the tower's square (the
+    inverse of `mmjax.hf.writer.image_processor`): do_pad -> pad, a centre crop -> crop,
+    else resize; `pad` (LLaVA-1.5's) when the directory has no preprocessor_config.json."""
+    path = Path(directory) / "preprocessor_config.json"
+    if not path.is_file():
+        return "pad"
+    pre = json.loads(path.read_text())
+    if pre.get("do_pad"):
+        return "pad"
+    return "crop" if pre.get("do_center_crop") else "resize"
+
+
 def vision_from_hf(c: dict, family: str, directory=None) -> VisionConfig:
     mean, std = _DEFAULT_MEAN_STD[family]
     if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmjax.hf import mapping
 from mmjax.hf.config import LLAVA_ARCHS, LLM_ARCHS, architecture, from_hf
-from mmjax.hf.weight_files import Checkpoint, CheckpointError
+from mmjax.hf.weight_files import Checkpoint
 from mmjax.models.config import LlavaConfig, LLMConfig, RuntimeConfig
 from mmjax.models.factory import abstract_variables, build
 from mmjax.models.llava import normalized_feature_layers
@@ -133,17 +133,3 @@ def load(directory: str | Path, rt: RuntimeConfig = RuntimeConfig(), mesh=None,
         log.info("%s: %d checkpoint tensors not used (%s ...)", ckpt.dir, len(unused),
                  ", ".join(unused[:3]))
     return Imported(cfg, build(cfg, rt), _unflat(params), arch, unused, ckpt.dir)
-
-
-def load_tokenizer(directory: str | Path):
-    """The checkpoint's tokenizer through transformers' AutoTokenizer (no remote code)."""
-    from transformers import AutoTokenizer  # start-up cost (0.7 s): only when loading one
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"tokenizer directory {directory} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False,
-                                             local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: no usable tokenizer files: {e}") from e

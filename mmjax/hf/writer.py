@@ -167,19 +167,32 @@ def llava_config(cfg: LlavaConfig, tokenizer, dtype: str):
     return conf
 
 
-def processor(cfg: LlavaConfig, tokenizer, chat_template: str | None):
-    """The llava-hf processor: the tower's image processor (size, mean, std), the tokenizer,
-    the patch size and feature strategy that give the image token count, the chat
-    template (Jinja; `mmjax.data.jinja`)."""
+def image_processor(cfg: LlavaConfig, aspect: str):
+    """The transformers image processor that gives the pixels the run trained on, for each
+    way `mmjax.data.image` brings an image to the tower's square: `pad` (LLaVA-1.5's
+    expand2square with the tower's mean colour) -> LlavaImageProcessor with do_pad; `crop`
+    -> CLIP's shortest-edge resize and centre crop; `resize` -> a squash to the square
+    (SigLIP's). Written under the class names transformers maps to its PIL backends here
+    (bicubic resampling as PIL does it)."""
     v, s = cfg.vision, cfg.vision.image_size
-    if v.family == "clip":
-        images = tf.CLIPImageProcessor(size={"shortest_edge": s},
-                                       crop_size={"height": s, "width": s},
-                                       image_mean=list(v.image_mean), image_std=list(v.image_std))
-    else:
-        images = tf.SiglipImageProcessor(size={"height": s, "width": s},
-                                         image_mean=list(v.image_mean),
-                                         image_std=list(v.image_std))
+    common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std))
+    square = {"height": s, "width": s}
+    if aspect == "pad":
+        return tf.LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": s},
+                                         crop_size=square, **common)
+    if aspect == "crop":
+        return tf.CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size=square, **common)
+    if aspect == "resize":
+        return tf.SiglipImageProcessorPil(size=square, **common)
+    raise ConfigError(f"image aspect {aspect!r}: pad, crop or resize")
+
+
+def processor(cfg: LlavaConfig, tokenizer, chat_template: str | None, aspect: str = "pad"):
+    """The llava-hf processor: the image processor of the run's aspect (size, mean, std),
+    the tokenizer, the patch size and feature strategy that give the image token count, the
+    chat template (Jinja; `mmjax.data.jinja`)."""
+    v = cfg.vision
+    images = image_processor(cfg, aspect)
     return tf.LlavaProcessor(
         image_processor=images, tokenizer=tokenizer, patch_size=v.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select,

@@ -21,7 +21,7 @@ from mmjax.data.tokenize import ConversationEncoder
 from mmjax.errors import ConfigError, UsageError
 from mmjax.hf import load as hf_load
 from mmjax.hf import load_tokenizer
-from mmjax.hf.config import architecture
+from mmjax.hf.config import architecture, image_aspect
 from mmjax.hf.config import from_hf as config_from_hf
 from mmjax.hf.weight_files import Checkpoint
 from mmjax.inference.engine import Engine
@@ -130,7 +130,7 @@ def from_hf(directory: str | Path, dtype: str | None = None, template: str = "au
     if template == "auto":
         template = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
     return Loaded(imported.model, imported.params, tokenizer, template, directory.name, mesh,
-                  rules)
+                  rules, image_aspect=image_aspect(directory))
 
 
 def from_checkpoint(spec: str, dtype: str | None = None, template: str = "auto",

@@ -166,6 +166,8 @@ class LlavaConfig:
     projector: ProjectorConfig = ProjectorConfig()
     image_token_id: int = 32000
     vision_feature_layer: int | tuple[int, ...] = -2
+    # transformers' meaning: "default" drops the tower's first token (CLIP's CLS; with a
+    # tower that has none, such as SigLIP, a patch), "full" keeps every token
     vision_feature_select: Literal["default", "full"] = "default"
 
     @property
@@ -176,8 +178,8 @@ class LlavaConfig:
     @property
     def image_tokens(self) -> int:
         """How many LLM tokens one image becomes."""
-        drop_cls = self.vision_feature_select == "default" and self.vision.has_cls
-        return self.vision.num_patches + (0 if drop_cls or not self.vision.has_cls else 1)
+        tokens = self.vision.num_patches + (1 if self.vision.has_cls else 0)
+        return tokens - 1 if self.vision_feature_select == "default" else tokens
 
     def validate(self) -> None:
         self.vision.validate()

@@ -58,8 +58,8 @@ class Llava(nn.Module):
         flat = einops.rearrange(pixel_values, "B M Y X C -> (B M) Y X C")
         hidden = self.vision_tower(flat)  # [len(feature_layers), (B M), L, E]
         feats = jnp.concatenate(list(hidden), axis=-1)
-        if self.cfg.vision_feature_select == "default" and self.cfg.vision.has_cls:
-            feats = feats[:, 1:]
+        if self.cfg.vision_feature_select == "default":
+            feats = feats[:, 1:]  # transformers' meaning: the first token, CLS or not
         tokens = self.projector(feats)  # [(B M), P, D]
         return einops.rearrange(tokens, "(B M) P D -> B (M P) D", B=b, M=m)
 

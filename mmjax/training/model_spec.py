@@ -31,15 +31,21 @@ from mmjax.data import templates
 from mmjax.data.templates import IMAGE
 from mmjax.data.tokenize import add_image_token
 from mmjax.errors import ConfigError
-from mmjax.hf import load_tokenizer
+from mmjax.hf import load_tokenizer, save_tokenizer
 from mmjax.hf.config import from_hf, llava_from_hf
 from mmjax.hf.weight_files import Checkpoint
 from mmjax.models import presets
 from mmjax.models.config import LlavaConfig, LLMConfig, ProjectorConfig, VisionConfig
 
 MODEL_FILE = "model.json"
+# 2: vision_feature_select="default" drops the first token of any tower (transformers'
+# meaning); format 1 dropped it only from towers with a CLS token
+FORMAT = 2
 TOKENIZER_DIR = "tokenizer"
 AUTO = "auto"
+
+
+FeatureSelect = Literal["auto", "default", "full"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +54,8 @@ class ComposeConfig:
 
     projector: str = "mlp2x_gelu"  # linear | mlpNx_gelu
     vision_feature_layer: int = -2  # the tower's hidden state fed to the projector
-    vision_feature_select: Literal["default", "full"] = "default"  # default drops CLIP's CLS
+    # transformers' meaning: "default" drops the tower's first token, "full" keeps all
+    vision_feature_select: FeatureSelect = "auto"  # auto: default for CLIP, full for SigLIP
     image_token: Literal["<image>"] = "<image>"  # added to the tokenizer when it has none
     vocab_multiple: int = 64  # the grown vocabulary is a multiple of this
 
@@ -151,9 +158,15 @@ def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> ModelS
         projector=ProjectorConfig(compose.projector),
         image_token_id=tokenizer.convert_tokens_to_ids(compose.image_token),
         vision_feature_layer=compose.vision_feature_layer,
-        vision_feature_select=compose.vision_feature_select)
+        vision_feature_select=_feature_select(compose.vision_feature_select, vision))
     cfg.validate()
     return ModelSpec(cfg, tokenizer, "", added, llm.vocab_size)
+
+
+def _feature_select(select: str, vision: VisionConfig) -> str:
+    if select == AUTO:
+        return "default" if vision.has_cls else "full"
+    return select
 
 
 def _from_preset(preset: LlavaConfig, tc) -> ModelSpec:
@@ -230,10 +243,10 @@ def save(spec: ModelSpec, workdir: Path) -> None:
     workdir = Path(workdir)
     tmp = workdir / (TOKENIZER_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    spec.tokenizer.save_pretrained(str(tmp))
+    save_tokenizer(spec.tokenizer, tmp)
     shutil.rmtree(workdir / TOKENIZER_DIR, ignore_errors=True)
     os.replace(tmp, workdir / TOKENIZER_DIR)
-    record = {"config": dataclasses.asdict(spec.cfg), "template": spec.template,
+    record = {"format": FORMAT, "config": dataclasses.asdict(spec.cfg), "template": spec.template,
               "added_tokens": list(spec.added_tokens), "base_vocab": spec.base_vocab,
               "sources": spec.sources}
     path = workdir / MODEL_FILE
@@ -246,6 +259,9 @@ def read(workdir: str | Path) -> ModelSpec:
     workdir = Path(workdir)
     record = json.loads((workdir / MODEL_FILE).read_text())
     cfg = configlib.from_saved(LlavaConfig, record["config"])
+    if record.get("format", 1) < 2 and not cfg.vision.has_cls:
+        # format 1 kept every patch of a tower without CLS under "default"
+        cfg = dataclasses.replace(cfg, vision_feature_select="full")
     tokenizer = load_tokenizer(workdir / TOKENIZER_DIR)
     return ModelSpec(cfg, tokenizer, record["template"], tuple(record.get("added_tokens", ())),
                   int(record.get("base_vocab", 0)), dict(record.get("sources", {})))
