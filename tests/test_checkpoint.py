@@ -90,3 +90,119 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     restored = again.restore(2, abstract)
     np.testing.assert_array_equal(restored["w"], np.arange(8.0) + 2)
     again.close()
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+def _write_two_steps(directory):
+    """Steps 1 and 2 of a state and a Grain iterator (5 records read before each)."""
+    import grain
+
+    ckpt = Checkpointer(directory, CheckpointConfig(save_interval=1, keep_last=3,
+                                                    async_save=False))
+    ckpt.meta = {"data_workers": 0}
+    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
+    state = {"w": jnp.arange(64 * 256, dtype=jnp.float32).reshape(64, 256),
+             "b": jnp.ones((300,), jnp.float32), "n": jnp.int32(3)}
+    for step in (1, 2):
+        for _ in range(5):
+            next(it)
+        ckpt.save(step, state, it, force=True)
+    ckpt.close()
+    return state
+
+
+def _chunk_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()
+                and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+
+
+def _replace(path, old: str, new: str):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+DAMAGE = {  # how, and what the one line says (a regex), with the file list / without it
+    "chunk truncated": (
+        lambda d: _chunk_file(d).write_bytes(_chunk_file(d).read_bytes()[:5000]),
+        r"state/.*/d/\w+ is truncated \(5000 of \d+ bytes\)",
+        r"array chunk w/0\.0 in .*/2/state is truncated \(its data ends at byte \d+, \d+ "
+        r"bytes were written\)"),
+    "chunk zeroed": (
+        lambda d: _chunk_file(d).write_bytes(bytes(_chunk_file(d).stat().st_size)),
+        r"array chunk w/0\.0 in .*/2/state is unreadable \(its data does not decompress\)",
+        None),
+    "manifest deleted": (
+        lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+        r"/2/state/manifest\.ocdbt is missing", None),
+    "data position changed": (
+        lambda d: _replace(d / "data_iter" / "process_0-of-1.json", '"next_index": 10',
+                           '"next_index": 11'),
+        r"/2/data_iter/process_0-of-1\.json \(the data position\) changed after it was "
+        r"written", None),
+    "data position deleted": (
+        lambda d: __import__("shutil").rmtree(d / "data_iter"),
+        r"/2/data_iter is missing", r"/2/data_iter/process_0-of-1\.json is missing"),
+    "meta changed": (
+        lambda d: _replace(d / "meta" / "metadata", '"data_workers": 0', '"data_workers": 1'),
+        r"/2/meta/metadata changed after it was written", None),
+    "meta deleted": (
+        lambda d: __import__("shutil").rmtree(d / "meta"), r"/2/meta is missing", None),
+}
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["sizes-listed", "no-list"])
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_each_damage_is_named_in_one_line_and_the_older_step_restored(name, listed, tmp_path,
+                                                                     capfd):
+    """Every item checked (the arrays, the data position, meta, the files' sizes): the
+    damaged newest step is moved aside with one line naming the file and what is wrong
+    (with the list of sizes the save wrote, or without it: a checkpoint whose process died
+    before writing it), and step 1 comes back with its own data position."""
+    import re
+
+    import grain
+
+    state = _write_two_steps(tmp_path / "c")
+    step_dir = tmp_path / "c" / "2"
+    if not listed:
+        (step_dir / "mmjax_files.json").unlink()
+    how, said, said_unlisted = DAMAGE[name]
+    how(step_dir)
+    ckpt = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
+    said_lines = []
+    restored, step = ckpt.restore_latest(abstract, it, log=said_lines.append)
+    ckpt.close()
+    assert step == 1 and next(it) == 5  # step 1's data position
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert len(said_lines) == 1 and "\n" not in said_lines[0]
+    assert re.search(said if listed else (said_unlisted or said), said_lines[0]), said_lines[0]
+    assert "falling back to step 1" in said_lines[0]
+    assert not re.search(r"tensorstore|driver|spec|Error opening", said_lines[0], re.I)
+    assert (tmp_path / "corrupt_checkpoints" / "2").is_dir()
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_a_missing_orbax_metadata_file_is_said_and_the_step_still_verified(tmp_path, capfd):
+    """Orbax's own item list gone from a step without mmjax's list of sizes: read with the
+    items mmjax saves, every checksum verified, one line instead of an absl warning."""
+    import grain
+
+    state = _write_two_steps(tmp_path / "c")
+    (tmp_path / "c" / "2" / "mmjax_files.json").unlink()
+    (tmp_path / "c" / "2" / "_CHECKPOINT_METADATA").unlink()
+    ckpt = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
+    said = []
+    _, step = ckpt.restore_latest(abstract, it, log=said.append)
+    ckpt.close()
+    assert step == 2 and next(it) == 10
+    assert len(said) == 1 and "_CHECKPOINT_METADATA (Orbax's list of the items) is missing" \
+        in said[0]
+    assert "WARNING" not in capfd.readouterr().err

@@ -42,49 +42,89 @@ def _data_files(step_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: -p.stat().st_size)
 
 
+def _flip_bit(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _digit_after(path: Path, key: str) -> int:
+    """The offset of the first digit after `key` in a JSON file (flipping its lowest bit
+    leaves a digit: the file stays valid JSON, only the value changes)."""
+    text = path.read_bytes()
+    at = text.index(key.encode()) + len(key)
+    while not chr(text[at]).isdigit():
+        at += 1
+    return at
+
+
+def _samples(workdir) -> dict:
+    return {json.loads(x)["step"]: json.loads(x)["ids"]
+            for x in (workdir / "samples.jsonl").read_text().splitlines()}
+
+
+# one damage to the newest checkpoint (step 10) each: (what, how, what the message says)
+DAMAGES = [
+    ("one bit of the largest array data file",
+     lambda d: _flip_bit(_data_files(d)[0], _data_files(d)[0].stat().st_size // 2),
+     "unreadable|differ from the checksums"),
+    ("one bit of the data position",
+     lambda d: _flip_bit(d / "data_iter" / "process_0-of-1.json",
+                         _digit_after(d / "data_iter" / "process_0-of-1.json", "index")),
+     "process_0-of-1.json \\(the data position\\) changed after it was written"),
+    ("one bit of the meta item (the worker count)",
+     lambda d: _flip_bit(d / "meta" / "metadata", _digit_after(d / "meta" / "metadata",
+                                                                "data_workers")),
+     "meta/metadata changed after it was written"),
+    ("the largest array data file truncated",
+     lambda d: _data_files(d)[0].write_bytes(
+         _data_files(d)[0].read_bytes()[: _data_files(d)[0].stat().st_size // 3]),
+     "is truncated \\(\\d+ of \\d+ bytes\\)"),
+]
+
+
 @pytest.mark.e2e
-def test_corrupted_newest_checkpoint_falls_back_and_losses_continue(demo_data, tmp_path,
-                                                                    capsys):
-    run = lambda d: run_train(  # noqa: E731
-        configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(demo_data, 1, 10)), d)
+def test_damaged_newest_checkpoint_falls_back_and_the_run_continues_bitwise(
+        demo_data, tmp_path, capsys):
+    """Each item of a checkpoint damaged in turn (an array chunk, the data position, meta,
+    a truncated file): detected, named in one line, moved aside; the run falls back to the
+    older checkpoint and replays the uninterrupted run's losses and sample ids bitwise."""
+    import re
+
+    run = lambda d, extra=(): run_train(configlib.load(  # noqa: E731
+        f"{ROOT}/configs/stage1.py:demo",
+        _overrides(demo_data, 1, 10, ["--config.log_sample_ids=True", *extra])), d,
+        allow_config_change=bool(extra))
     work = tmp_path / "run"
     reference = _losses(run(work))  # CPU steps are deterministic: the reference losses
+    ids = _samples(work)
     ckpts = work / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [8, 10]
-
-    # 1. a 4 KB bit flip inside the largest data file of the newest checkpoint
-    target = _data_files(ckpts / "10")[0]
-    data = bytearray(target.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 4096] = bytes(b ^ 0x5A for b in data[mid:mid + 4096])
-    target.write_bytes(bytes(data))
-    capsys.readouterr()
-    again = _losses(run(work))
-    out = capsys.readouterr().out
-    assert "checkpoint step 10" in out and "is not usable" in out
-    assert "falling back to step 8" in out and "resumed from" in out and "step 8" in out
-    assert (work / "corrupt_checkpoints" / "10").is_dir()  # moved aside, not deleted
-    assert again == {9: reference[9], 10: reference[10]}  # bitwise
-
-    # 2. the newly written step 10 truncated: the same fallback, the same losses
-    target = _data_files(ckpts / "10")[0]
-    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
-    again = _losses(run(work))
-    out = capsys.readouterr().out
-    assert "checkpoint step 10" in out and "falling back to step 8" in out
-    assert again == {9: reference[9], 10: reference[10]}
-    assert len(out.splitlines()) < 40  # a paragraph, not an Orbax traceback
-    # metrics.jsonl holds each step once after two replays
+    for n, (what, damage, said) in enumerate(DAMAGES):
+        damage(ckpts / "10")
+        capsys.readouterr()
+        again = _losses(run(work))
+        captured = capsys.readouterr()
+        out = captured.out
+        lines = [x for x in out.splitlines() if "checkpoint step 10" in x]
+        assert len(lines) == 1 and "is not usable" in lines[0], (what, out[-2000:])
+        assert re.search(said, lines[0]), (what, lines[0])
+        assert "falling back to step 8" in lines[0] and "resumed from" in out, what
+        noise = re.search(r"tensorstore|driver|Traceback|WARNING|absl", out + captured.err)
+        assert not noise, (what, out[-1000:], captured.err[-1000:])
+        assert len(list((work / "corrupt_checkpoints").iterdir())) == n + 1, what
+        assert again == {9: reference[9], 10: reference[10]}, what  # bitwise
+        assert _samples(work) == ids, what  # the same samples, in the same order
+    # metrics.jsonl holds each step once after the replays
     assert _steps(work, "metrics.jsonl") == list(range(1, 11))
 
-    # 3. strict mode stops instead of falling back
+    # strict mode stops instead of falling back
     target = _data_files(ckpts / "10")[0]
     target.unlink()
-    c = configlib.load(f"{ROOT}/configs/stage1.py:demo", _overrides(
-        demo_data, 1, 10, ["--config.checkpoint.strict_restore=True"]))
     from mmjax.training.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="checkpoint step 10 .* not usable"):
-        run_train(c, work, allow_config_change=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 10 .* not usable: .* is "
+                                              r"missing\. Stopping"):
+        run(work, ["--config.checkpoint.strict_restore=True"])
 
 
 def test_checksums_catch_a_changed_value_and_refuse_non_finite_state():
@@ -174,6 +214,7 @@ def _start_and_kill(workdir, data, steps, at_least, extra, check=None):
         if done and max(done) >= at_least:
             break
         time.sleep(0.2)
+    proc.send_signal(signal.SIGSTOP)  # held mid-run (its lock, its workers) until the kill
     if check is not None:
         check(proc)
     children = _children(proc.pid)

@@ -195,6 +195,7 @@ def _train(tc: TrainConfig, workdir: Path, allow_config_change: bool,
         f"{p.steps} steps; trained: {trained}")
     with mesh_rules(p.mesh, tc.logical_axis_rules):
         state, start = restore_or_init(p, data_it, say)
+        p.checkpointer.prepare(s.abstract_state())  # the checksum program, in the background
         if jax.process_index() == 0:
             truncate_logs(workdir, start)  # steps past the checkpoint are replayed
         writer = MetricWriter(workdir, tc.metrics,
