@@ -25,5 +25,11 @@ def get_config(arg=None):
         c = common.training(2)
         c.model = variant
         c.init.stage1_parts = ["vision_tower", "projector", "language_model"]
+        if variant == "llava15_13b":
+            # fits a v5p-8 (python -m mmjax.aot: 89.6 of 95.7 GiB per chip): every layer
+            # recomputed in the backward pass, 4 rows per device per micro-batch (grad_accum
+            # 8 at the global batch of 128); save_qkv and 8 rows need 108 GiB
+            c.runtime.remat_policy = "full"
+            c.max_rows_per_device = 4
     c.lora.enabled = use_lora
     return c

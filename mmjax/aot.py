@@ -27,15 +27,18 @@ import sys
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import numpy as np
 from jax.experimental import topologies
 
 from mmjax import batch as batch_format
 from mmjax.errors import ConfigError, UsageError
 from mmjax.models import presets
-from mmjax.sharding import make_mesh, mesh_rules, with_shardings
+from mmjax.sharding import batch_ways, make_mesh, mesh_rules, with_shardings
 from mmjax.training import model_spec
 from mmjax.training.config import TrainConfig, check_batch_fits_mesh, from_file
+from mmjax.training.optimizer import split
 from mmjax.training.run import StepSetup
 
 GiB = 1024 ** 3
@@ -196,6 +199,64 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     return report, setup
 
 
+@dataclasses.dataclass
+class FixedPart:
+    """What the step holds whatever the batch: the train state (parameters, optimizer
+    state) and the gradient buffers and weight copies, per trainable parameter."""
+
+    trainable: int  # parameters
+    frozen: int
+    state_bytes: int  # the train state on one device
+    buffers_bytes: int  # temporaries with (almost) no activations, on one device
+    devices: int
+
+    def per_param(self, nbytes: int) -> float:
+        """Bytes per trainable parameter (per parameter when most are frozen: stage 1)."""
+        count = self.trainable if self.trainable >= self.frozen else self.trainable + \
+            self.frozen
+        return nbytes * self.devices / max(count, 1)
+
+    def lines(self, report: Report) -> list[str]:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        fixed = self.state_bytes + self.buffers_bytes
+        per = "trainable parameter" if self.trainable >= self.frozen else "parameter"
+        return [
+            f"  fixed part   {g(fixed)}: {self.per_param(fixed):.1f} B per {per} "
+            f"({self.trainable:,} trainable, {self.frozen:,} frozen)",
+            f"    state      {g(self.state_bytes)}: {self.per_param(self.state_bytes):.1f} "
+            "B/param (parameters and optimizer state: 4 + Adam's 8 per trainable parameter, "
+            "4 per frozen one, in float32)",
+            f"    buffers    {g(self.buffers_bytes)}: {self.per_param(self.buffers_bytes):.1f} "
+            "B/param (gradients and their accumulator, weight copies, workspace: the step "
+            "compiled with one row per device per micro-batch)",
+            f"  activations  {g(max(report.temporaries - self.buffers_bytes, 0))} (the rest of "
+            "the temporaries)"]
+
+
+def fixed_part(tc, cfg, devices, hbm, setup) -> FixedPart:
+    """The step compiled again at one row per batch shard per micro-batch, each row as short
+    as its images allow: its arguments are the train state (and a tiny batch), its
+    temporaries the gradient buffers and weight copies."""
+    mesh = make_mesh(tc.mesh, devices=devices, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
+    tc = tc.for_mesh(mesh)
+    ways = batch_ways(mesh, tc.logical_axis_rules)
+    images = tc.data_config(1).image_slots(cfg.image_tokens)
+    length = -(-(cfg.image_tokens * images + 64) // 128) * 128
+    small = dataclasses.replace(
+        tc, batch_size=ways * tc.grad_accum,
+        data=dataclasses.replace(tc.data, max_length=length, seq_len=0))
+    report, _ = compile_step(small, cfg, devices, hbm)
+    trainable, frozen = split(nn.unbox(setup.abstract_params),
+                              setup.trainer.labels(setup.abstract_params))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa
+    dcfg = small.data_config(1)
+    batch = batch_format.abstract(small.batch_size, dcfg.row_len, images, cfg.vision.image_size,
+                                  "float32" if dcfg.normalize_on_host else "uint8")
+    batch_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in batch.values())
+    return FixedPart(count(trainable), count(frozen),
+                     report.arguments - batch_bytes // ways, report.temporaries, len(devices))
+
+
 def _describe(tc, setup, mesh_devices: int, kind: str, grad_accum: int) -> str:
     rt = setup.rt
     auto = " (auto)" if not tc.grad_accum else ""
@@ -244,6 +305,9 @@ def main(argv=None) -> int:
                         help="compile remat policies x grad_accum and print what fits")
     parser.add_argument("--remat", default="", help="--sweep: comma-separated policies")
     parser.add_argument("--dump-hlo", default="", help="write the lowered and compiled HLO")
+    parser.add_argument("--no-fixed", action="store_true", help="skip the second compile "
+                        "that measures the fixed part (state, gradient buffers) apart from "
+                        "activations")
     args, overrides = parser.parse_known_args(argv)
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
@@ -284,6 +348,14 @@ def main(argv=None) -> int:
     say(f"compiled in {report.compile_s:.1f} s; per device:")
     for line in report.lines():
         say(line)
+    if not report.refused and not args.no_fixed:
+        try:
+            fixed = fixed_part(tc, cfg, devices, hbm, setup)
+        except (ConfigError, ValueError, jax.errors.JaxRuntimeError) as e:
+            say(f"  fixed part: not measured ({str(e).splitlines()[0][:120]})")
+        else:
+            for line in fixed.lines(report):
+                say(line)
     return 0 if report.fits in (True, None) else 1
 
 

@@ -73,7 +73,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
     args = parser.parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     m = cli.load_model(args)
-    chat = Chat(m, m.engine(), cli.sampling(args), out, seed=args.seed)
+    chat = Chat(m, m.engine(cli.say_compiling), cli.sampling(args), out, seed=args.seed)
     if args.image:
         chat.set_image(args.image)
     interactive = stdin.isatty()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mmjax import configlib
+from mmjax import compile_cache, configlib
 from mmjax.data.image import preprocess
 from mmjax.data.synthetic import vocabulary_text, write_split
 from mmjax.data.templates import VICUNA_SYSTEM
@@ -315,6 +315,7 @@ def main(argv=None):
     if args.forward:
         return forward_demo(overrides)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    compile_cache.enable()
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)  # the demo always starts from scratch
     out = training_demo(workdir, args.train_images, overrides=overrides,

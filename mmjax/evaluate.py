@@ -77,11 +77,12 @@ def main(argv=None) -> dict | None:
             raise UsageError(f"{args.data} holds none of LLaVA's evaluation folders (vqav2, gqa, "
                              "vizwiz, scienceqa, textvqa, pope, MME, mmbench)")
         m = cli.load_model(args)
-        return {name: _one(args, name, m) for name in names}
+        engine = m.engine(cli.say_compiling)  # one set of compiled programs for all
+        return {name: _one(args, name, m, engine) for name in names}
     return _one(args, args.benchmark)
 
 
-def _one(args, name: str, m=None) -> dict:
+def _one(args, name: str, m=None, engine=None) -> dict:
     """One benchmark: answers, scores, reports; printed as a table."""
     try:
         bench = bench_lib.get(name, args.data, args.image_root, args.split, args.variant)
@@ -91,9 +92,10 @@ def _one(args, name: str, m=None) -> dict:
     out = (args.out / default.name if args.benchmark == "all" else args.out) if args.out \
         else default
     m = m or cli.load_model(args)
+    engine = engine or m.engine(cli.say_compiling)
     try:
         report = run(m, bench, out, batch_size=args.batch_size, limit=args.limit,
-                     max_new_tokens=args.max_new_tokens,
+                     max_new_tokens=args.max_new_tokens, engine=engine,
                      model_source=args.hf or args.checkpoint, blank_images=args.blank_images)
     except bench_lib.BenchmarkError as e:
         raise UsageError(str(e)) from None

@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     m = cli.load_model(args)
     images = [m.read_image(p) for p in args.image]
     req = request(m, [(args.prompt, "")], images, args.system)
-    result = m.engine().generate([req], sampling, seed=args.seed)[0]
+    result = m.engine(cli.say_compiling).generate([req], sampling, seed=args.seed)[0]
     out = {"text": result.text.strip(), "token_ids": result.token_ids,
            "finish": result.finish}
     if args.logprobs:

@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     done = answered(args.out) | set().union(*(answered(p) for p in parts))
     todo = [q for q in questions if q["question_id"] not in done][pid::nproc]
     m = cli.load_model(args)
-    engine = m.engine()
+    engine = m.engine(cli.say_compiling)
     model_id = args.model_id or m.model_id
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0, n_done = time.time(), 0

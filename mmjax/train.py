@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmjax import distributed
+from mmjax import compile_cache, distributed
 from mmjax.data.quality import BadShareExceeded, DataStalled
 from mmjax.data.sources import DataSourceError
 from mmjax.errors import ConfigError
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         quiet_orbax_errors()
     try:
         tc = from_file(args.config, overrides)
+        compile_cache.enable(tc.compile_cache_dir)
         validate(tc)
         during_training.check(tc.eval)
         distributed.initialize(tc.distributed)

@@ -43,8 +43,9 @@ def _compile(capsys, *argv):
 @pytest.mark.parametrize("topology, devices", [
     ("v5p-8", 4), pytest.param("v5e-8", 8, marks=pytest.mark.e2e)])
 def test_tiny_stage_steps_compile_for_tpu(capsys, topology, devices):
-    for config, extra in [("configs/stage1.py", []), ("configs/stage2.py", []),
-                          ("configs/stage2.py:auto_lora", [])]:
+    for config, extra in [("configs/stage1.py", ["--no-fixed"]),
+                          ("configs/stage2.py", ["--no-fixed"]),
+                          ("configs/stage2.py:auto_lora", ["--no-fixed"])]:
         status, out = _compile(capsys, "--config", config, "--topology", topology, *TINY,
                                *extra)
         assert status == 0, out
@@ -53,6 +54,28 @@ def test_tiny_stage_steps_compile_for_tpu(capsys, topology, devices):
         assert "packing best_fit" in out and "-> fits" in out
         temps = float(out.split("temporaries")[1].split("GiB")[0])
         assert 0 < temps < 1, out
+
+
+@pytest.mark.parametrize("mu_dtype, moments", [("float32", 8), ("bfloat16", 6)])
+def test_the_fixed_part_is_the_state_and_the_gradient_buffers(capsys, mu_dtype, moments):
+    """`mmjax.aot` reports the fixed part per trainable parameter: the train state measured
+    by the compiler (here the local CPU devices': TPU pads the tiny model's 64-wide arrays to
+    its 128 lanes) is 4 bytes of parameter and `moments` bytes of Adam moments per trainable
+    parameter plus the frozen weights (optim.mu_dtype=bfloat16 saves 2), and the buffers at
+    least one float32 gradient."""
+    status, out = _compile(capsys, "--config", "configs/stage2.py", *TINY,
+                           "--config.runtime.dtype=float32",
+                           f"--config.optim.mu_dtype={mu_dtype}")
+    assert status == 0, out
+    fixed = out.split("fixed part")[1]
+    trainable = int(fixed.split("(")[1].split(" trainable")[0].replace(",", ""))
+    frozen = int(fixed.split(" trainable, ")[1].split(" frozen")[0].replace(",", ""))
+    state = float(fixed.split("state")[1].split("GiB:")[1].split("B/param")[0])
+    buffers = float(fixed.split("buffers")[1].split("GiB:")[1].split("B/param")[0])
+    expected = 4 + moments + 4 * frozen / trainable
+    assert expected * 0.99 <= state <= expected * 1.05, out
+    assert buffers >= 4, out
+    assert "activations" in out
 
 
 def test_target_names_and_errors():

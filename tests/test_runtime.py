@@ -73,3 +73,50 @@ def test_cpu_training_generation_and_evaluation_agree(demo_data, tmp_path):
     live = Evaluator(ctx).live_model(params, 1)
     assert live.model.rt.attention_impl == "xla"
     assert jax.tree.structure(live.params) == jax.tree.structure(m.params)
+
+
+def test_the_engine_prefills_with_splash_on_a_v5p():
+    """Generation on a TPU slice runs the kernel training runs: the engine's whole program
+    (prefill of a bucketed prompt over the image and the text, then the decode loop),
+    lowered for compile-only v5p-8 devices, calls the splash kernel and compiles."""
+    import functools
+
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mmjax.inference import Engine, Sampling
+    from mmjax.inference.sampling import knobs
+    from mmjax.models import Llava
+    from mmjax.models.factory import abstract_variables
+    from mmjax.sharding import LOGICAL_AXIS_RULES, logical_shardings, plain, with_shardings
+
+    devices = aot.Target.parse("v5p-8").devices()
+    cfg = presets.get("demo")
+    rt = for_inference(devices[0], "bfloat16")
+    assert rt.attention_impl == "splash"
+    mesh = make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices)
+    boxed = abstract_variables(cfg, rt)["params"]
+    params = with_shardings(plain(boxed), logical_shardings(boxed, mesh, LOGICAL_AXIS_RULES))
+
+    class Tokens:
+        pad_token_id = 0
+
+    engine = Engine(Llava(cfg, rt), params, Tokens(), mesh=mesh, rules=LOGICAL_AXIS_RULES)
+    rows, length, new = 4, 256, 16
+    rows_sh = NamedSharding(mesh, PartitionSpec("data"))
+    spec = lambda shape, dtype, sh=None: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa
+    size = cfg.vision.image_size
+    small = lambda x: spec(np.shape(x), jnp.asarray(x).dtype)  # noqa: E731
+    sampling = Sampling(max_new_tokens=new)
+    args = (params, spec((rows, length), jnp.int32, rows_sh),
+            spec((rows, length), jnp.int32, rows_sh),
+            spec((rows, 1, size, size, 3), jnp.uint8, rows_sh),
+            jax.eval_shape(lambda: jax.random.key(0)),
+            jax.tree.map(small, knobs(sampling, rows)), small(jnp.int32(new)),
+            small(jnp.asarray((2,), jnp.int32)), small(np.full((1, 8), -1, np.int32)))
+    with mesh_rules(mesh, LOGICAL_AXIS_RULES):
+        lowered = jax.jit(functools.partial(engine._run, new=new, stream=False,
+                                            logprobs=False)).lower(*args)
+    assert "tpu_custom_call" in lowered.as_text()  # the Mosaic splash kernel
+    assert lowered.compile().memory_analysis().temp_size_in_bytes > 0

@@ -30,6 +30,7 @@ LAYERS = {
     "mmjax.errors": (0, "leaf"), "mmjax.logs": (0, "leaf"), "mmjax.configlib": (0, "leaf"),
     "mmjax.sharding": (0, "leaf"), "mmjax.batch": (0, "leaf"),
     "mmjax.distributed": (0, "leaf"), "mmjax.assets": (0, "leaf"),
+    "mmjax.compile_cache": (0, "leaf"),
     "mmjax.models": (1, "models"),
     "mmjax.data": (2, "data"), "mmjax.hf": (2, "hf"),
     "mmjax.training": (3, "training"),
@@ -214,7 +215,7 @@ def _config_classes():
 
 # str fields whose values are open: paths, names, free text, and patterns checked at start
 OPEN_STR_FIELDS = {
-    "TrainConfig": {"model", "tokenizer"}, "InitConfig": {"hf_llava", "hf_vision", "hf_llm",
+    "TrainConfig": {"model", "tokenizer", "compile_cache_dir"}, "InitConfig": {"hf_llava", "hf_vision", "hf_llm",
                                                            "stage1_checkpoint"},
     "SourceConfig": {"path", "image_root", "split", "name"},
     "BenchmarkSpec": {"data", "split", "variant", "image_root", "tag"},

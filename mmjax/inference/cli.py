@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmjax import compile_cache
 from mmjax.errors import ConfigError, UsageError
 from mmjax.inference.load import Loaded, load
 from mmjax.inference.sampling import Sampling
@@ -22,6 +23,9 @@ def add_model_args(parser: argparse.ArgumentParser, step: bool = True) -> None:
                         "text as given, each <image> expanded)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: float32 on CPU, bfloat16 on accelerators")
+    parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the KV cache's element type (default: --dtype); bfloat16 "
+                        "halves what each decode step reads of it")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new: int = 512) -> None:
@@ -44,13 +48,22 @@ def sampling(args, logprobs: bool = False) -> Sampling:
     return s
 
 
+def say_compiling(what: str) -> None:
+    """What a command is compiling, on stderr (the first call of a shape takes seconds)."""
+    print(f"compiling {what}", file=sys.stderr, flush=True)
+
+
 def load_model(args) -> Loaded:
-    return load(args.hf, args.checkpoint, dtype=args.dtype, template=args.template)
+    m = load(args.hf, args.checkpoint, dtype=args.dtype, template=args.template)
+    m.cache_dtype = getattr(args, "cache_dtype", None)
+    return m
 
 
 def run_main(main) -> None:
-    """Runs a command's main: user mistakes as one line on stderr (exit 2)."""
+    """Runs a command's main: user mistakes as one line on stderr (exit 2). Compiled
+    programs are kept on disk for the next process (`mmjax.compile_cache`)."""
     quiet_notices()
+    compile_cache.enable()
     try:
         main()
     except (UsageError, ConfigError, FileNotFoundError) as e:

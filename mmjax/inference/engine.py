@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import math
+import threading
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -95,7 +96,9 @@ class Engine:
     def __init__(self, model: Llava, params, tokenizer, *, mesh=None, rules=None,
                  stop_ids: Sequence[int] = (), pad_id: int | None = None,
                  batch_buckets: Sequence[int] = BATCH_BUCKETS,
-                 length_buckets: Sequence[int] = LENGTH_BUCKETS):
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS,
+                 on_compile: Callable[[str], None] | None = None,
+                 cache_dtype: str | None = None):
         if model.rt.scan_layers:
             raise ValueError("the engine runs unscanned layers (RuntimeConfig.scan_layers="
                              "False; mmjax.models.llm.unstack_layers for scanned parameters)")
@@ -114,6 +117,10 @@ class Engine:
         self.batch_buckets, self.length_buckets = tuple(batch_buckets), tuple(length_buckets)
         self.row_multiple = math.prod(self.mesh.shape[a] for a in batch_axes(self.rules))
         self._programs: dict = {}
+        self.on_compile = on_compile  # told what is compiling (a new shape's program)
+        # the KV cache's element type (default: the compute dtype); bfloat16 halves what
+        # each decode step reads of it
+        self.cache_dtype = jnp.dtype(cache_dtype or model.rt.dtype)
         # the running call's token callback (streaming programs); shared with `with_params`
         # copies, whose calls run the same compiled programs
         self._stream: dict = {"callback": None}
@@ -244,9 +251,18 @@ class Engine:
         key = (batch["ids"].shape, None if pixels is None else (pixels.shape, pixels.dtype.str),
                new, stream, logprobs)
         if key not in self._programs:
-            run = functools.partial(self._run, new=new, stream=stream, logprobs=logprobs)
-            lowered = jax.jit(run).lower(*args)
-            self._programs[key] = _compile(lowered)
+            rows, length = batch["ids"].shape
+            # said only when it takes a while (a program read from the cache does not)
+            timer = threading.Timer(1.0, self.on_compile or (lambda _: None), [
+                f"generation for {rows} row(s) x {length} prompt tokens, up to {new} new "
+                "(once per shape)"])
+            timer.start()
+            try:
+                run = functools.partial(self._run, new=new, stream=stream, logprobs=logprobs)
+                lowered = jax.jit(run).lower(*args)
+                self._programs[key] = _compile(lowered)
+            finally:
+                timer.cancel()
         return self._programs[key]
 
     def _streamed(self, tokens, live):
@@ -261,7 +277,7 @@ class Engine:
         model, cfg = self.model, self.cfg
         rows, length = ids.shape
         positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-        cache = KVCache.empty(cfg.llm, rows, length + new, model.rt.dtype)
+        cache = KVCache.empty(cfg.llm, rows, length + new, self.cache_dtype)
         cache_sh = logical_shardings(nn.LogicallyPartitioned(cache.k[0], CACHE_AXES),
                                      self.mesh, self.rules)
         cache = cache.replace(

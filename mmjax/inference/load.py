@@ -44,6 +44,7 @@ class Loaded:
     mesh: object
     rules: tuple
     image_aspect: ImageAspect = "pad"  # how images are brought to the tower's square
+    cache_dtype: str | None = None  # the engine's KV cache type (None: the compute dtype)
 
     @property
     def cfg(self) -> LlavaConfig:
@@ -60,10 +61,12 @@ class Loaded:
     def stop_ids(self) -> list[int]:
         return stop_ids(self.tokenizer, self.template)
 
-    def engine(self) -> Engine:
-        """The KV-cache engine over these parameters, on this mesh."""
+    def engine(self, on_compile=None) -> Engine:
+        """The KV-cache engine over these parameters, on this mesh (`on_compile` is told
+        what compiles)."""
         return Engine(self.model, self.params, self.tokenizer, mesh=self.mesh, rules=self.rules,
-                      stop_ids=self.stop_ids())
+                      stop_ids=self.stop_ids(), on_compile=on_compile,
+                      cache_dtype=self.cache_dtype)
 
     def pixels(self, image: str | Path | bytes | Image.Image | np.ndarray,
                blank: bool = False) -> np.ndarray:

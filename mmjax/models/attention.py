@@ -270,7 +270,9 @@ def cached_attention(
     qg = einops.rearrange(q, "B T (K G) H -> B K G T H", K=k.shape[1])
     logits = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None], logits * scale, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    # the probabilities in the wider of the cache's and the query's types: a bfloat16 cache
+    # under a float32 model is widened as it is read, not the probabilities narrowed
+    probs = jax.nn.softmax(logits, axis=-1).astype(jnp.promote_types(v.dtype, q.dtype))
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
     out = einops.rearrange(out, "B K G T H -> B T (K G) H")
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)

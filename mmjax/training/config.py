@@ -94,6 +94,7 @@ class TrainConfig:
     total_steps: int = 0  # optimizer steps; 0 = num_epochs over the data
     log_every: int = 10  # steps between metric records and console lines
     log_sample_ids: bool = False  # write each step's sample ids to samples.jsonl (debugging)
+    compile_cache_dir: str = ""  # compiled programs kept here ("": $MMJAX_CACHE_DIR; "off")
     max_skipped_in_a_row: int = 5  # stop after this many non-finite or empty steps in a row
     mesh: dict[str, int] = dataclasses.field(  # per slice / host; one axis may be -1
         default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})

@@ -27,6 +27,7 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     schedule: Literal["cosine", "constant"] = "cosine"  # after the warmup
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # Adam's 1st moment; bf16: 2 B/param less
     total_steps: int = dataclasses.field(default=0, metadata={
         "derived": "total_steps, or num_epochs over the data"})
 
@@ -80,7 +81,7 @@ def make_optimizer(cfg: OptimConfig, trainable_labels) -> optax.GradientTransfor
     used = sorted({g for g in jax.tree.leaves(trainable_labels) if g >= 0})
     transforms = {
         g: optax.adamw(schedule(cfg, cfg.groups[g][1]), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
+                       weight_decay=cfg.weight_decay, mu_dtype=cfg.mu_dtype)
         for g in used}
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
     return optax.chain(*chain, optax.multi_transform(transforms, trainable_labels))

@@ -25,6 +25,7 @@ from mmjax.errors import ConfigError
 # batch, optimizer, seed, workers: the data position depends on the worker count) changes
 # what the run computes.
 RESUME_MAY_CHANGE = ("total_steps", "num_epochs", "log_every", "log_sample_ids",
+                     "compile_cache_dir",
                      "max_skipped_in_a_row", "metrics.", "profile.", "checkpoint.",
                      "distributed.", "eval.")
 
