@@ -84,9 +84,9 @@ def demo_training(stage: int, workdir_data: str = "/tmp/mmjax-demo/data"):
     c.data.max_bad_share = 0.0
     c.batch_size = 16
     c.num_epochs = 0
-    # A tiny transformer from scratch first fits the captions' text (0.54 nats/token) and
-    # only then learns to read the image (measured: the break-through comes after ~250
-    # steps at lr 1e-3), so stage 1 gets enough steps at a moderate rate.
+    # A tiny transformer from scratch first fits the captions' text and only then learns to
+    # read the image (measured: loss 0.57 at step 100, 0.20 from step 450 on, the rest being
+    # which of six wordings a caption takes), so stage 1 gets enough steps at a moderate rate.
     c.total_steps = 800 if stage == 1 else 450
     lr = 1e-3
     c.optim.groups = ([[".*", lr]] if stage == 1 else

@@ -10,8 +10,13 @@ from stage 1's checkpoint). Stage 2 evaluates itself during training
 (`evaluate_during_training`: validation loss on held-out instructions; short answers in seen
 and held-out phrasings, with blank images, and conversational answers without the format
 prompt, on unseen images); the demo reports what the last evaluation measured, writes
-WORKDIR/report.json, and exits non-zero when a goal is missed. `--ablation` also trains stage
-2 on short answers without the format prompt and reports it beside the main run.
+WORKDIR/report.json, and exits non-zero when a goal is missed.
+
+Ablations (optional; each adds one stage 2, about a minute and a half on 2 cores):
+`--ablation format` trains stage 2 on short answers without the format prompt (does the
+prompt control the answer's form?); `--ablation stage1` trains the same stage 2, same steps
+and data, from the stage-1 initialisation left untrained (does stage 1's alignment let stage
+2 learn?); `--ablation all` runs both. Each is reported beside the main run.
 
 `--forward` shows the foundation alone: it trains a small BPE
 tokenizer on a few LLaVA-style prompts, builds a tiny random LLaVA (CLIP-style tower,
@@ -149,20 +154,40 @@ def evaluate_during_training(c, data: Path) -> None:
         {**short, "tag": "conversational", "data": str(data / "heldout_conv.json")}]
 
 
-def _stage(stage: int, workdir: Path, data: Path, overrides, instruct: str = "instruct",
-           name: str = "") -> None:
+# The stage-2 runs: work dir -> (training file, starts from stage 1's checkpoint, title)
+MAIN = "stage2"
+RUNS = {MAIN: ("instruct", True, "stage 2"),
+        "stage2_no_format_prompt": ("instruct_noprompt", True,
+                                    "stage 2, ablation: no format prompt in training"),
+        "stage2_no_stage1": ("instruct", False, "stage 2, ablation: no stage 1 (the stage-1 "
+                             "initialisation, untrained)")}
+ABLATIONS = {"format": "stage2_no_format_prompt", "stage1": "stage2_no_stage1"}
+
+
+def stage_config(stage: int, workdir: Path, data: Path, overrides, run_name: str = MAIN):
+    """configs/stage{stage}.py:demo on the demo data; for stage 2, the run `run_name` of
+    RUNS. Without stage 1 the demo config's `init.random` draws every part (the same seed
+    and model as stage 1's initialisation) and the vision tower stays frozen as ever."""
     c = configlib.load(f"{CONFIGS}/stage{stage}.py:demo", list(overrides))
     c.tokenizer = str(data / "tokenizer")
-    split = "captions" if stage == 1 else instruct
+    split = "captions" if stage == 1 else RUNS[run_name][0]
     c.data.sources = [{"kind": "llava_json", "path": str(data / f"train_{split}.json"),
                        "image_root": str(data), "weight": 1.0}]
     if stage == 2:
-        c.init.stage1_checkpoint = str(workdir / "stage1")
+        c.init.stage1_checkpoint = str(workdir / "stage1") if RUNS[run_name][1] else ""
         evaluate_during_training(c, data)
-    print(f"\n== stage {stage}{name}: trains {[g for g, lr in c.optim.groups if lr]} ==",
-          flush=True)
-    run.train(from_config(c), workdir / f"stage{stage}{name.replace(' ', '_')}",
+    return c
+
+
+def _stage(stage: int, workdir: Path, data: Path, overrides, run_name: str = MAIN) -> float:
+    """Trains one stage (for stage 2, the run `run_name`); returns its seconds."""
+    t0 = time.time()
+    c = stage_config(stage, workdir, data, overrides, run_name)
+    title = f"stage {stage}" if stage == 1 else RUNS[run_name][2]
+    print(f"\n== {title}: trains {[g for g, lr in c.optim.groups if lr]} ==", flush=True)
+    run.train(from_config(c), workdir / ("stage1" if stage == 1 else run_name),
               evaluators=during_training.evaluators)
+    return time.time() - t0
 
 
 def last_evaluation(run: Path) -> tuple[int, dict, dict]:
@@ -198,33 +223,71 @@ def figures(metrics: dict) -> dict:
     }
 
 
-def goals(main: dict, chance: float, ablation: dict | None) -> list[dict]:
-    """The demo's pass line (issue: the seed's two claims)."""
+def learning_curve(run: Path) -> list[dict]:
+    """A run's in-training evaluations in step order: val/loss and short-answer accuracy in
+    seen and held-out phrasings and on blank images."""
+    rows = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "val/loss" in m:  # a resumed run may log a step again: the last one counts
+            rows[m["step"]] = {"step": m["step"], "val_loss": m["val/loss"],
+                               **{k: m[f"eval/short_{k}/accuracy"]
+                                  for k in ("seen", "heldout", "blank")}}
+    return [rows[k] for k in sorted(rows)]
+
+
+def paradigm(main_curve: list[dict], bare_curve: list[dict]) -> dict:
+    """Stage 2 with and without stage 1, compared at the last step both evaluated."""
+    bare = bare_curve[-1]
+    main = next(r for r in main_curve if r["step"] == bare["step"])
+    return {"step": bare["step"], "main": main_curve, "no_stage1": bare_curve,
+            "heldout_gap": main["heldout"] - bare["heldout"],
+            "no_stage1_above_blank": bare["heldout"] - bare["blank"]}
+
+
+def goals(main: dict, chance: float, no_format: dict | None = None,
+          par: dict | None = None) -> list[dict]:
+    """The demo's pass lines: the seed's claims (phrasings, the format prompt, images read),
+    every kind learned, and with the ablations, what each must show."""
     out = [
         ("held-out phrasings: both >= 85%, within 10 points of seen",
          f"seen {main['seen_accuracy']:.1%}, held-out {main['heldout_accuracy']:.1%}",
          min(main["seen_accuracy"], main["heldout_accuracy"]) >= 0.85
          and main["seen_accuracy"] - main["heldout_accuracy"] <= 0.10),
+        *((f"{kind}: >= 90% seen and held-out", f"{v['seen']:.1%} / {v['heldout']:.1%}",
+           min(v["seen"], v["heldout"]) >= 0.90) for kind, v in main["per_kind"].items()),
         ("with the format prompt: >= 95% single word or phrase",
          f"{main['with_prompt_short_share']:.1%}", main["with_prompt_short_share"] >= 0.95),
         ("without it: >= 90% full sentences", f"{main['without_prompt_sentence_share']:.1%}",
          main["without_prompt_sentence_share"] >= 0.90),
-        ("blank images near chance (within 10 points)",
+        # what the answers come from: a model that read the words alone would score the
+        # same on blank images; one that reads the image knows no better than chance there
+        # (below it when it answers outside the answer set, or not at all)
+        ("blank images: no better than chance (at most 10 points above)",
          f"{main['blank_accuracy']:.1%} vs chance {chance:.1%}",
-         abs(main["blank_accuracy"] - chance) <= 0.10)]
-    if ablation is not None:
+         main["blank_accuracy"] - chance <= 0.10)]
+    if no_format is not None:
         out.append(("ablation (no format prompt in training): at most half the main run's "
                     "full sentences",
-                    f"{ablation['without_prompt_sentence_share']:.1%} vs "
+                    f"{no_format['without_prompt_sentence_share']:.1%} vs "
                     f"{main['without_prompt_sentence_share']:.1%}",
-                    ablation["without_prompt_sentence_share"]
+                    no_format["without_prompt_sentence_share"]
                     <= 0.5 * main["without_prompt_sentence_share"]))
+    if par is not None:
+        m = next(r for r in par["main"] if r["step"] == par["step"])
+        b = par["no_stage1"][-1]
+        out.append(("training paradigm: held-out accuracy >= 20 points above no stage 1 at "
+                    "the same stage-2 step, or no stage 1 within 10 points of its blank "
+                    "images",
+                    f"step {par['step']}: {m['heldout']:.1%} vs {b['heldout']:.1%} "
+                    f"(no stage 1 on blank images {b['blank']:.1%})",
+                    par["heldout_gap"] >= 0.20 or par["no_stage1_above_blank"] <= 0.10))
     return [{"goal": g, "measured": m, "met": bool(ok)} for g, m, ok in out]
 
 
-def print_report(step: int, main: dict, chance: float, ablation: dict | None,
-                 answers: dict, ablation_answers: dict | None, goal_rows: list[dict],
-                 n_heldout: int) -> None:
+def print_report(step: int, main: dict, chance: float, no_format: dict | None,
+                 answers: dict, no_format_answers: dict | None, goal_rows: list[dict],
+                 n_heldout: int, par: dict | None = None) -> None:
     print(f"\n== what stage 2 learned (evaluated in training at step {step}, "
           f"{n_heldout} unseen images) ==")
     print("  short answers (format prompt)   seen phrasings  held-out phrasings  blank images")
@@ -234,13 +297,13 @@ def print_report(step: int, main: dict, chance: float, ablation: dict | None,
     print(f"    all                           {main['seen_accuracy']:7.1%}         "
           f"{main['heldout_accuracy']:7.1%}          {main['blank_accuracy']:7.1%}"
           f"   (chance {chance:.1%})")
-    cols = "main run" + ("    ablation" if ablation else "")
+    cols = "main run" + ("   no format prompt" if no_format else "")
     print(f"\n  answer form                                      {cols}")
 
     def row(label, key):
         line = f"    {label:46s}{main[key]:7.1%}"
-        if ablation:
-            line += f"     {ablation[key]:7.1%}"
+        if no_format:
+            line += f"        {no_format[key]:7.1%}"
         print(line)
 
     row("with the prompt: single word or phrase", "with_prompt_short_share")
@@ -250,10 +313,20 @@ def print_report(step: int, main: dict, chance: float, ablation: dict | None,
     print("\n  without the prompt, per kind (facts right / full sentences)")
     for k, v in main["without_prompt_per_kind"].items():
         print(f"    {k:18s} {v['fact_accuracy']:7.1%} / {v['sentence_share']:7.1%}")
+    if par is not None:
+        print("\n  training paradigm: stage 2 after stage 1 vs from the untrained stage-1 "
+              "initialisation")
+        print("    stage-2 step    val/loss            held-out phrasings      blank images")
+        print("                    main   no stage 1   main     no stage 1     main     no "
+              "stage 1")
+        for m, b in zip(par["main"], par["no_stage1"]):
+            print(f"    {m['step']:>5d}          {m['val_loss']:6.3f}   {b['val_loss']:6.3f}     "
+                  f"{m['heldout']:7.1%}  {b['heldout']:7.1%}       {m['blank']:7.1%}  "
+                  f"{b['blank']:7.1%}")
     print("\n  examples")
     for tag, who in (("short_heldout", ""), ("conversational", ""),
-                     ("conversational", "(ablation) ")):
-        lines = (ablation_answers or {}).get(tag, []) if who else answers[tag]
+                     ("conversational", "(no format prompt) ")):
+        lines = (no_format_answers or {}).get(tag, []) if who else answers[tag]
         shown = {}
         for a in lines:  # one per kind
             shown.setdefault(a.get("category", "").split("/")[0], a)
@@ -265,9 +338,9 @@ def print_report(step: int, main: dict, chance: float, ablation: dict | None,
 
 
 def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 100,
-                  overrides: list[str] = (), ablation: bool = False) -> dict:
-    """Generate shapes data, train a tokenizer, run stage 1 and stage 2 (and the ablation's
-    stage 2), report what stage 2's in-training evaluations measured."""
+                  overrides: list[str] = (), ablations: tuple[str, ...] = ()) -> dict:
+    """Generate shapes data, train a tokenizer, run stage 1, stage 2 and the ablations' stage
+    2, report what the stage-2 runs' in-training evaluations measured."""
     t0 = time.time()
     data = workdir / "data"
     size = presets.get("demo").vision.image_size
@@ -279,26 +352,33 @@ def training_demo(workdir: Path, n_train: int = 2000, n_heldout: int = 100,
     assert tok.convert_tokens_to_ids("<image>") == demo.image_token_id
     print(f"demo data: {n_train} training and {n_heldout} held-out images in {data}; "
           f"tokenizer of {len(tok)} tokens ({time.time() - t0:.0f}s)", flush=True)
-    _stage(1, workdir, data, overrides)
-    _stage(2, workdir, data, overrides)
-    abl = abl_answers = None
-    if ablation:
-        _stage(2, workdir, data, overrides, "instruct_noprompt", " ablation")
-        _, abl_metrics, abl_answers = last_evaluation(workdir / "stage2_ablation")
-        abl = figures(abl_metrics)
-    step, metrics, answers = last_evaluation(workdir / "stage2")
+    seconds = {"stage1": _stage(1, workdir, data, overrides)}
+    for name in (MAIN, *(ABLATIONS[a] for a in ablations)):
+        seconds[name] = _stage(2, workdir, data, overrides, name)
+    no_format = no_format_answers = par = None
+    if "format" in ablations:
+        _, m, no_format_answers = last_evaluation(workdir / ABLATIONS["format"])
+        no_format = figures(m)
+    if "stage1" in ablations:
+        par = paradigm(learning_curve(workdir / MAIN),
+                       learning_curve(workdir / ABLATIONS["stage1"]))
+    step, metrics, answers = last_evaluation(workdir / MAIN)
     main = figures(metrics)
     items = json.loads(heldout["qa"].read_text())
     chance = float(np.mean([1 / CHANCE[it["kind"]] for it in items]))
-    goal_rows = goals(main, chance, abl)
-    print_report(step, main, chance, abl, answers, abl_answers, goal_rows, n_heldout)
-    print(f"\n  TensorBoard: tensorboard --logdir {workdir / 'stage2' / 'tensorboard'} "
+    goal_rows = goals(main, chance, no_format, par)
+    print_report(step, main, chance, no_format, answers, no_format_answers, goal_rows,
+                 n_heldout, par)
+    print(f"\n  TensorBoard: tensorboard --logdir {workdir / MAIN / 'tensorboard'} "
           "(val/loss, eval/*, example predictions)")
     wall = time.time() - t0
     report = {"step": step, "heldout_images": n_heldout, "chance": chance, "main": main,
-              "ablation": abl, "goals": goal_rows, "seconds": round(wall, 1)}
+              "ablation_no_format_prompt": no_format, "training_paradigm": par,
+              "goals": goal_rows, "seconds": round(wall, 1),
+              "seconds_per_run": {k: round(v, 1) for k, v in seconds.items()}}
     (workdir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"demo done in {wall:.0f}s (report: {workdir / 'report.json'})")
+    runs = ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+    print(f"demo done in {wall:.0f}s ({runs}; report: {workdir / 'report.json'})")
     return report
 
 
@@ -307,8 +387,11 @@ def main(argv=None):
                                      "tiny LLaVA on generated shapes, then what it learned.")
     parser.add_argument("--workdir", default="/tmp/mmjax-demo")
     parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--ablation", action="store_true", help="also train stage 2 on short "
-                        "answers without the format prompt, and report its answers beside")
+    parser.add_argument("--ablation", nargs="?", const="format",
+                        choices=(*ABLATIONS, "all"),
+                        help="also train stage 2 without the format prompt (format, the "
+                        "default), from the untrained stage-1 initialisation (stage1), or "
+                        "both (all), and report each beside the main run")
     parser.add_argument("--forward", action="store_true",
                         help="only the sharded forward pass of a tiny random LLaVA")
     args, overrides = parser.parse_known_args(argv)
@@ -318,8 +401,8 @@ def main(argv=None):
     compile_cache.enable()
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)  # the demo always starts from scratch
-    out = training_demo(workdir, args.train_images, overrides=overrides,
-                        ablation=args.ablation)
+    ablations = {None: (), "all": tuple(ABLATIONS)}.get(args.ablation, (args.ablation,))
+    out = training_demo(workdir, args.train_images, overrides=overrides, ablations=ablations)
     missed = [g["goal"] for g in out["goals"] if not g["met"]]
     if missed:
         raise SystemExit("demo goal(s) missed: " + "; ".join(missed))

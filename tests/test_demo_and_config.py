@@ -3,13 +3,19 @@ import dataclasses
 import typing
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from mmjax import configlib, demo
 from mmjax.errors import ConfigError
 from mmjax.models import presets
 from mmjax.models.config import RuntimeConfig
-from mmjax.training.config import from_config, reference_markdown
+from mmjax.sharding import mesh_rules
+from mmjax.training import model_spec
+from mmjax.training.config import from_config, reference_markdown, validate
+from mmjax.training.init import initial_params
+from mmjax.training.run import StepSetup
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -153,6 +159,62 @@ def test_demo_data_holds_out_phrasings_and_has_the_ablation_twin(tmp_path):
     conv = json.loads(p["conv"].read_text())
     assert {c["kind"] for c in conv} == {f"{k}/{s}" for k in syn.PHRASINGS
                                          for s in ("seen", "heldout")}
+    # stage 1's captions: every wording used, each naming all four facts of its picture
+    captions = [r["conversations"][1]["value"] for r in json.loads(p["captions"].read_text())]
+    qa = {}
+    for q in json.loads(p["qa"].read_text()):
+        qa.setdefault(q["image"], {})[q["kind"]] = q["answer"]
+    images = [r["image"] for r in json.loads(p["captions"].read_text())]
+    for text, image in zip(captions, images, strict=True):
+        assert all(qa[image][k] in text.lower() for k in syn.SHORT_KINDS), text
+    wordings = {next(i for i in range(len(syn.CAPTIONS)) if text == syn.caption(qa[image], i))
+                for text, image in zip(captions, images)}
+    assert wordings == set(range(len(syn.CAPTIONS)))
+
+
+def _initial_params(stage: int, run: str, data: Path, workdir: Path):
+    tc = from_config(demo.stage_config(stage, workdir, data, [], run))
+    validate(tc)
+    mesh = tc.make_mesh()
+    tc = tc.for_mesh(mesh)
+    spec = model_spec.resolve(tc)
+    setup = StepSetup.of(tc, spec.cfg, mesh, 1)
+    with mesh_rules(mesh, tc.logical_axis_rules):
+        params = initial_params(setup.model, tc.init, setup.abstract_params, setup.param_sh,
+                                setup.rt, mesh, tc.logical_axis_rules, tc.seed)
+    return tc, jax.device_get(params)
+
+
+def test_demo_without_stage1_starts_where_stage1_started(demo_data, tmp_path):
+    """`--ablation stage1`: the same stage 2 (data, steps, frozen tower, evaluation) from
+    exactly the parameters stage 1 starts from, untrained; and its goal line."""
+    tc1, p1 = _initial_params(1, demo.MAIN, demo_data, tmp_path)
+    tc2, p2 = _initial_params(2, "stage2_no_stage1", demo_data, tmp_path)
+    main = from_config(demo.stage_config(2, tmp_path, demo_data, [], demo.MAIN))
+    assert not tc1.init.stage1_checkpoint and not tc2.init.stage1_checkpoint
+    assert main.init.stage1_checkpoint == str(tmp_path / "stage1")
+    for field in ("data", "optim", "eval", "total_steps", "batch_size", "seed"):
+        assert getattr(tc2, field) == getattr(main, field), field
+    assert dict(tc2.optim.groups)["vision_tower/.*"] is None  # frozen, as in the main run
+    flat1, flat2 = jax.tree_util.tree_leaves_with_path(p1), jax.tree_util.tree_leaves(p2)
+    assert len(flat1) == len(flat2)
+    for (path, a), b in zip(flat1, flat2, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+    def curve(heldout, blank):
+        return [{"step": s, "val_loss": 1.0, "seen": h, "heldout": h, "blank": b}
+                for s, h, b in zip((225, 450), heldout, blank)]
+    main_kinds = {"per_kind": {k: {"seen": 1.0, "heldout": 1.0} for k in demo.CHANCE},
+                  "seen_accuracy": 1.0, "heldout_accuracy": 1.0, "blank_accuracy": 0.35,
+                  "with_prompt_short_share": 1.0, "without_prompt_sentence_share": 1.0}
+    for bare, met in (((0.5, 0.79), True), ((0.5, 0.81), False)):
+        par = demo.paradigm(curve((0.9, 1.0), (0.3, 0.3)), curve(bare, (0.3, 0.3)))
+        assert demo.goals(main_kinds, 0.35, par=par)[-1]["met"] is met
+    par = demo.paradigm(curve((0.9, 1.0), (0.3, 0.3)), curve((0.3, 0.39), (0.3, 0.3)))
+    assert demo.goals(main_kinds, 0.35, par=par)[-1]["met"]  # no better than blank images
+    main_kinds["per_kind"]["side"]["heldout"] = 0.89
+    assert [g["goal"] for g in demo.goals(main_kinds, 0.35) if not g["met"]] == [
+        "side: >= 90% seen and held-out"]
 
 
 def test_closed_sets_presets_and_benchmarks_are_named_at_start(tmp_path):

@@ -71,10 +71,26 @@ def draw(rng, size: int):
                    "count": NUMBERS[count]}
 
 
-def caption(facts) -> str:
+# Stage 1's captions, in several wordings with the facts in different orders, as real
+# caption data is worded many ways. One fixed wording put the side word at one fixed
+# distance from the image, so stage 1 could read side from the image tokens' positions in
+# the sequence alone, which stage 2 (the image behind a system prompt, questions between
+# it and the answer) does not keep.
+CAPTIONS = ("{N} {colour} {noun} on the {side}.",
+            "On the {side}, {n} {colour} {noun}.",
+            "A plain background with {n} {colour} {noun} on the {side}.",
+            "The {side} side shows {n} {colour} {noun}.",
+            "{Colour} {noun} on the {side}: {n}.",
+            "There {be} {n} {colour} {noun} on the {side} of the image.")
+
+
+def caption(facts, wording: int = 0) -> str:
+    """A caption of the picture in wording `wording` of CAPTIONS (0: the plain one)."""
     n, shape = facts["count"], facts["shape"]
     noun = shape if n == "one" else shape + "s"
-    return f"{n.capitalize()} {facts['colour']} {noun} on the {facts['side']}."
+    return CAPTIONS[wording].format(
+        n=n, N=n.capitalize(), colour=facts["colour"], Colour=facts["colour"].capitalize(),
+        noun=noun, side=facts["side"], be="is" if n == "one" else "are")
 
 
 def sentence(kind: str, facts) -> str:
@@ -132,7 +148,8 @@ def write_split(root: Path, name: str, n: int, size: int, seed: int) -> dict:
         rel = f"{name}/{i:05d}.png"
         image.save(root / rel)
         files["captions"].append({"id": f"{name}-cap-{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": caption(facts)}]})
+            {"from": "human", "value": "<image>\n"},
+            {"from": "gpt", "value": caption(facts, int(rng.integers(len(CAPTIONS))))}]})
         state = rng.bit_generator.state
         files["instruct"].append({"id": f"{name}-qa-{i}", "image": rel,
                                   "conversations": _turns(rng, facts, True)})
@@ -169,6 +186,6 @@ def vocabulary_text() -> list[str]:
     out = list(words)
     for _ in range(200):
         _, facts = draw(rng, 16)
-        out.append(caption(facts))
+        out += [caption(facts, w) for w in range(len(CAPTIONS))]
         out += [sentence(kind, facts) for kind in PHRASINGS]
     return out

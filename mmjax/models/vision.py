@@ -9,10 +9,13 @@ it (and the post-LayerNorm) need no memory and no compute.
 """
 from __future__ import annotations
 
+import math
+
 import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.models.attention import dot_product_attention
@@ -74,6 +77,35 @@ class EncoderLayer(nn.Module):
         return (x, x if self.collect else None) if self.scanned else x
 
 
+def sincos_2d_init(has_cls: bool, temperature: float = 10_000.0):
+    """Initialiser of a tower's position embedding [L, D]: 2-D sine-cosine of each patch's
+    row and column (big_vision's `posemb_sincos_2d`, MAE's), zero for the class token.
+
+    Used only when a tower starts from random weights (imported towers bring their own
+    embedding). With the usual normal(0.02) start, a position is ~25 times smaller than a
+    patch's content (normal(0.02) over 588 pixel values), so a tower trained from scratch
+    starts out blind to where a patch lies, and nothing in LLaVA's stage 1 makes it learn
+    that: its LLM can read a patch's place from its position in the token sequence."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key  # deterministic
+        n, d = shape
+        side = math.isqrt(n - has_cls)
+        if side * side != n - has_cls:
+            raise ValueError(f"position embedding of {n} rows is not a square grid")
+        quarter = d // 4
+        omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+        y, x = np.mgrid[:side, :side]
+        y = y.reshape(-1, 1) * omega[None]
+        x = x.reshape(-1, 1) * omega[None]
+        pe = np.zeros((n, d), np.float32)
+        pe[has_cls:, :4 * quarter] = np.concatenate(
+            [np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+        return jnp.asarray(pe, dtype)
+
+    return init
+
+
 class VisionTower(nn.Module):
     """Patchify + position embedding (+ class token) and `depth` encoder layers.
 
@@ -112,8 +144,8 @@ class VisionTower(nn.Module):
                                   rt.param_dtype, ("embed",))
             cls = jnp.broadcast_to(cls.astype(rt.dtype), (x.shape[0], 1, c.hidden_size))
             x = jnp.concatenate([cls, x], axis=1)
-        pos = param_with_axes(self, "position_embedding", init, (x.shape[1], c.hidden_size),
-                              rt.param_dtype, ("length", "embed"))
+        pos = param_with_axes(self, "position_embedding", sincos_2d_init(c.has_cls),
+                              (x.shape[1], c.hidden_size), rt.param_dtype, ("length", "embed"))
         x = x + pos.astype(rt.dtype)[None]
         norm = dict(eps=c.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
         if c.family == "clip":

@@ -179,7 +179,8 @@ def validate(tc: TrainConfig) -> None:
     if not tc.data.sources:
         missing.append("data.sources (e.g. [{'kind': 'llava_json', 'path': ..., "
                        "'image_root': ...}])")
-    if tc.stage == 2 and not tc.init.stage1_checkpoint and not tc.init.hf_llava:
+    if tc.stage == 2 and not (tc.init.stage1_checkpoint or tc.init.hf_llava or tc.init.random):
+        # (init.random alone: stage 2 from an untrained model, the demo's no-stage-1 ablation)
         missing.append("init.stage1_checkpoint (the stage-1 work dir)")
     if not (tc.tokenizer or tc.init.hf_llava or tc.init.hf_llm or tc.init.stage1_checkpoint):
         missing.append("tokenizer")
