@@ -13,7 +13,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=$(CPU_DEVICES)
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test test-fast install install-test clean
+.PHONY: demo test test-fast install install-test clean browser
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,14 @@ demo: $(VENV)/.base
 # compiled programs are kept in .cache/jax-tests between runs (tests/conftest.py)
 PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile
 
-test: $(VENV)/.test
+# the chat page's test drives Debian's chromium: installed when missing (as root, or sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }; }
+
+test: $(VENV)/.test browser
 	$(PYTEST) --durations=25 tests
 
 test-fast: $(VENV)/.test

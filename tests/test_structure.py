@@ -4,8 +4,8 @@ their closed sets of values.
 
 Layers, bottom to top: leaf modules (errors, logs, config schema, sharding, batch,
 distributed) -> models -> data, hf (siblings: neither imports the other) -> training ->
-inference -> evaluation -> commands (train, aot, demo, evaluate, generate, chat, predict,
-export, data_pipelines) -> `python -m` dispatchers and benchmarks (they run or measure the
+inference -> evaluation, serving (siblings) -> commands (train, aot, demo, evaluate, generate,
+chat, predict, serve, export, data_pipelines) -> `python -m` dispatchers and benchmarks (they run or measure the
 commands) -> configs/. A module imports
 from lower layers, or from its own package; a command from lower layers only.
 """
@@ -36,9 +36,10 @@ LAYERS = {
     "mmjax.training": (3, "training"),
     "mmjax.inference": (4, "inference"),
     "mmjax.evaluation": (5, "evaluation"),
+    "mmjax.serving": (5, "serving"),  # beside evaluation: neither imports the other
     # commands: each its own group (one command does not import another)
     **{f"mmjax.{c}": (6, c) for c in ("train", "aot", "demo", "evaluate", "generate", "chat",
-                                      "predict", "export")},
+                                      "predict", "serve", "export")},
     "mmjax.data.layout": (6, "layout"), "data_pipelines": (6, "data_pipelines"),
     # above the commands: what runs or measures them
     "mmjax.hf.__main__": (7, "dispatch"), "mmjax.benchmarks": (7, "benchmarks"),

@@ -58,7 +58,8 @@ def bucket(n: int, buckets: Sequence[int], multiple: int = 1) -> int:
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_xnnpack": True}
 
 
-def _compile(lowered):
+def compile_lowered(lowered):
+    """Compiles a lowered program with the platform's options (CPU: XNNPACK)."""
     if jax.devices()[0].platform == "cpu":
         try:
             return lowered.compile(compiler_options=CPU_OPTIONS)
@@ -260,7 +261,7 @@ class Engine:
             try:
                 run = functools.partial(self._run, new=new, stream=stream, logprobs=logprobs)
                 lowered = jax.jit(run).lower(*args)
-                self._programs[key] = _compile(lowered)
+                self._programs[key] = compile_lowered(lowered)
             finally:
                 timer.cancel()
         return self._programs[key]

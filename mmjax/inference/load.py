@@ -69,12 +69,15 @@ class Loaded:
                       cache_dtype=self.cache_dtype)
 
     def pixels(self, image: str | Path | bytes | Image.Image | np.ndarray,
-               blank: bool = False) -> np.ndarray:
+               blank: bool = False, max_pixels: int | None = None) -> np.ndarray:
         """An image (a file, encoded bytes, a PIL image or an array) -> uint8 [S, S, 3] at
         the tower's size, brought to its square as the run did; `blank`: the tower's mean
-        colour instead (the blind baseline). Raises ImageError for an unusable image."""
+        colour instead (the blind baseline). Raises ImageError for an unusable image (one of
+        more than `max_pixels` among them)."""
         v = self.cfg.vision
-        return tower_pixels(image, v.image_size, v.image_mean, self.image_aspect, blank=blank)
+        extra = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return tower_pixels(image, v.image_size, v.image_mean, self.image_aspect, blank=blank,
+                            **extra)
 
     def read_image(self, path: str | Path) -> np.ndarray:
         """`pixels` of an image file named on a command line (UsageError when unusable)."""

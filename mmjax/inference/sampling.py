@@ -70,3 +70,18 @@ def next_token(logits: jax.Array, key: jax.Array, k: dict[str, jax.Array]) -> ja
         lambda: _sample(logits, key, k["temperature"], k["top_k"], k["top_p"]),
         lambda: greedy)
     return jnp.where(sampling, sampled, greedy)
+
+
+def next_token_rows(logits: jax.Array, keys: jax.Array, k: dict[str, jax.Array]) -> jax.Array:
+    """logits [B, V] float32, keys [B] (a PRNG key per row, so that a row's draws do not
+    depend on which rows share the batch) -> token ids [B]."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = k["temperature"] > 0
+
+    def sample():
+        def one(row, key, t, top_k, top_p):
+            return _sample(row[None], key, t[None], top_k[None], top_p[None])[0]
+        return jax.vmap(one)(logits, keys, k["temperature"], k["top_k"], k["top_p"])
+
+    sampled = jax.lax.cond(jnp.any(sampling), sample, lambda: greedy)
+    return jnp.where(sampling, sampled, greedy)

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.models.attention import cached_attention, dot_product_attention
 from mmjax.models.config import LLMConfig, RuntimeConfig
-from mmjax.models.kv_cache import CACHE_AXES, KVCache
+from mmjax.models.kv_cache import CACHE_AXES, KVCache, write_rows
 from mmjax.models.layers import ACT_AXES, Linear, RMSNorm, param_with_axes
 from mmjax.models.remat import remat_block
 from mmjax.models.rotary import apply_rope
@@ -74,9 +74,9 @@ def _put(layers: tuple, i: int, value) -> tuple:
 
 
 def _write_layer(layer_cache, new, index):
-    """layer_cache [B, K, S, H] with new [B, T, K, H] written at slot `index`."""
+    """layer_cache [B, K, S, H] with new [B, T, K, H] written at slot `index` ([] or [B])."""
     new = jnp.swapaxes(new.astype(layer_cache.dtype), 1, 2)  # [B, K, T, H]
-    layer_cache = jax.lax.dynamic_update_slice(layer_cache, new, (0, 0, index, 0))
+    layer_cache = write_rows(layer_cache, new, index, 2)
     return nn.with_logical_constraint(layer_cache, CACHE_AXES)
 
 

@@ -1,0 +1,384 @@
+"""Continuous batching: a fixed number of decode slots that requests join and leave between
+steps (JetStream's scheme, on mmjax's engine).
+
+Axis legend: S slots, R prefill rows, P prompt length (bucketed), L cache slots per decode
+slot, V vocabulary.
+
+Requests wait in a bounded queue. Between decode steps the waiting ones, as many as there
+are free slots, are prefilled together (left-padded to a length bucket, as `Engine` lays a
+batch out), their first tokens sampled, and their keys and values copied into free slots of
+one cache [S, K, L, H], each slot with its own write position. One compiled step then
+advances every live slot by one token, with that slot's position, sampling knobs, PRNG key
+(a request's draws do not depend on what shares the batch) and length limit. The host reads
+the S new tokens (one small transfer per step), streams them, applies the stop tokens and
+stop strings, and frees a finished slot at once for the next request. Greedy replies equal
+`Engine.generate`'s, token for token, whatever else shares the batch.
+
+Compiled programs: one decode step for the slots, one prefill per (rows, prompt bucket,
+image slots), one insert per prompt bucket: a handful serve any request mix.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.batch import device_pixels
+from mmjax.inference.engine import Engine, Request, Result, bucket, compile_lowered
+from mmjax.inference.sampling import Sampling, next_token_rows
+from mmjax.models.kv_cache import CACHE_AXES, KVCache
+from mmjax.sharding import batch_sharding, logical_shardings, mesh_rules
+
+
+class QueueFull(RuntimeError):
+    """The wait queue is at its bound: try again later (HTTP 429)."""
+
+
+class TooLong(ValueError):
+    """A prompt that leaves no room to generate in a slot's cache."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request's life in the slots. `on_token(token_id)` and `on_done(result)` are called
+    from the scheduler's thread (`result` a `Result`, or the exception that ended it)."""
+
+    request: Request
+    sampling: Sampling
+    seed: int = 0
+    on_token: Callable[[int], None] | None = None
+    on_done: Callable[[object], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    slot: int = -1
+    room: int = 1 << 30  # the tokens its slot has room for
+    cancelled: bool = False
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    first_token: float | None = None
+    result: object = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> Result:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+class SlotEngine:
+    """`slots` decode rows over `engine`'s model, parameters, tokenizer and mesh; a cache of
+    `cache_len` slots each (default: the longest prompt bucket plus `max_new_tokens`).
+    `max_queue` bounds the requests waiting for a slot. `start()` runs the scheduler thread;
+    `submit` hands it a request; `stop()` ends it (draining the live and waiting requests
+    first, unless told not to)."""
+
+    def __init__(self, engine: Engine, slots: int = 8, max_prompt: int = 1024,
+                 max_new_tokens: int = 256, max_queue: int = 64, cache_len: int | None = None):
+        self.engine = engine
+        self.cfg = engine.cfg
+        if slots % engine.row_multiple:
+            raise ValueError(f"slots ({slots}) must be a multiple of {engine.row_multiple}, "
+                             "the rows the mesh splits a batch into")
+        self.slots, self.max_queue = slots, max_queue
+        self.max_prompt = max_prompt
+        self.max_new_tokens = max_new_tokens
+        self.cache_len = cache_len or bucket(max_prompt, engine.length_buckets) + max_new_tokens
+        self._programs: dict = {}
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._live: dict[int, Job] = {}
+        self._free = list(range(slots))
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        # counters for /metrics
+        self.tokens_generated = 0
+        self.requests_done = 0
+        self.ttft: collections.deque[float] = collections.deque(maxlen=1000)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        with mesh_rules(engine.mesh, engine.rules):
+            self._state = self._empty_state()
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> "SlotEngine":
+        self._thread = threading.Thread(target=self._loop, name="mmjax-slots", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Ends the scheduler: with `drain`, after every live and waiting request is done;
+        without, the unfinished ones end with an error."""
+        with self._lock:
+            self._stopping, self._drain = True, drain
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request, sampling: Sampling = Sampling(), seed: int = 0,
+               on_token: Callable[[int], None] | None = None,
+               on_done: Callable[[object], None] | None = None) -> Job:
+        """Queues a request. ValueError (TooLong among them) for a request no slot can take,
+        QueueFull when the queue is at its bound, RuntimeError once stopping."""
+        sampling.validate()
+        if sampling.max_new_tokens > self.max_new_tokens:
+            sampling = dataclasses.replace(sampling, max_new_tokens=self.max_new_tokens)
+        self.engine._batch([request], 1)  # the engine's checks: images and tokens agree
+        n = len(request.ids)
+        if n > self.max_prompt:
+            raise TooLong(f"the prompt has {n} tokens; this server takes at most "
+                          f"{self.max_prompt}")
+        job = Job(request, sampling, seed, on_token, on_done)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            if self.error is not None:
+                raise RuntimeError(f"the decode loop failed: {self.error}")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot")
+            self._waiting.append(job)
+            self._lock.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Ends a request (a client that went away): its slot is freed before the next step."""
+        with self._lock:
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish(job, RuntimeError("cancelled"))
+
+    def generate(self, requests: Sequence[Request], sampling: Sampling = Sampling(),
+                 seed: int = 0) -> list[Result]:
+        """Every request through the slots at once (the scheduler must be running)."""
+        jobs = [self.submit(r, sampling, seed) for r in requests]
+        return [j.wait() for j in jobs]
+
+    def stats(self) -> dict:
+        """Queue length, live slots, tokens/s over the last few seconds, time to first token."""
+        with self._lock:
+            now = time.monotonic()
+            recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
+            span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+            rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+            return {"queue": len(self._waiting), "live": len(self._live),
+                    "slots": self.slots, "tokens_generated": self.tokens_generated,
+                    "requests_done": self.requests_done, "tokens_per_second": rate,
+                    "ttft": list(self.ttft)}
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._live or self._stopping):
+                        self._lock.wait()
+                    if self._stopping and not self._drain:
+                        for job in [*self._waiting, *self._live.values()]:
+                            self._finish(job, RuntimeError("the server stopped"))
+                        self._waiting.clear()
+                        return
+                    if self._stopping and not (self._waiting or self._live):
+                        return
+                    for job in [j for j in self._live.values() if j.cancelled]:
+                        self._finish(job, RuntimeError("cancelled"))
+                    admit = []
+                    while self._waiting and len(admit) < len(self._free):
+                        admit.append(self._waiting.popleft())
+                if admit:
+                    self._admit(admit)
+                with self._lock:
+                    live = dict(self._live)
+                if live:
+                    self._step(live)
+        except BaseException as e:  # noqa: BLE001 - every waiting client is told
+            with self._lock:
+                self.error = e
+                for job in [*self._waiting, *self._live.values()]:
+                    self._finish(job, e)
+                self._waiting.clear()
+            raise
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefills `jobs` together and puts each in a free slot (or finishes it at once)."""
+        e = self.engine
+        batch = e._batch([j.request for j in jobs], 1)
+        rows, length = batch["ids"].shape
+        keys = jnp.stack([jax.random.fold_in(jax.random.key(j.seed), 0) for j in jobs]
+                         + [jax.random.key(0)] * (rows - len(jobs)))
+        k = _knobs([j.sampling for j in jobs], rows)
+        with mesh_rules(e.mesh, e.rules):
+            placed = e._place(batch)
+            args = (e.params, placed["ids"], placed["segment_ids"], placed["pixels"], keys, k)
+            pixels = batch["pixels"]
+            shape = (rows, length, None if pixels is None else (pixels.shape, pixels.dtype.str))
+            first, prefix = self._program(("prefill", shape), self._prefill, args)(*args)
+            first = np.asarray(first)
+            now = time.monotonic()
+            for r, job in enumerate(jobs):
+                job.first_token = now
+                self.ttft.append(now - job.submitted)
+                if self._emit(job, int(first[r])):
+                    continue
+                with self._lock:
+                    slot = self._free.pop()
+                    job.slot, job.room = slot, self.cache_len - length
+                    self._live[slot] = job
+                args = (self._state, prefix, jnp.int32(r), jnp.int32(slot), jnp.int32(first[r]))
+                insert = self._program(("insert", rows, length), self._insert, args, donate=0,
+                                       out=self._state_sh)
+                self._state = insert(*args)
+
+    def _step(self, live: dict[int, Job]) -> None:
+        e = self.engine
+        alive = np.zeros((self.slots,), bool)
+        steps = np.zeros((self.slots,), np.int32)
+        seeds = np.zeros((self.slots,), np.uint32)
+        for slot, job in live.items():
+            alive[slot], steps[slot], seeds[slot] = True, len(job.tokens), job.seed
+        k = _knobs([live[s].sampling if s in live else Sampling() for s in range(self.slots)],
+                   self.slots)
+        with mesh_rules(e.mesh, e.rules):
+            args = (e.params, self._state, jnp.asarray(alive), jnp.asarray(seeds),
+                    jnp.asarray(steps), k)
+            step = self._program(("decode",), self._decode, args, donate=1,
+                                 out=(self._tokens_sh, self._state_sh))
+            tokens, self._state = step(*args)
+            tokens = np.asarray(tokens)
+        for slot, job in live.items():
+            self._emit(job, int(tokens[slot]))
+
+    def _emit(self, job: Job, token: int) -> bool:
+        """Takes one new token of `job`: True when the job is finished by it."""
+        if job.cancelled:
+            self._finish(job, RuntimeError("cancelled"))
+            return True
+        s = job.sampling
+        if token in self.engine.stop_ids:
+            self._finish(job, self.engine._result(np.asarray(job.tokens), True, None, s.stop))
+            return True
+        job.tokens.append(token)
+        with self._lock:
+            self.tokens_generated += 1
+            self._recent.append((time.monotonic(), 1))
+        if s.stop:  # before streaming it: a stop string never reaches the client
+            text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if any(x and x in text for x in s.stop):
+                self._finish(job, self.engine._result(np.asarray(job.tokens), True, None,
+                                                      s.stop))
+                return True
+        if job.on_token is not None:
+            try:
+                job.on_token(token)
+            except Exception as e:  # noqa: BLE001 - a client's callback ends its own request
+                self._finish(job, e)
+                return True
+        if len(job.tokens) >= min(s.max_new_tokens, job.room):
+            self._finish(job, self.engine._result(np.asarray(job.tokens), False, None, s.stop))
+            return True
+        return False
+
+    def _finish(self, job: Job, result) -> None:
+        with self._lock:
+            if job.slot >= 0 and self._live.get(job.slot) is job:
+                del self._live[job.slot]
+                self._free.append(job.slot)
+            self.requests_done += 1
+        job.result = result
+        job.done.set()
+        if job.on_done is not None:
+            job.on_done(result)
+
+    # ------------------------------------------------------------------ device side
+    def _empty_state(self) -> dict:
+        """The slots' cache and next input tokens, with their fixed shardings."""
+        e, llm = self.engine, self.cfg.llm
+        shape = jax.ShapeDtypeStruct((self.slots, llm.num_kv_heads, self.cache_len,
+                                      llm.head_size), e.cache_dtype)
+        kv = logical_shardings(nn.LogicallyPartitioned(shape, CACHE_AXES), e.mesh, e.rules)
+        rows2, rows1 = (batch_sharding(e.mesh, n, e.rules) for n in (2, 1))
+        cache = KVCache(k=(kv,) * llm.num_layers, v=(kv,) * llm.num_layers, positions=rows2,
+                        segment_ids=rows2, index=rows1)
+        self._state_sh = {"cache": cache, "tokens": rows1}
+        self._tokens_sh = rows1
+
+        def make():
+            c = KVCache.empty(llm, self.slots, self.cache_len, e.cache_dtype)
+            return {"cache": c.replace(index=jnp.zeros((self.slots,), jnp.int32)),
+                    "tokens": jnp.zeros((self.slots,), jnp.int32)}
+
+        return jax.jit(make, out_shardings=self._state_sh)()
+
+    def _program(self, key: tuple, fn, args, donate: int | None = None, out=None):
+        """The compiled `fn` for these arguments' shapes (built once per `key`)."""
+        if key not in self._programs:
+            jitted = jax.jit(fn, donate_argnums=() if donate is None else donate,
+                             out_shardings=out)
+            self._programs[key] = compile_lowered(jitted.lower(*args))
+        return self._programs[key]
+
+    def _prefill(self, params, ids, segment_ids, pixels, keys, k):
+        """ids/segment_ids [R, P] left-padded -> first tokens [R] and the prompts' cache."""
+        e, cfg = self.engine, self.cfg
+        rows, length = ids.shape
+        positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+        cache = KVCache.empty(cfg.llm, rows, length, e.cache_dtype)
+        pv = None if pixels is None else device_pixels(pixels, cfg.vision)
+        out = e.model.apply({"params": params}, ids, pv, positions, segment_ids, cache=cache,
+                            prefill=True, last_only=True)
+        return next_token_rows(out.logits[:, 0], keys, k), out.cache
+
+    def _insert(self, state, prefix: KVCache, row, slot, first):
+        """Copies row `row` of a prefill's cache into slot `slot`; `first` is its next input."""
+        cache = state["cache"]
+        length = prefix.positions.shape[1]
+
+        def put(dst, src):  # dst [S, ...], src [R, ...]: row -> slot, from the start
+            one = jax.lax.dynamic_index_in_dim(src, row, 0, keepdims=True)
+            return jax.lax.dynamic_update_slice(dst, one, (slot,) + (0,) * (dst.ndim - 1))
+
+        blank = jnp.zeros((1, self.cache_len), jnp.int32)
+        seg = jax.lax.dynamic_update_slice(
+            blank, jax.lax.dynamic_index_in_dim(prefix.segment_ids, row, 0, True), (0, 0))
+        pos = jax.lax.dynamic_update_slice(
+            blank, jax.lax.dynamic_index_in_dim(prefix.positions, row, 0, True), (0, 0))
+        cache = cache.replace(
+            k=tuple(put(d, s) for d, s in zip(cache.k, prefix.k)),
+            v=tuple(put(d, s) for d, s in zip(cache.v, prefix.v)),
+            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg, (slot, 0)),
+            positions=jax.lax.dynamic_update_slice(cache.positions, pos, (slot, 0)),
+            index=cache.index.at[slot].set(length))
+        return {"cache": cache, "tokens": state["tokens"].at[slot].set(first)}
+
+    def _decode(self, params, state, alive, seeds, steps, k):
+        """One token for every slot: feeds each slot's last token at its next position,
+        samples the next one (dead slots compute and are ignored)."""
+        e = self.engine
+        cache = state["cache"]
+        # a slot's next position: one past its newest filled slot
+        last = jnp.max(jnp.where(cache.segment_ids != 0, cache.positions, -1), axis=1)
+        pos = (last + 1)[:, None]
+        seg = alive.astype(jnp.int32)[:, None]
+        out = e.model.apply({"params": params}, state["tokens"][:, None], None, pos, seg,
+                            cache=cache)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+        tokens = next_token_rows(out.logits[:, 0], keys, k)
+        tokens = jnp.where(alive, tokens, e.pad_id)
+        return tokens, {"cache": out.cache, "tokens": tokens}
+
+
+def _knobs(samplings: Sequence[Sampling], rows: int) -> dict[str, jax.Array]:
+    """Per-row sampling knobs (rows past the requests: greedy)."""
+    pad = [Sampling()] * (rows - len(samplings))
+    s = list(samplings) + pad
+    return {"temperature": jnp.asarray([x.temperature for x in s], jnp.float32),
+            "top_k": jnp.asarray([x.top_k for x in s], jnp.int32),
+            "top_p": jnp.asarray([x.top_p for x in s], jnp.float32)}
+
