@@ -112,6 +112,21 @@ def _write_two_steps(directory):
     return state
 
 
+def _restore_latest(directory, state):
+    """Checkpointer.restore_latest over `directory` for `state`'s shapes and shardings, with
+    a fresh Grain iterator: (restored, step, the iterator, the lines it said)."""
+    import grain
+
+    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
+    said = []
+    restored, step = ckpt.restore_latest(abstract, it, log=said.append)
+    ckpt.close()
+    return restored, step, it, said
+
+
 def _chunk_file(step_dir):
     return max((p for p in (step_dir / "state").rglob("*") if p.is_file()
                 and p.parent.name == "d"), key=lambda p: p.stat().st_size)
@@ -162,21 +177,13 @@ def test_each_damage_is_named_in_one_line_and_the_older_step_restored(name, list
     before writing it), and step 1 comes back with its own data position."""
     import re
 
-    import grain
-
     state = _write_two_steps(tmp_path / "c")
     step_dir = tmp_path / "c" / "2"
     if not listed:
         (step_dir / "mmjax_files.json").unlink()
     how, said, said_unlisted = DAMAGE[name]
     how(step_dir)
-    ckpt = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
-    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
-    said_lines = []
-    restored, step = ckpt.restore_latest(abstract, it, log=said_lines.append)
-    ckpt.close()
+    restored, step, it, said_lines = _restore_latest(tmp_path / "c", state)
     assert step == 1 and next(it) == 5  # step 1's data position
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert len(said_lines) == 1 and "\n" not in said_lines[0]
@@ -190,18 +197,10 @@ def test_each_damage_is_named_in_one_line_and_the_older_step_restored(name, list
 def test_a_missing_orbax_metadata_file_is_said_and_the_step_still_verified(tmp_path, capfd):
     """Orbax's own item list gone from a step without mmjax's list of sizes: read with the
     items mmjax saves, every checksum verified, one line instead of an absl warning."""
-    import grain
-
     state = _write_two_steps(tmp_path / "c")
     (tmp_path / "c" / "2" / "mmjax_files.json").unlink()
     (tmp_path / "c" / "2" / "_CHECKPOINT_METADATA").unlink()
-    ckpt = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
-    it = iter(grain.MapDataset.range(1000).to_iter_dataset())
-    said = []
-    _, step = ckpt.restore_latest(abstract, it, log=said.append)
-    ckpt.close()
+    _, step, it, said = _restore_latest(tmp_path / "c", state)
     assert step == 2 and next(it) == 10
     assert len(said) == 1 and "_CHECKPOINT_METADATA (Orbax's list of the items) is missing" \
         in said[0]
