@@ -241,6 +241,7 @@ def paradigm(main_curve: list[dict], bare_curve: list[dict]) -> dict:
     bare = bare_curve[-1]
     main = next(r for r in main_curve if r["step"] == bare["step"])
     return {"step": bare["step"], "main": main_curve, "no_stage1": bare_curve,
+            "at_step": {"main": main, "no_stage1": bare},
             "heldout_gap": main["heldout"] - bare["heldout"],
             "no_stage1_above_blank": bare["heldout"] - bare["blank"]}
 
@@ -274,8 +275,7 @@ def goals(main: dict, chance: float, no_format: dict | None = None,
                     no_format["without_prompt_sentence_share"]
                     <= 0.5 * main["without_prompt_sentence_share"]))
     if par is not None:
-        m = next(r for r in par["main"] if r["step"] == par["step"])
-        b = par["no_stage1"][-1]
+        m, b = par["at_step"]["main"], par["at_step"]["no_stage1"]
         out.append(("training paradigm: held-out accuracy >= 20 points above no stage 1 at "
                     "the same stage-2 step, or no stage 1 within 10 points of its blank "
                     "images",

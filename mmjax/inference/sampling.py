@@ -63,25 +63,23 @@ def _sample(logits, key, temperature, top_k, top_p):
 
 def next_token(logits: jax.Array, key: jax.Array, k: dict[str, jax.Array]) -> jax.Array:
     """logits [B, V] float32 -> token ids [B]."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampling = k["temperature"] > 0
-    sampled = jax.lax.cond(
-        jnp.any(sampling),
-        lambda: _sample(logits, key, k["temperature"], k["top_k"], k["top_p"]),
-        lambda: greedy)
-    return jnp.where(sampling, sampled, greedy)
+    return _choose(logits, k, lambda: _sample(logits, key, k["temperature"], k["top_k"],
+                                              k["top_p"]))
 
 
 def next_token_rows(logits: jax.Array, keys: jax.Array, k: dict[str, jax.Array]) -> jax.Array:
     """logits [B, V] float32, keys [B] (a PRNG key per row, so that a row's draws do not
     depend on which rows share the batch) -> token ids [B]."""
+    def one(row, key, t, top_k, top_p):
+        return _sample(row[None], key, t[None], top_k[None], top_p[None])[0]
+
+    return _choose(logits, k, lambda: jax.vmap(one)(logits, keys, k["temperature"],
+                                                    k["top_k"], k["top_p"]))
+
+
+def _choose(logits, k, sample) -> jax.Array:
+    """The argmax for rows at temperature 0, `sample()` for the others (computed only when
+    some row samples)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = k["temperature"] > 0
-
-    def sample():
-        def one(row, key, t, top_k, top_p):
-            return _sample(row[None], key, t[None], top_k[None], top_p[None])[0]
-        return jax.vmap(one)(logits, keys, k["temperature"], k["top_k"], k["top_p"])
-
-    sampled = jax.lax.cond(jnp.any(sampling), sample, lambda: greedy)
-    return jnp.where(sampling, sampled, greedy)
+    return jnp.where(sampling, jax.lax.cond(jnp.any(sampling), sample, lambda: greedy), greedy)

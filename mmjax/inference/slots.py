@@ -60,7 +60,6 @@ class Job:
     room: int = 1 << 30  # the tokens its slot has room for
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.monotonic)
-    first_token: float | None = None
     result: object = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -103,7 +102,8 @@ class SlotEngine:
         self.tokens_generated = 0
         self.requests_done = 0
         self.ttft: collections.deque[float] = collections.deque(maxlen=1000)
-        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self._recent: collections.deque[float] = collections.deque(maxlen=256)  # token times
+        self._alive: tuple = ((), None)  # (live slots, their mask on the device)
         with mesh_rules(engine.mesh, engine.rules):
             self._state = self._empty_state()
 
@@ -165,9 +165,9 @@ class SlotEngine:
         """Queue length, live slots, tokens/s over the last few seconds, time to first token."""
         with self._lock:
             now = time.monotonic()
-            recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
-            span = (now - recent[0][0]) if len(recent) > 1 else 0.0
-            rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+            recent = [t for t in self._recent if now - t <= 10.0]
+            span = now - recent[0] if len(recent) > 1 else 0.0
+            rate = (len(recent) - 1) / span if span > 0 else 0.0
             return {"queue": len(self._waiting), "live": len(self._live),
                     "slots": self.slots, "tokens_generated": self.tokens_generated,
                     "requests_done": self.requests_done, "tokens_per_second": rate,
@@ -223,7 +223,6 @@ class SlotEngine:
             first = np.asarray(first)
             now = time.monotonic()
             for r, job in enumerate(jobs):
-                job.first_token = now
                 self.ttft.append(now - job.submitted)
                 if self._emit(job, int(first[r])):
                     continue
@@ -231,23 +230,23 @@ class SlotEngine:
                     slot = self._free.pop()
                     job.slot, job.room = slot, self.cache_len - length
                     self._live[slot] = job
-                args = (self._state, prefix, jnp.int32(r), jnp.int32(slot), jnp.int32(first[r]))
+                s = job.sampling
+                args = (self._state, prefix, jnp.int32(r), jnp.int32(slot), jnp.int32(first[r]),
+                        jnp.uint32(job.seed), jnp.float32(s.temperature), jnp.int32(s.top_k),
+                        jnp.float32(s.top_p))
                 insert = self._program(("insert", rows, length), self._insert, args, donate=0,
                                        out=self._state_sh)
                 self._state = insert(*args)
 
     def _step(self, live: dict[int, Job]) -> None:
         e = self.engine
-        alive = np.zeros((self.slots,), bool)
-        steps = np.zeros((self.slots,), np.int32)
-        seeds = np.zeros((self.slots,), np.uint32)
-        for slot, job in live.items():
-            alive[slot], steps[slot], seeds[slot] = True, len(job.tokens), job.seed
-        k = _knobs([live[s].sampling if s in live else Sampling() for s in range(self.slots)],
-                   self.slots)
+        slots = tuple(sorted(live))
+        if self._alive[0] != slots:  # only when the live set changed: nothing else to send
+            mask = np.zeros((self.slots,), bool)
+            mask[list(slots)] = True
+            self._alive = (slots, jax.device_put(mask, self._tokens_sh))
         with mesh_rules(e.mesh, e.rules):
-            args = (e.params, self._state, jnp.asarray(alive), jnp.asarray(seeds),
-                    jnp.asarray(steps), k)
+            args = (e.params, self._state, self._alive[1])
             step = self._program(("decode",), self._decode, args, donate=1,
                                  out=(self._tokens_sh, self._state_sh))
             tokens, self._state = step(*args)
@@ -267,7 +266,7 @@ class SlotEngine:
         job.tokens.append(token)
         with self._lock:
             self.tokens_generated += 1
-            self._recent.append((time.monotonic(), 1))
+            self._recent.append(time.monotonic())
         if s.stop:  # before streaming it: a stop string never reaches the client
             text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
             if any(x and x in text for x in s.stop):
@@ -306,13 +305,17 @@ class SlotEngine:
         rows2, rows1 = (batch_sharding(e.mesh, n, e.rules) for n in (2, 1))
         cache = KVCache(k=(kv,) * llm.num_layers, v=(kv,) * llm.num_layers, positions=rows2,
                         segment_ids=rows2, index=rows1)
-        self._state_sh = {"cache": cache, "tokens": rows1}
+        # per slot: the next input token, and the request's seed, sampling knobs and the
+        # number of tokens it has (the PRNG stream's index), set when a request comes in
+        per_slot = {"tokens": jnp.int32, "seeds": jnp.uint32, "steps": jnp.int32,
+                    "temperature": jnp.float32, "top_k": jnp.int32, "top_p": jnp.float32}
+        self._state_sh = {"cache": cache, **{k: rows1 for k in per_slot}}
         self._tokens_sh = rows1
 
         def make():
             c = KVCache.empty(llm, self.slots, self.cache_len, e.cache_dtype)
             return {"cache": c.replace(index=jnp.zeros((self.slots,), jnp.int32)),
-                    "tokens": jnp.zeros((self.slots,), jnp.int32)}
+                    **{k: jnp.zeros((self.slots,), t) for k, t in per_slot.items()}}
 
         return jax.jit(make, out_shardings=self._state_sh)()
 
@@ -335,8 +338,10 @@ class SlotEngine:
                             prefill=True, last_only=True)
         return next_token_rows(out.logits[:, 0], keys, k), out.cache
 
-    def _insert(self, state, prefix: KVCache, row, slot, first):
-        """Copies row `row` of a prefill's cache into slot `slot`; `first` is its next input."""
+    def _insert(self, state, prefix: KVCache, row, slot, first, seed, temperature, top_k,
+                top_p):
+        """Copies row `row` of a prefill's cache into slot `slot`; `first` is its next input
+        (the request's first token: the PRNG stream goes on at index 1)."""
         cache = state["cache"]
         length = prefix.positions.shape[1]
 
@@ -355,9 +360,11 @@ class SlotEngine:
             segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg, (slot, 0)),
             positions=jax.lax.dynamic_update_slice(cache.positions, pos, (slot, 0)),
             index=cache.index.at[slot].set(length))
-        return {"cache": cache, "tokens": state["tokens"].at[slot].set(first)}
+        new = {"tokens": first, "seeds": seed, "steps": 1, "temperature": temperature,
+               "top_k": top_k, "top_p": top_p}
+        return {"cache": cache, **{k: state[k].at[slot].set(v) for k, v in new.items()}}
 
-    def _decode(self, params, state, alive, seeds, steps, k):
+    def _decode(self, params, state, alive):
         """One token for every slot: feeds each slot's last token at its next position,
         samples the next one (dead slots compute and are ignored)."""
         e = self.engine
@@ -368,10 +375,13 @@ class SlotEngine:
         seg = alive.astype(jnp.int32)[:, None]
         out = e.model.apply({"params": params}, state["tokens"][:, None], None, pos, seg,
                             cache=cache)
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
-        tokens = next_token_rows(out.logits[:, 0], keys, k)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+            state["seeds"], state["steps"])
+        tokens = next_token_rows(out.logits[:, 0], keys,
+                                 {k: state[k] for k in ("temperature", "top_k", "top_p")})
         tokens = jnp.where(alive, tokens, e.pad_id)
-        return tokens, {"cache": out.cache, "tokens": tokens}
+        return tokens, {**state, "cache": out.cache, "tokens": tokens,
+                        "steps": state["steps"] + 1}
 
 
 def _knobs(samplings: Sequence[Sampling], rows: int) -> dict[str, jax.Array]:

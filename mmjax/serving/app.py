@@ -172,14 +172,13 @@ def build_app(m: Loaded, slots: SlotEngine, model_id: str, limits: Limits = Limi
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorised(request)
-        size = request.headers.get("content-length")
-        if size is not None and int(size) > MAX_BODY:
-            raise APIError(413, f"the request body is over {MAX_BODY} bytes",
-                           code="request_too_large")
+        too_large = APIError(413, f"the request body is over {MAX_BODY} bytes",
+                             code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:  # before reading it
+            raise too_large
         raw = await request.body()
         if len(raw) > MAX_BODY:
-            raise APIError(413, f"the request body is over {MAX_BODY} bytes",
-                           code="request_too_large")
+            raise too_large
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -99,8 +99,9 @@ def _typed(body: dict, name: str, kind, default):
     value = body.get(name, default)
     if value is None:
         return default
-    if kind is int and isinstance(value, bool) or not isinstance(
-            value, (int, float) if kind is float else kind):
+    numbers = (int, float) if kind is float else kind
+    is_bool = isinstance(value, bool) and kind is not bool  # True is an int to Python
+    if is_bool or not isinstance(value, numbers):
         raise APIError(400, f"{name} must be {kind.__name__}, got {type(value).__name__}",
                        param=name)
     return value
