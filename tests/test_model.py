@@ -126,12 +126,30 @@ def test_vision_tower_keeps_only_the_layers_asked_for(scan):
     assert f"f32[{n},2,17,64]" not in jaxpr
 
 
+def test_sincos_position_table_equals_big_visions():
+    """The table equals big_vision's posemb_sincos_2d, run as it is (tests/data, with its
+    provenance), with a zero row for a class token."""
+    import json
+    from pathlib import Path
+
+    from mmjax.models.vision import sincos_2d_init
+
+    ref = json.loads((Path(__file__).parent / "data" / "posemb_sincos_2d.json").read_text())
+    table = np.asarray(ref["table"])
+    n = ref["h"] * ref["w"]
+    np.testing.assert_allclose(sincos_2d_init(False)(None, (n, ref["width"])), table, atol=1e-6)
+    with_cls = np.asarray(sincos_2d_init(True)(None, (n + 1, ref["width"])))
+    np.testing.assert_array_equal(with_cls[0], 0.0)
+    np.testing.assert_allclose(with_cls[1:], table, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["tiny_clip", "tiny_siglip"])
 def test_a_tower_from_scratch_starts_knowing_where_each_patch_lies(name):
-    """A random tower's position embedding is the 2-D sine-cosine table (big_vision's
-    posemb_sincos_2d; zero for a class token), whatever the key; so on a plain image, where
-    every patch's content is the same, its output features still differ by place."""
+    """A random tower's position embedding is the 2-D sine-cosine table, whatever the key;
+    so on a plain image, where every patch's content is the same, its output features
+    still differ by place."""
     from mmjax.models import VisionTower
+    from mmjax.models.vision import sincos_2d_init
 
     cfg = presets.VISION[name]
     t = VisionTower(cfg, RuntimeConfig())
@@ -139,14 +157,7 @@ def test_a_tower_from_scratch_starts_knowing_where_each_patch_lies(name):
     p0, p1 = (nn.unbox(init(t, jax.random.key(k), pixels)) for k in (0, 1))
     pos = np.asarray(p0["params"]["position_embedding"])
     np.testing.assert_array_equal(pos, p1["params"]["position_embedding"])
-    side, d = cfg.image_size // cfg.patch_size, cfg.hidden_size
-    omega = 1.0 / 10_000 ** (np.arange(d // 4) / (d // 4 - 1))
-    y, x = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    y, x = np.outer(y.ravel(), omega), np.outer(x.ravel(), omega)
-    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-    if cfg.has_cls:
-        np.testing.assert_array_equal(pos[0], 0.0)
-    np.testing.assert_allclose(pos[int(cfg.has_cls):], table, atol=1e-6)
+    np.testing.assert_array_equal(pos, sincos_2d_init(cfg.has_cls)(None, pos.shape))
     h = np.asarray(forward(t, p0, pixels))[-1, 0, int(cfg.has_cls):]  # [L, D]
     spread = np.linalg.norm(h - h.mean(0), axis=-1).mean() / np.linalg.norm(h, axis=-1).mean()
     assert spread > 0.2  # with normal(0.02) embeddings: 0.12

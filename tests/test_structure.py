@@ -5,9 +5,9 @@ their closed sets of values.
 Layers, bottom to top: leaf modules (errors, logs, config schema, sharding, batch,
 distributed) -> models -> data, hf (siblings: neither imports the other) -> training ->
 inference -> evaluation, serving (siblings) -> commands (train, aot, demo, evaluate, generate,
-chat, predict, serve, export, data_pipelines) -> `python -m` dispatchers and benchmarks (they run or measure the
-commands) -> configs/. A module imports
-from lower layers, or from its own package; a command from lower layers only.
+chat, predict, serve, export, data_pipelines) -> `python -m` dispatchers and benchmarks (they
+run or measure the commands) -> configs/. A module imports from lower layers, or from its
+own package; a command from lower layers only.
 """
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ def _config_classes():
 
 # str fields whose values are open: paths, names, free text, and patterns checked at start
 OPEN_STR_FIELDS = {
-    "TrainConfig": {"model", "tokenizer", "compile_cache_dir"}, "InitConfig": {"hf_llava", "hf_vision", "hf_llm",
-                                                           "stage1_checkpoint"},
+    "TrainConfig": {"model", "tokenizer", "compile_cache_dir"},
+    "InitConfig": {"hf_llava", "hf_vision", "hf_llm", "stage1_checkpoint"},
     "SourceConfig": {"path", "image_root", "split", "name"},
     "BenchmarkSpec": {"data", "split", "variant", "image_root", "tag"},
     "MetricsConfig": {"wandb_project", "wandb_name"},
