@@ -24,7 +24,7 @@ from mmjax.errors import UsageError
 from mmjax.inference import cli
 from mmjax.inference.engine import Request
 from mmjax.inference.sampling import Sampling
-from mmjax.inference.slots import SlotEngine
+from mmjax.inference.slots import OneAtATime, SlotEngine
 from mmjax.serving.app import build_app
 from mmjax.serving.chat_api import Limits
 
@@ -36,7 +36,11 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, default=8,
-                        help="requests decoded at once (continuous batching)")
+                        help="requests decoded at once (continuous batching); 0: one request "
+                        "at a time through the fixed-batch engine (the benchmark's baseline)")
+    parser.add_argument("--steps-per-call", type=int, default=4,
+                        help="decode steps per host round trip: more cuts the host's cost per "
+                        "token, fewer the wait of a request that arrives mid-call")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="the most tokens a reply may have (max_tokens up to this)")
     parser.add_argument("--max-prompt", type=int, default=None,
@@ -77,8 +81,14 @@ def main(argv=None) -> None:
     m = cli.load_model(args)
     context = m.cfg.llm.max_position_embeddings
     max_prompt = args.max_prompt or max(1, context - args.max_new_tokens)
-    slots = SlotEngine(m.engine(cli.say_compiling), slots=args.slots, max_prompt=max_prompt,
-                       max_new_tokens=args.max_new_tokens, max_queue=args.max_queue).start()
+    engine = m.engine(cli.say_compiling)
+    if args.slots:
+        slots = SlotEngine(engine, slots=args.slots, max_prompt=max_prompt,
+                           max_new_tokens=args.max_new_tokens, max_queue=args.max_queue,
+                           steps_per_call=args.steps_per_call).start()
+    else:
+        slots = OneAtATime(engine, max_prompt=max_prompt, max_new_tokens=args.max_new_tokens,
+                           max_queue=args.max_queue).start()
     print(f"warming up ({args.slots} slots) ...", file=sys.stderr, flush=True)
     print(f"ready in {warm_up(slots, m):.1f}s", file=sys.stderr, flush=True)
     model_id = args.model_name or m.model_id

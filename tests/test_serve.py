@@ -28,7 +28,7 @@ from tiny_runs import demo_config, make_run
 from mmjax.inference.load import from_checkpoint
 from mmjax.inference.prompt import request
 from mmjax.inference.sampling import Sampling
-from mmjax.inference.slots import SlotEngine
+from mmjax.inference.slots import OneAtATime, SlotEngine
 from mmjax.serving.app import build_app
 from mmjax.serving.chat_api import Limits
 
@@ -71,16 +71,21 @@ def _requests(m, demo_data, n=16, seed=0):
 
 def test_slots_equal_the_engine_token_for_token_whatever_shares_the_batch(loaded, demo_data):
     """16 requests of different lengths and reply limits: greedy through 8 slots (in random
-    orders and arrival times) equals the fixed-batch engine; a seeded sampled reply is the
-    same alone and in company."""
+    orders and arrival times, 1, 3 or 4 decode steps per call) equals the fixed-batch
+    engine; a seeded sampled reply is the same alone and in company."""
     m = loaded
     engine = m.engine()
     reqs = _requests(m, demo_data)
     limits = [4 + 5 * (i % 5) for i in range(len(reqs))]
     want = [engine.generate([r], Sampling(max_new_tokens=n))[0] for r, n in zip(reqs, limits)]
-    slots = SlotEngine(engine, slots=8, max_prompt=160, max_new_tokens=32).start()
+    slots = None
     try:
-        for order_seed in range(3):
+        # one to four decode steps per host round trip; 3 does not divide the limits
+        for order_seed, steps in enumerate((1, 3, 4)):
+            if slots is not None:
+                slots.stop()
+            slots = SlotEngine(engine, slots=8, max_prompt=160, max_new_tokens=32,
+                               steps_per_call=steps).start()
             order = list(range(len(reqs)))
             random.Random(order_seed).shuffle(order)
             jobs = {}
@@ -89,7 +94,7 @@ def test_slots_equal_the_engine_token_for_token_whatever_shares_the_batch(loaded
                 time.sleep(random.Random(i + order_seed).choice([0, 0, 0.01, 0.03]))
             for i, job in jobs.items():
                 got = job.wait(120)
-                assert got.token_ids == want[i].token_ids, (order_seed, i)
+                assert got.token_ids == want[i].token_ids, (steps, i)
                 assert (got.text, got.finish) == (want[i].text, want[i].finish)
         hot = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9)
         alone = slots.submit(reqs[3], hot, seed=11).wait(60)
@@ -108,8 +113,10 @@ class Server:
 
     def __init__(self, m, slots=8, api_key=None, limits=Limits(max_new_tokens=64),
                  max_queue=64, max_prompt=160):
-        self.slots = SlotEngine(m.engine(), slots=slots, max_prompt=max_prompt,
-                                max_new_tokens=limits.max_new_tokens, max_queue=max_queue)
+        kw = dict(max_prompt=max_prompt, max_new_tokens=limits.max_new_tokens,
+                  max_queue=max_queue)
+        self.slots = (SlotEngine(m.engine(), slots=slots, **kw) if slots else
+                      OneAtATime(m.engine(), **kw))  # --slots 0
         app = build_app(m, self.slots, "demo", limits, api_key=api_key)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -279,11 +286,15 @@ def test_api_key_local_images_and_a_full_queue(loaded, demo_data):
         assert s.post(outside, key)[0] == 403
     finally:
         s.close()
-    s = Server(loaded, api_key="sekret", limits=Limits(
+    # with --slots 0: one request at a time through the fixed-batch engine, the same API
+    s = Server(loaded, api_key="sekret", slots=0, limits=Limits(
         max_new_tokens=8, local_images=str(files[0].parent)))
     try:
-        status, _, ok = s.post(body, {"Authorization": "Bearer sekret"})
+        status, _, ok = s.post({**body, "temperature": 0}, {"Authorization": "Bearer sekret"})
         assert status == 200, ok
+        req = request(loaded, [("what?", "")], [loaded.pixels(files[0])])
+        want = loaded.engine().generate([req], Sampling(max_new_tokens=8))[0]
+        assert ok["choices"][0]["message"]["content"] == want.text.lstrip()
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret")
         assert client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2

@@ -1,19 +1,23 @@
 """Serving under load: `mmjax.serve`'s continuous batching against the same requests sent one
-at a time through the fixed-batch engine, in one run.
+at a time to `mmjax.serve --slots 0` (the fixed-batch engine, one request at a time), in one
+run.
 
     python -m mmjax.benchmarks.serve [--checkpoint /tmp/mmjax-demo/stage2] [--clients 8]
-        [--requests 48] [--slots 8]
+        [--requests 48] [--slots 8] [--steps-per-call 4]
 
 The model is the demo's (run `make demo` first) or any work dir / --hf directory. Requests
 mix the demo's kinds: short answers (the format prompt), conversational answers and
 descriptions, with and without an image, so replies run from one to about twenty tokens.
 
-Served: the app on a loopback port (uvicorn in this process), --clients threads each
-streaming one request at a time over HTTP (stream=true), until --requests are done. Time to
-first token is from sending the request to its first content chunk; per-token latency is
-the gap between chunks. One at a time: `Engine.generate` on each request alone, in process
-(no HTTP): time to first token is a 1-token generation, per-token latency the rest of the
-reply over its tokens. Both sides are warmed up first (every program compiled).
+Both servers run as `python -m mmjax.serve` processes on a loopback port, as a user runs
+them; this process is the client. Served: --clients threads each stream one request at a
+time (stream=true) until --requests are done. One at a time: one client, the same requests,
+the same streaming API, against the server with --slots 0. Time to first token is from
+sending a request to its first content chunk; time per output token is, per request, the
+rest of its reply over its other tokens (vLLM's benchmark's TPOT: chunks may carry several
+tokens). Both servers are warmed up first on the same requests (every program compiled).
+A third column gives the same requests through `Engine.generate` in this process, without
+HTTP or streaming: the floor of what one request alone costs.
 
 Goal (issue: serving): at 8 clients, total tokens/s at least 3x one at a time, and p99 time
 to first token under 2x the one-at-a-time p99.
@@ -25,21 +29,22 @@ import base64
 import http.client
 import json
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from importlib import resources
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from mmjax.data.synthetic import SHORT
 from mmjax.inference.load import load
 from mmjax.inference.prompt import request
 from mmjax.inference.sampling import Sampling
-from mmjax.inference.slots import SlotEngine
-from mmjax.serving.app import build_app
-from mmjax.serving.chat_api import Limits
 
 QUESTIONS = [f"What colour are the shapes?\n{SHORT}", f"How many shapes are there?\n{SHORT}",
              "Which side are the shapes on?", "What shape is in the image?",
@@ -100,33 +105,55 @@ def _stream(port: int, body: dict) -> dict:
     conn.close()
     end = time.perf_counter()
     ttft = (arrivals[0] if arrivals else end) - t0
-    return {"ttft": ttft, "gaps": list(np.diff(arrivals)), "tokens": tokens, "start": t0,
-            "end": end}
+    tpot = (end - t0 - ttft) / (tokens - 1) if tokens > 1 else None
+    return {"ttft": ttft, "tpot": tpot, "tokens": tokens}
 
 
-def _served(m, calls, clients: int, slots: int, max_tokens: int) -> dict:
-    import uvicorn  # the serve extra
+class _Server:
+    """`python -m mmjax.serve` on a free loopback port, until closed (SIGTERM)."""
 
-    engine = SlotEngine(m.engine(), slots=slots, max_prompt=256, max_new_tokens=max_tokens)
-    app = build_app(m, engine, "bench", Limits(max_new_tokens=max_tokens))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    def __init__(self, source: list[str], slots: int, steps: int, max_tokens: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "mmjax.serve", *source, "--port", str(self.port),
+               "--slots", str(slots), "--steps-per-call", str(steps), "--max-prompt", "256",
+               "--max-new-tokens", str(max_tokens), "--max-queue", "256"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{self.proc.stderr.read()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"{' '.join(cmd)} did not come up in 600 s")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _served(source, calls, clients: int, slots: int, steps: int, max_tokens: int) -> dict:
+    server = _Server(source, slots, steps, max_tokens)
     try:
         for c in calls[:8]:  # warm-up: one at a time, then together (every program)
-            _stream(port, c["body"])
+            _stream(server.port, c["body"])
         for _ in range(2):
-            _run_clients(port, calls, clients)
-        return _run_clients(port, calls, clients)
+            _run_clients(server.port, calls, clients)
+        return _run_clients(server.port, calls, clients)
     finally:
-        server.should_exit = True
-        thread.join(60)
+        server.close()
 
 
 def _run_clients(port: int, calls, clients: int) -> dict:
@@ -151,11 +178,12 @@ def _run_clients(port: int, calls, clients: int) -> dict:
     [t.start() for t in threads]
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
-    return _figures(wall, [r["ttft"] for r in results], [g for r in results for g in r["gaps"]],
+    return _figures(wall, [r["ttft"] for r in results],
+                    [r["tpot"] for r in results if r["tpot"] is not None],
                     sum(r["tokens"] for r in results), len(results))
 
 
-def _one_at_a_time(m, calls, max_tokens: int) -> dict:
+def _in_process(m, calls, max_tokens: int) -> dict:
     engine = m.engine()
     reqs = []
     for c in calls:
@@ -165,7 +193,7 @@ def _one_at_a_time(m, calls, max_tokens: int) -> dict:
     for r in reqs[:8]:  # warm-up: every program
         engine.generate([r], full)
         engine.generate([r], first)
-    ttft, gaps, tokens, wall = [], [], 0, 0.0
+    ttft, tpot, tokens, wall = [], [], 0, 0.0
     for r in reqs:
         t0 = time.perf_counter()
         engine.generate([r], first)
@@ -177,16 +205,16 @@ def _one_at_a_time(m, calls, max_tokens: int) -> dict:
         wall += t2 - t1
         tokens += n
         if n > 1:
-            gaps += [(t2 - t1 - (t1 - t0)) / (n - 1)] * (n - 1)
-    return _figures(wall, ttft, gaps, tokens, len(reqs))
+            tpot.append((t2 - t1 - (t1 - t0)) / (n - 1))
+    return _figures(wall, ttft, tpot, tokens, len(reqs))
 
 
-def _figures(wall, ttft, gaps, tokens, n) -> dict:
+def _figures(wall, ttft, tpot, tokens, n) -> dict:
     pct = lambda xs, p: float(np.percentile(xs, p)) if len(xs) else float("nan")  # noqa
     return {"requests": n, "seconds": wall, "requests_per_s": n / wall,
             "tokens": tokens, "tokens_per_s": tokens / wall,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-            "token_p50": pct(gaps, 50), "token_p99": pct(gaps, 99)}
+            "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
 
 
 def main(argv=None) -> dict:
@@ -197,36 +225,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--steps-per-call", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint or (None if args.hf else "/tmp/mmjax-demo/stage2")
     if checkpoint and not Path(checkpoint.split(":")[0]).is_dir():
         raise SystemExit(f"no run at {checkpoint}: run `make demo` first, or pass "
                          "--checkpoint / --hf")
+    source = ["--hf", args.hf] if args.hf else ["--checkpoint", checkpoint]
     m = load(args.hf, checkpoint)
     calls = _calls(args.requests, _images(checkpoint), args.max_tokens)
-    single = _one_at_a_time(m, calls, args.max_tokens)
-    served = _served(m, calls, args.clients, args.slots, args.max_tokens)
-    print(f"{args.requests} requests, {args.clients} clients, {args.slots} slots, model "
-          f"{m.model_id}")
-    print(f"{'':28s}{'served':>12s}{'one at a time':>16s}{'ratio':>9s}")
+    alone = _in_process(m, calls, args.max_tokens)
+    single = _served(source, calls, 1, 0, 1, args.max_tokens)
+    served = _served(source, calls, args.clients, args.slots, args.steps_per_call,
+                     args.max_tokens)
+    print(f"{args.requests} requests, model {m.model_id}, {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s); served: {args.clients} clients, "
+          f"{args.slots} slots, {args.steps_per_call} steps per call")
+    print(f"{'':30s}{'served':>10s}{'one at a time':>15s}{'ratio':>8s}{'in process':>12s}")
     rows = [("requests/s", "requests_per_s", "{:.2f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
             ("time to first token p50 ms", "ttft_p50", "ms"),
             ("time to first token p99 ms", "ttft_p99", "ms"),
-            ("per-token latency p50 ms", "token_p50", "ms"),
-            ("per-token latency p99 ms", "token_p99", "ms")]
+            ("time per output token p50 ms", "tpot_p50", "ms"),
+            ("time per output token p99 ms", "tpot_p99", "ms")]
     for label, key, fmt in rows:
-        a, b = served[key], single[key]
+        a, b, c = served[key], single[key], alone[key]
         show = (lambda x: f"{1000 * x:.1f}") if fmt == "ms" else fmt.format
-        print(f"{label:28s}{show(a):>12s}{show(b):>16s}{a / b:>8.2f}x")
-    print(f"tokens generated: served {served['tokens']}, one at a time {single['tokens']}")
+        print(f"{label:30s}{show(a):>10s}{show(b):>15s}{a / b:>7.2f}x{show(c):>12s}")
+    print(f"tokens generated: served {served['tokens']}, one at a time {single['tokens']}, "
+          f"in process {alone['tokens']}")
     goals = [("tokens/s >= 3x one at a time", served["tokens_per_s"] / single["tokens_per_s"]
               >= 3),
              ("p99 time to first token < 2x one at a time",
               served["ttft_p99"] < 2 * single["ttft_p99"])]
     for g, ok in goals:
         print(f"[{'met' if ok else 'MISSED'}] {g}")
-    return {"served": served, "one_at_a_time": single, "goals": dict(goals)}
+    return {"served": served, "one_at_a_time": single, "in_process": alone,
+            "goals": dict(goals)}
 
 
 if __name__ == "__main__":

@@ -237,13 +237,18 @@ def build_app(m: Loaded, slots: SlotEngine, model_id: str, limits: Limits = Limi
         try:
             yield event(chat_api.chunk(cid, call.model, {"role": "assistant", "content": ""}))
             while True:
-                kind, value = await bridge.queue.get()
-                if kind == "token":
-                    new = text.add(value)
-                    if new:
-                        yield event(chat_api.chunk(cid, call.model, {"content": new}))
+                # what has arrived since the last chunk goes out as one (a decode call
+                # brings several tokens at once)
+                items = [await bridge.queue.get()]
+                while not bridge.queue.empty():
+                    items.append(bridge.queue.get_nowait())
+                new = "".join(text.add(v) for kind, v in items if kind == "token")
+                if new:
+                    yield event(chat_api.chunk(cid, call.model, {"content": new}))
+                ends = [v for kind, v in items if kind == "done"]
+                if not ends:
                     continue
-                finished = True
+                finished, value = True, ends[0]
                 if isinstance(value, BaseException):
                     yield event(APIError(500, f"generation failed: {value}",
                                          type="server_error").body())
