@@ -4,6 +4,8 @@
         --data DIR [--split S] [--variant V] [--image-root DIR] [--out DIR] [--limit N]
     python -m mmjax.evaluate (--hf DIR | --checkpoint WORKDIR) --benchmark all
         --data playground/data/eval      (every benchmark LLaVA's eval tree holds)
+    python -m mmjax.evaluate --endpoint http://127.0.0.1:8000/v1 --benchmark NAME --data DIR
+                                     (a running `mmjax.serve`, or any OpenAI-compatible server)
     python -m mmjax.evaluate --compare results_a.json results_b.json
 
 Benchmarks: vqav2, gqa, textvqa, pope, scienceqa, mme, mmbench, chartqa, vizwiz, and
@@ -29,11 +31,13 @@ counted by reason, and reported; the metrics are over the answered questions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mmjax.errors import UsageError
 from mmjax.evaluation import benchmarks as bench_lib
+from mmjax.evaluation.endpoint import Endpoint, EndpointError
 from mmjax.evaluation.runner import compare, markdown, run
 from mmjax.inference import cli
 
@@ -50,7 +54,9 @@ def main(argv=None) -> dict | None:
         return None
     parser = argparse.ArgumentParser(prog="python -m mmjax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, endpoint=True)
+    parser.add_argument("--endpoint-model", default=None,
+                        help="the model id to ask --endpoint for (default: the first listed)")
     parser.add_argument("--benchmark", required=True,
                         choices=sorted(bench_lib.BENCHMARKS) + ["all"],
                         help="all: every benchmark whose folder LLaVA's playground/data/eval "
@@ -71,15 +77,28 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--blank-images", action="store_true", help="every image replaced "
                         "by the tower's mean colour: how much of the score needs the image")
     args = parser.parse_args(argv)
+    if args.endpoint and args.blank_images:
+        raise UsageError("--blank-images needs the model here (--hf / --checkpoint)")
     if args.benchmark == "all":
         names = bench_lib.in_tree(args.data)
         if not names:
             raise UsageError(f"{args.data} holds none of LLaVA's evaluation folders (vqav2, gqa, "
                              "vizwiz, scienceqa, textvqa, pope, MME, mmbench)")
-        m = cli.load_model(args)
-        engine = m.engine(cli.say_compiling)  # one set of compiled programs for all
+        m, engine = _model(args)  # one set of compiled programs for all
         return {name: _one(args, name, m, engine) for name in names}
     return _one(args, args.benchmark)
+
+
+def _model(args):
+    """(the loaded model, its engine), or (None, the endpoint) with --endpoint."""
+    if args.endpoint:
+        try:
+            return None, Endpoint(args.endpoint, args.endpoint_model,
+                                  os.environ.get("MMJAX_API_KEY"))
+        except EndpointError as e:
+            raise UsageError(str(e)) from None
+    m = cli.load_model(args)
+    return m, m.engine(cli.say_compiling)
 
 
 def _one(args, name: str, m=None, engine=None) -> dict:
@@ -91,13 +110,13 @@ def _one(args, name: str, m=None, engine=None) -> dict:
     default = Path("eval") / (bench.name + (f"-{bench.split}" if bench.split else ""))
     out = (args.out / default.name if args.benchmark == "all" else args.out) if args.out \
         else default
-    m = m or cli.load_model(args)
-    engine = engine or m.engine(cli.say_compiling)
+    if engine is None:
+        m, engine = _model(args)
     try:
         report = run(m, bench, out, batch_size=args.batch_size, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, engine=engine,
                      model_source=args.hf or args.checkpoint, blank_images=args.blank_images)
-    except bench_lib.BenchmarkError as e:
+    except (bench_lib.BenchmarkError, EndpointError) as e:
         raise UsageError(str(e)) from None
     print(markdown(report), end="")
     if report["skipped"]:

@@ -25,6 +25,11 @@ import uvicorn
 from PIL import Image
 from tiny_runs import demo_config, make_run
 
+from data_pipelines.self_instruct.__main__ import main as self_instruct
+from mmjax import evaluate
+from mmjax.data.synthetic import write_split
+from mmjax.evaluation import benchmarks as bench_lib
+from mmjax.evaluation.runner import run as run_eval
 from mmjax.inference.load import from_checkpoint
 from mmjax.inference.prompt import request
 from mmjax.inference.sampling import Sampling
@@ -301,6 +306,64 @@ def test_api_key_local_images_and_a_full_queue(loaded, demo_data):
         ).usage.completion_tokens <= 2
     finally:
         s.close()
+
+
+def test_self_instruct_and_evaluate_go_through_the_server(server, loaded, demo_data,
+                                                          tmp_path):
+    """The project's own tools through `mmjax.serve`: self-instruct generates from captions
+    (every request counted by the server, a rerun asks nothing, replies cut at a stop
+    string become LLaVA records), and `mmjax.evaluate --endpoint` scores a benchmark exactly
+    as the model loaded here does, the same unreadable image skipped."""
+    files = _image_files(demo_data, 3)
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text("".join(json.dumps({
+        "image_id": i, "file_name": str(f), "width": 56, "height": 56,
+        "captions": ["Three red squares on the left.", "Red squares, three of them."],
+        "objects": [{"name": "square", "box": [4, 8, 20, 20]}]}) + "\n"
+        for i, f in enumerate(files)))
+    prompts = tmp_path / "prompts"  # a short prompt: the demo model's context is 512 tokens
+    prompts.mkdir()
+    (prompts / "detail.txt").write_text("### system\nDescribe the image in detail.\n")
+
+    def generate(out, *extra):
+        before = server.metrics()["mmjax_requests_total"]
+        summary = self_instruct([
+            "--contexts", str(contexts), "--kinds", "detail", "--prompt-dir", str(prompts),
+            "--base-url", server.url + "/v1", "--model", "demo", "--max-tokens", "12",
+            "--temperature", "0", "--out", str(out), "--no-progress", *extra])
+        return summary, server.metrics()["mmjax_requests_total"] - before
+
+    # random weights never end a turn: every reply is cut by max_tokens and refused, counted
+    summary, asked = generate(tmp_path / "a")
+    assert asked == 3 and summary["requested"] == 3 and summary["rejected"] == {"truncated": 3}
+    summary, asked = generate(tmp_path / "a")
+    assert asked == 0 and summary["resumed"] == 3  # a rerun asks the server nothing
+    kept = (tmp_path / "a" / "responses.jsonl").read_text()
+    (tmp_path / "a" / "responses.jsonl").unlink()
+    summary, asked = generate(tmp_path / "a")
+    assert asked == 0 and summary["cached"] == 3  # nor with its replies' log gone
+    assert (tmp_path / "a" / "responses.jsonl").read_text().splitlines() != [] and kept
+    first = json.loads((tmp_path / "a" / "responses.jsonl").read_text().splitlines()[0])
+    text = first["content"]
+    stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+                if text[i:i + 2].strip() == text[i:i + 2] and "\ufffd" not in text[i:i + 2])
+    summary, asked = generate(tmp_path / "b", "--stop", stop)
+    assert asked == 3 and summary["accepted"] >= 1
+    records = {r["id"]: r for r in json.loads((tmp_path / "b" / "llava.json").read_text())}
+    got = records[first["job"]]["conversations"][1]["value"]
+    assert got == first["content"][:first["content"].index(stop)].strip()
+
+    # mmjax.evaluate through the server = in process, skips included
+    qa = write_split(demo_data, "served", 6, 56, seed=7)["qa"]
+    broken = demo_data / json.loads(Path(qa).read_text())[0]["image"]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG
+    here = run_eval(loaded, bench_lib.get("short_answer", qa), tmp_path / "here",
+                    max_new_tokens=8, progress=False)
+    there = evaluate.main(["--endpoint", server.url, "--benchmark", "short_answer", "--data",
+                           str(qa), "--out", str(tmp_path / "there"), "--max-new-tokens", "8"])
+    assert here["skipped"] == there["skipped"] > 0  # the questions on the broken image
+    assert [t for _, t in here["answers"]] == [t for _, t in there["answers"]]
+    assert here["metrics"] == there["metrics"] and there["model"]["id"] == "demo"
 
 
 def test_a_client_that_goes_away_frees_its_slot(server):

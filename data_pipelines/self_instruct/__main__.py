@@ -60,6 +60,9 @@ def main(argv=None) -> dict:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string the endpoint cuts replies at (repeatable): for local "
+                   "models (python -m mmjax.serve) that do not end their turn on their own")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--max-retries", type=int, default=6)
     p.add_argument("--backoff", type=float, default=1.0, help="first retry wait (s), doubling")
@@ -77,7 +80,8 @@ def main(argv=None) -> dict:
         contexts = contexts[:args.limit]
     jobs = make_jobs(contexts, kinds, args.prompt_dir, args.n_instructions)
     cfg = ClientConfig(args.base_url, args.model, args.api_key_env, args.temperature,
-                       args.max_tokens, args.timeout, args.max_retries, args.backoff)
+                       args.max_tokens, args.timeout, args.max_retries, args.backoff,
+                       stop=tuple(args.stop))
     progress = None
     if not args.no_progress:
         from tqdm import tqdm

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,7 @@ class ClientConfig:
     backoff_s: float = 1.0  # first wait; doubles each retry
     max_backoff_s: float = 60.0
     cache_dir: str = ""
+    stop: tuple[str, ...] = ()  # stop strings, sent only when given (for local models)
 
 
 @dataclasses.dataclass
@@ -58,8 +60,11 @@ class ChatClient:
 
     def _body(self, messages: list[dict]) -> dict:
         c = self.cfg
-        return {"model": c.model, "messages": messages, "temperature": c.temperature,
+        body = {"model": c.model, "messages": messages, "temperature": c.temperature,
                 "max_tokens": c.max_tokens}
+        if c.stop:  # (absent otherwise: the cache keys of earlier runs stay valid)
+            body["stop"] = list(c.stop)
+        return body
 
     def cache_key(self, messages: list[dict]) -> str:
         raw = json.dumps(self._body(messages), sort_keys=True, ensure_ascii=False)
@@ -77,7 +82,9 @@ class ChatClient:
         reply = self._request(messages)
         if path is not None:
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            # one name per thread: jobs with the same prompt (images with the same captions)
+            # may finish at once, in threads of this process
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
             tmp.write_text(json.dumps({"content": reply.content,
                                        "finish_reason": reply.finish_reason}))
             os.replace(tmp, path)

@@ -1,7 +1,8 @@
-"""Answering a benchmark with the KV-cache engine and scoring it: what `python -m
-mmjax.evaluate`, evaluation during training and the demo share.
+"""Answering a benchmark with the KV-cache engine (or through a server) and scoring it:
+what `python -m mmjax.evaluate`, evaluation during training and the demo share.
 
     report = run(m, bench, out)     # m: inference.load.Loaded; bench: benchmarks.get(...)
+    report = run(None, bench, out, engine=Endpoint("http://127.0.0.1:8000/v1"))
 
 `answer` asks the questions not yet answered in `out/answers.jsonl` (LLaVA's answer layout,
 appended batch by batch, so a killed run resumes), `run` scores them with the benchmark's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from mmjax.data.image import ImageError
 from mmjax.evaluation import benchmarks as bench_lib
+from mmjax.evaluation.endpoint import Endpoint, image_url
 from mmjax.inference.load import Loaded
 from mmjax.inference.prompt import request
 from mmjax.inference.sampling import Sampling
@@ -49,32 +51,45 @@ def read_answers(path: Path) -> dict[str, dict]:
     return out
 
 
-def answer(m: Loaded, engine, items, out: Path | None, batch_size: int, sampling: Sampling, skips,
-           model_id: str, progress: bool = True, blank_images: bool = False
-           ) -> dict[str, dict]:
-    """Answers the items not yet in `out` (appending batch by batch; None: no file);
-    returns every answer line by item key. An image that does not decode is a skip
-    ('unreadable_image')."""
+def _asker(m: Loaded | None, engine, sampling: Sampling, blank_images: bool):
+    """(prepare(item) -> what one question needs, ask(prepared list) -> reply texts) for a
+    local engine or an `Endpoint`. prepare raises ImageError / OSError for an image that
+    cannot be read."""
+    if isinstance(engine, Endpoint):
+        return (lambda it: (it.text, None if it.image is None else image_url(it.image)),
+                lambda qs: engine.ask(qs, sampling.max_new_tokens))
+
+    def prepare(it):
+        images = [] if it.image is None else [m.pixels(it.image, blank_images)]
+        return request(m, [(it.text, "")], images)
+
+    return prepare, lambda reqs: [r.text for r in engine.generate(reqs, sampling)]
+
+
+def answer(m: Loaded | None, engine, items, out: Path | None, batch_size: int,
+           sampling: Sampling, skips, model_id: str, progress: bool = True,
+           blank_images: bool = False) -> dict[str, dict]:
+    """Answers the items not yet in `out` (appending batch by batch; None: no file) with a
+    local `engine` over `m`, or through an `Endpoint` (m None); returns every answer line by
+    item key. An image that does not decode is a skip ('unreadable_image')."""
     done = read_answers(out) if out is not None else {}
     todo = [it for it in items if it.key not in done]
+    prepare, ask = _asker(m, engine, sampling, blank_images)
     t0, n = time.time(), 0
     with open(out if out is not None else os.devnull, "a") as f:
         for start in range(0, len(todo), batch_size):
-            chunk, reqs = [], []
+            chunk, prepared = [], []
             for it in todo[start:start + batch_size]:
-                images = []
-                if it.image is not None:
-                    try:
-                        images = [m.pixels(it.image, blank_images)]
-                    except (ImageError, OSError) as e:
-                        skips.add("unreadable_image", f"{it.question_id}: {e}")
-                        continue
+                try:
+                    prepared.append(prepare(it))
+                except (ImageError, OSError) as e:
+                    skips.add("unreadable_image", f"{it.question_id}: {e}")
+                    continue
                 chunk.append(it)
-                reqs.append(request(m, [(it.text, "")], images))
-            results = engine.generate(reqs, sampling) if reqs else []
-            for it, r in zip(chunk, results):
+            texts = ask(prepared) if prepared else []
+            for it, text in zip(chunk, texts):
                 line = {"question_id": it.question_id, "prompt": it.text,
-                        "text": r.text.strip(), "answer_id": uuid.uuid4().hex,
+                        "text": text.strip(), "answer_id": uuid.uuid4().hex,
                         "model_id": model_id, "metadata": {}, **it.fields}
                 f.write(json.dumps(line) + "\n")
                 done[it.key] = line
@@ -112,20 +127,28 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(m: Loaded, bench: bench_lib.Benchmark, out: Path | None, *, batch_size: int = 16,
+def run(m: Loaded | None, bench: bench_lib.Benchmark, out: Path | None, *, batch_size: int = 16,
         limit: int = 0, max_new_tokens: int | None = None, engine=None, model_source: str = "",
         progress: bool = True, items=None, blank_images: bool = False) -> dict:
     """Reads (unless `items` are given), answers, scores and writes the report of one
     benchmark into `out` (None: nothing written); returns the report, with the answer
-    texts of the scored items under 'answers'."""
+    texts of the scored items under 'answers'. `engine`: a local engine over `m` (default:
+    m's), or an `Endpoint` (m None: the server's model answers)."""
     t0 = time.time()
     items = limit_items(bench.read(), limit) if items is None else items
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    remote = isinstance(engine, Endpoint)
+    if remote and blank_images:
+        raise ValueError("blank images are a local model's baseline: not through an endpoint")
     engine = engine or m.engine()
     sampling = Sampling(max_new_tokens=max_new_tokens or bench.max_new_tokens)
+    model = ({"id": engine.model, "source": engine.base, "template": "the server's",
+              "dtype": None} if remote else
+             {"id": m.model_id, "source": model_source, "template": m.template,
+              "dtype": str(m.model.rt.dtype)})
     lines = answer(m, engine, items, out / "answers.jsonl" if out is not None else None,
-                   batch_size, sampling, bench.skips, m.model_id, progress, blank_images)
+                   batch_size, sampling, bench.skips, model["id"], progress, blank_images)
     answered = [it for it in items if it.key in lines]
     texts = [lines[it.key]["text"] for it in answered]
     metrics = bench.score(answered, texts) if bench.scored and answered else {}
@@ -133,8 +156,7 @@ def run(m: Loaded, bench: bench_lib.Benchmark, out: Path | None, *, batch_size: 
     report = {
         "benchmark": bench.name, "split": bench.split, "variant": bench.variant,
         "blank_images": blank_images,
-        "model": {"id": m.model_id, "source": model_source, "template": m.template,
-                  "dtype": str(m.model.rt.dtype)},
+        "model": model,
         "questions": len({it.question_id for it in items}), "answer_lines": len(answered),
         "skipped": bench.skips.total, "skipped_by_reason": bench.skips.as_dict(),
         "limit": limit, "metrics": metrics,

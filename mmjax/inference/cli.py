@@ -11,8 +11,15 @@ from mmjax.inference.sampling import Sampling
 from mmjax.logs import quiet_notices
 
 
-def add_model_args(parser: argparse.ArgumentParser, step: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, step: bool = True,
+                   endpoint: bool = False) -> None:
+    """--hf | --checkpoint (| --endpoint URL: a server answers, nothing loaded here)."""
     src = parser.add_mutually_exclusive_group(required=True)
+    if endpoint:
+        src.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server "
+                         "(python -m mmjax.serve, http://HOST:PORT/v1) answers instead of a "
+                         "model loaded here; --endpoint-model picks its model, the API key "
+                         "is read from $MMJAX_API_KEY")
     src.add_argument("--hf", metavar="DIR", help="a local Hugging Face LLaVA directory "
                      "(LlavaForConditionalGeneration, with its tokenizer)")
     src.add_argument("--checkpoint", metavar="WORKDIR[:STEP]" if step else "WORKDIR",

@@ -480,11 +480,10 @@ class OneAtATime(SlotEngine):
         self._finish(job, RuntimeError("cancelled") if job.cancelled else result)
 
 
-def _knobs(samplings: Sequence[Sampling], rows: int) -> dict[str, jax.Array]:
-    """Per-row sampling knobs (rows past the requests: greedy)."""
-    pad = [Sampling()] * (rows - len(samplings))
-    s = list(samplings) + pad
-    return {"temperature": jnp.asarray([x.temperature for x in s], jnp.float32),
-            "top_k": jnp.asarray([x.top_k for x in s], jnp.int32),
-            "top_p": jnp.asarray([x.top_p for x in s], jnp.float32)}
-
+def _knobs(samplings: Sequence[Sampling], rows: int) -> dict[str, np.ndarray]:
+    """Per-row sampling knobs (rows past the requests: greedy), host arrays sent with the
+    call."""
+    s = list(samplings) + [Sampling()] * (rows - len(samplings))
+    return {"temperature": np.asarray([x.temperature for x in s], np.float32),
+            "top_k": np.asarray([x.top_k for x in s], np.int32),
+            "top_p": np.asarray([x.top_p for x in s], np.float32)}
