@@ -8,18 +8,23 @@ tfds_coco, webdataset, vqav2, gqa, chartqa, multiple_choice.
 
 Output (see data_pipelines.core): DIR/NAME-00000.arrayrecord ... (or .jsonl with
 --output llava_jsonl), index.jsonl, manifest.json, and a report (report.md, report.json,
-report_lengths.png). Rerunning the same command resumes an interrupted build. Train on it:
+report_lengths.png). Rerunning the same command resumes an interrupted build.
+`--runner direct|DataflowRunner|FlinkRunner|SparkRunner [Beam options]` builds the same
+records on Apache Beam (data_pipelines.beam_build). Train on it:
     --config.data.sources="[{'kind': 'arrayrecord', 'path': 'DIR/*.arrayrecord'}]"
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import sys
 from pathlib import Path
 
-from data_pipelines import adapt, converters
-from data_pipelines.core import BuildConfig, BuildError, build
+from data_pipelines import adapt, beam_build, converters
+from data_pipelines.core import BuildConfig, BuildError, Part, build
 from data_pipelines.report import write_report
+from mmjax.data.sources import LlavaJsonSource
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,6 +44,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-tokens", type=int, default=576,
                    help="LLM tokens per image for the report (576: CLIP-L/336)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--runner", default=None, help="build on Apache Beam: direct (this "
+                   "machine), DataflowRunner, FlinkRunner, SparkRunner; the options after it "
+                   "are Beam's (--direct_num_workers 2 --direct_running_mode "
+                   "multi_processing, --project, --region, --temp_location, ...). Default: "
+                   "in process")
 
 
 def _merge_args(p) -> None:
@@ -105,32 +115,55 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def samples(args):
+def units(args, part: int = 50_000) -> list[Part]:
+    """The input as parts that read on their own, in order: a LLaVA JSON in ranges of `part`
+    records (each yields exactly its range's count), WebDataset one tar each, the annotation
+    files (merged per image) whole. Chained, they are the in-process build's input; Beam
+    reads them in parallel."""
     k = args.kind
     name = args.name or k
     if k in ("lcs558k", "sharegpt4v", "llava_instruct"):
-        return converters.llava_json(args.json, name)
+        n = len(LlavaJsonSource(args.json, name=name))
+        return [Part(functools.partial(converters.llava_json, args.json, name, a, a + part),
+                     min(n, a + part) - a) for a in range(0, max(n, 1), part)]
+    return [Part(read) for read in _readers(args, name)]
+
+
+def _readers(args, name: str) -> list[functools.partial]:
+    k = args.kind
     if k == "coco_captions":
-        return converters.coco_captions(args.annotations, args.image_dir, args.all_captions, name)
+        return [functools.partial(converters.coco_captions, args.annotations, args.image_dir,
+                                  args.all_captions, name)]
     if k == "tfds_coco":
-        return converters.tfds_coco(args.dataset, args.split, args.data_dir, name)
+        return [functools.partial(converters.tfds_coco, args.dataset, args.split,
+                                  args.data_dir, name)]
     if k == "webdataset":
-        return converters.webdataset(args.tars, name)
+        return [functools.partial(converters.webdataset, [t], name)
+                for t in sorted(str(t) for t in args.tars)]
     merge = dict(prompt=args.prompt, max_turns=args.max_turns, max_tokens=args.max_tokens,
                  seed=args.seed, source=name) if k in ("vqav2", "gqa", "chartqa") else {}
     if k == "vqav2":
-        return converters.vqav2(args.questions, args.annotations, args.image_pattern, **merge)
+        return [functools.partial(converters.vqav2, args.questions, args.annotations,
+                                  args.image_pattern, **merge)]
     if k == "gqa":
-        return converters.gqa(args.questions, args.image_pattern, **merge)
+        return [functools.partial(converters.gqa, args.questions, args.image_pattern, **merge)]
     if k == "chartqa":
-        return converters.chartqa(args.json, args.image_dir, **merge)
+        return [functools.partial(converters.chartqa, args.json, args.image_dir, **merge)]
     if k == "multiple_choice":
-        return converters.multiple_choice(args.json, args.image_dir, args.prompt, name)
+        return [functools.partial(converters.multiple_choice, args.json, args.image_dir,
+                                  args.prompt, name)]
     raise ValueError(k)
 
 
+def samples(args):
+    """Every sample, in order (the parts chained)."""
+    return itertools.chain.from_iterable(unit.read() for unit in units(args))
+
+
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    args, beam_args = parser().parse_known_args(argv)
+    if beam_args and not args.runner:
+        parser().error(f"unrecognized arguments: {' '.join(beam_args)}")
     if args.kind not in ("webdataset", "tfds_coco") and not args.image_root:
         print("note: no --image-root; records with images will be counted as missing_image",
               file=sys.stderr)
@@ -138,12 +171,16 @@ def main(argv=None) -> dict:
                       image_root=Path(args.image_root) if args.image_root else None,
                       shard_size=args.shard_size, output=args.output, max_side=args.max_side,
                       quality=args.quality, reencode=args.reencode, limit=args.limit)
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    if args.runner:
+        manifest = beam_build.run(units(args), cfg, beam_build.runner_args(args.runner,
+                                                                            beam_args))
+    else:
+        progress = None
+        if not args.no_progress:
+            from tqdm import tqdm
 
-        progress = lambda it: tqdm(it, desc=cfg.name, unit=" samples")  # noqa: E731
-    manifest = build(samples(args), cfg, progress)
+            progress = lambda it: tqdm(it, desc=cfg.name, unit=" samples")  # noqa: E731
+        manifest = build(samples(args), cfg, progress)
     report = write_report(cfg.out, args.tokenizer, args.image_tokens, args.template)
     print(summary(manifest, report))
     return manifest

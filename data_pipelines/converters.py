@@ -40,13 +40,14 @@ def _load_json(path) -> object:
 
 
 # ------------------------------------------------------------------ LLaVA-form pass-through
-def llava_json(path, source: str = "llava") -> Iterator[Raw | Skipped]:
+def llava_json(path, source: str = "llava", start: int = 0,
+               stop: int | None = None) -> Iterator[Raw | Skipped]:
     """Records already in LLaVA form ({id, image?, conversations}): LCS-558K,
     LLaVA-Instruct-158K, llava_v1_5_mix665k, ShareGPT4V. Text-only records (no image) pass.
     Read through the training pipeline's indexed source, one record at a time (the 665K mix
-    is a 1 GB JSON array)."""
+    is a 1 GB JSON array); records [start, stop) only when given (a Beam worker's part)."""
     src = LlavaJsonSource(path, name=source)
-    for n in range(len(src)):
+    for n in range(start, len(src) if stop is None else min(stop, len(src))):
         rec = src[n]
         if not isinstance(rec, dict):  # a Skipped marker: bad JSON or not an object
             yield rec

@@ -50,6 +50,15 @@ class Raw:
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """A part of a build's input that reads on its own: `read()` gives its samples in order;
+    `size`, when known without reading, is how many it gives."""
+
+    read: Callable[[], Iterable[Raw | Skipped]]
+    size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildConfig:
     name: str
     out: Path
@@ -103,6 +112,12 @@ def check_conversation(raw: Raw) -> Skipped | None:
     return None
 
 
+def settings_of(cfg: BuildConfig) -> dict:
+    """The settings a build's output depends on (a rerun into the same directory must match)."""
+    return {k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "limit")}
+
+
 def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
           progress: Callable[[Iterable], Iterator] | None = None) -> dict:
     """Writes `samples` to `cfg.out` as shards; resumes a previous partial build."""
@@ -110,8 +125,7 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
                               image_root=Path(cfg.image_root) if cfg.image_root else None)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v)
-                for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "limit")}
+    settings = settings_of(cfg)
     prog_path = out / "progress.json"
     prog = json.loads(prog_path.read_text()) if prog_path.exists() else None
     if prog is not None and prog["settings"] != settings:
@@ -188,7 +202,9 @@ class _Ids:
         return out
 
 
-def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
+def read_sample(sample: Raw | Skipped, cfg: BuildConfig):
+    """The checks and image reads of one sample (the same for every runner): a `Skipped`, or
+    (image bytes, (width, height) per image)."""
     if isinstance(sample, Skipped):
         return sample
     bad = check_conversation(sample)
@@ -203,12 +219,16 @@ def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
             return Skipped(reason, sample.id, e.detail)
         images.append(data)
         sizes.append(size)
-    out_id = ids.unique(sample.id, position)
-    ids.add(out_id, sample.id)
+    return images, sizes
+
+
+def encode_sample(out_id: str, sample: Raw, images: list[bytes], sizes, cfg: BuildConfig):
+    """The output record of a sample under its output id: `mmjax.data.records` bytes, or a
+    LLaVA JSON object (images that are not files under the root go to OUT/images)."""
     extra = {"image_wh": sizes, "source_id": sample.id}
     if cfg.output == "arrayrecord":
-        return out_id, sample.id, records.encode(out_id, sample.conversations, images,
-                                                 sample.source or cfg.name, extra)
+        return records.encode(out_id, sample.conversations, images, sample.source or cfg.name,
+                              extra)
     rec = {"id": out_id, "conversations": sample.conversations,
            "source": sample.source or cfg.name, **extra}
     paths = [p for p in sample.images if isinstance(p, str)]
@@ -222,7 +242,16 @@ def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
             paths.append(name)
     if paths:
         rec["image"] = paths[0] if len(paths) == 1 else paths
-    return out_id, sample.id, rec
+    return rec
+
+
+def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
+    got = read_sample(sample, cfg)
+    if isinstance(got, Skipped):
+        return got
+    out_id = ids.unique(sample.id, position)
+    ids.add(out_id, sample.id)
+    return out_id, sample.id, encode_sample(out_id, sample, *got, cfg)
 
 
 def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, pending,
