@@ -47,6 +47,7 @@ from data_pipelines.core import (
     BuildError,
     Part,
     encode_sample,
+    local_output,
     read_sample,
     settings_of,
 )
@@ -76,7 +77,7 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
     if cfg.output != "arrayrecord":
         raise BuildError("a Beam build writes ArrayRecord shards (--output arrayrecord); "
                          "llava_jsonl output is built in process")
-    out = Path(cfg.out)
+    out = local_output(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(cfg)
     if (out / "progress.json").exists():

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from data_pipelines import adapt, beam_build, converters
-from data_pipelines.core import BuildConfig, BuildError, Part, build
+from data_pipelines.core import BuildConfig, BuildError, Part, build, local_output
 from data_pipelines.report import write_report
 from mmjax.data.sources import LlavaJsonSource
 
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     if args.kind not in ("webdataset", "tfds_coco") and not args.image_root:
         print("note: no --image-root; records with images will be counted as missing_image",
               file=sys.stderr)
-    cfg = BuildConfig(name=args.name or args.kind, out=Path(args.out),
+    cfg = BuildConfig(name=args.name or args.kind, out=local_output(args.out),
                       image_root=Path(args.image_root) if args.image_root else None,
                       shard_size=args.shard_size, output=args.output, max_side=args.max_side,
                       quality=args.quality, reencode=args.reencode, limit=args.limit)

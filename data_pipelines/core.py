@@ -112,6 +112,15 @@ def check_conversation(raw: Raw) -> Skipped | None:
     return None
 
 
+def local_output(out) -> Path:
+    """The output directory, which must be local or mounted: a URL (gs://, s3://) is refused
+    rather than written as a local folder of that name."""
+    if "://" in str(out):
+        raise BuildError(f"--out {out}: write to a local or mounted directory (gcsfuse, NFS); "
+                         "object-store URLs are not written directly yet")
+    return Path(out)
+
+
 def settings_of(cfg: BuildConfig) -> dict:
     """The settings a build's output depends on (a rerun into the same directory must match)."""
     return {k: (str(v) if isinstance(v, Path) else v)
@@ -121,7 +130,7 @@ def settings_of(cfg: BuildConfig) -> dict:
 def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
           progress: Callable[[Iterable], Iterator] | None = None) -> dict:
     """Writes `samples` to `cfg.out` as shards; resumes a previous partial build."""
-    cfg = dataclasses.replace(cfg, out=Path(cfg.out),
+    cfg = dataclasses.replace(cfg, out=local_output(cfg.out),
                               image_root=Path(cfg.image_root) if cfg.image_root else None)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
