@@ -1,46 +1,49 @@
 """The converters on Apache Beam: the in-process build's records (`core.build`), made by many
-workers on any runner Beam has (DirectRunner on one machine, Dataflow, Flink, Spark).
+workers on a runner Beam has (DirectRunner on one machine; Flink or Spark on a cluster whose
+workers share the paths).
 
     python -m data_pipelines.convert KIND ... --out DIR --runner direct \
         [--direct_num_workers 2 --direct_running_mode multi_processing]
-    python -m data_pipelines.convert KIND ... --out DIR --runner DataflowRunner \
-        --project P --region R --temp_location gs://BUCKET/tmp [other Beam options]
+    python -m data_pipelines.convert KIND ... --out /mnt/shared/DIR --runner FlinkRunner \
+        --flink_master HOST:8081 [other Beam options]
 
 The stages (positions are the in-process build's input numbering):
-  position  each part's offset: the samples of the parts before it (`convert.units`: ranges
+  offsets   each part's offset: the samples of the parts before it (`convert.units`: ranges
             of a LLaVA JSON, whose sizes are known; one tar each, counted by a pass that
             decodes nothing; annotation files whole, one part), a side input;
-  read      the parts spread over the workers, each read in order, its samples numbered
-            from its offset (the in-process build's positions);
-  check     `core.read_sample` (the conversation checks, image decode, optional re-encode),
-            in parallel (an input of fewer than 8 parts has its samples spread over the
-            workers first; more parts are spread as parts); a bad sample is a skip: the Beam
-            counter `skipped/REASON`, and in the manifest by reason with the first examples
-            by position;
-  ids       positions grouped by input id: the first written one keeps the id, each repeat
+  build     the parts spread over the workers, each read in order, its samples numbered
+            from its offset and cut into chunks of shard_size inputs; each chunk checked
+            (`core.read_sample`: the conversation checks, image decode, optional re-encode)
+            and its good records written, in position order, under their input ids to a
+            temporary file. Many parts (tars: the images inside) are built where they are
+            read; an input of fewer than 8 parts has its samples (paths) grouped by chunk
+            over the workers first. Images never cross the network. A bad sample is a skip:
+            the Beam counter `skipped/REASON`, and in the manifest by reason with the first
+            examples by position;
+  ids       the written positions grouped by input id: the first keeps the id, each repeat
             is ID#POSITION, as the in-process build names them; an input id that equals such
             a name stops the build (the in-process build resolves it in input order);
-  write     names and records joined by shard (input position // shard_size: the images
-            cross the network once), each shard in position order, written under a
-            temporary name and renamed: a rerun or a retried bundle writes the same bytes
+  write     each chunk renamed to its shard's final name (its repeats' records re-encoded
+            under their new ids first): a rerun or a retried bundle writes the same bytes
             under the same name, nothing twice;
   finish    index.jsonl (shard by shard), manifest.json (the in-process build's fields and
             the runner); shards and temporary files a killed earlier run left are removed.
 
-A shard holds the records of one range of input positions, so it may hold fewer than
-shard_size (the in-process build fills each one): the same records, byte for byte, in other
-files. Inputs are local paths (or mounted buckets); the output is a local directory.
-`apache-beam` is the beam extra: pip install 'mmjax[beam]'.
+A shard holds the good records of one chunk (shard_size inputs of one part), so it may hold
+fewer than shard_size (the in-process build fills each one): the same records, byte for
+byte, in other files (NAME-PART-CHUNK.arrayrecord). Inputs and output are paths every worker
+sees (local, NFS, gcsfuse). `apache-beam` is the beam extra: pip install 'mmjax[beam]'.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipelines.core import (
     BuildConfig,
@@ -49,12 +52,14 @@ from data_pipelines.core import (
     encode_sample,
     local_output,
     read_sample,
+    renamed,
     settings_of,
 )
 from mmjax.data import records
 from mmjax.data.quality import EXAMPLES_PER_REASON, Skipped
 
 PARTS = ".beam-parts"  # per-shard index lines until the finish step joins them
+TMP = ".beam-tmp"  # chunks as built, before their final names
 COUNTER = "mmjax.data_pipelines"
 SPREAD_BELOW = 8  # inputs of fewer parts have their samples spread over the workers
 
@@ -88,7 +93,8 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
                          "directory or delete it")
     old.unlink(missing_ok=True)  # complete again only when this run finishes
     (out / "id_clashes.json").unlink(missing_ok=True)
-    shutil.rmtree(out / PARTS, ignore_errors=True)
+    for leftover in (PARTS, TMP):  # a killed run's
+        shutil.rmtree(out / leftover, ignore_errors=True)
     limit = cfg.limit
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its progress chatter
     opts = PipelineOptions(pipeline_args)
@@ -97,38 +103,36 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
                  | "spread parts" >> beam.Reshuffle())
         last = len(units) - 1  # the parts before a part give its offset: the last one's
         # size is never needed, a known size is not counted
-        offsets = (parts | "sizes" >> beam.Map(_size, last)
-                   | "all sizes" >> beam.combiners.ToDict()
-                   | "offsets" >> beam.Map(_offsets))
-        # read after the offsets are known: a part's samples go from its read to their
-        # checks on one worker, never through the runner
-        positioned = parts | "read" >> beam.FlatMap(_read_part,
-                                                    beam.pvalue.AsSingleton(offsets))
-        if limit:
-            positioned = positioned | "limit" >> beam.Filter(lambda x: x[0] < limit)
-        if len(units) < SPREAD_BELOW:  # few parts: spread their samples over the workers
-            positioned = positioned | "spread samples" >> beam.Reshuffle()
-        checked = positioned | "check" >> beam.Map(_check, cfg)
-        skips = checked | "skips" >> beam.Filter(lambda x: x[0] == "skip")
-        good = checked | "good" >> beam.Filter(lambda x: x[0] == "ok")
-        by_id = (good | "by id" >> beam.Map(lambda x: (x[2].id, x[1]))
+        offsets = beam.pvalue.AsSingleton(
+            parts | "sizes" >> beam.Map(_size, last) | "all sizes" >> beam.combiners.ToDict()
+            | "offsets" >> beam.Map(_offsets))
+        if len(units) < SPREAD_BELOW:  # few parts: their samples (paths) spread by chunk
+            size = cfg.shard_size
+            built = (parts | "read" >> beam.FlatMap(_read_part, offsets, limit)
+                     | "by chunk" >> beam.Map(lambda x: ((x[0], x[1] // size), (x[2], x[3])))
+                     | "group chunks" >> beam.GroupByKey()
+                     | "build chunks" >> beam.FlatMap(_build_chunk, cfg))
+        else:  # many parts (tars: images inside): each read, checked and written in place
+            built = parts | "read and build" >> beam.FlatMap(_read_and_build, offsets, limit,
+                                                             cfg)
+        skips = built | "skips" >> beam.Filter(lambda x: x[0] == "skip")
+        chunks = built | "chunks" >> beam.Filter(lambda x: x[0] == "chunk")
+        by_id = (chunks | "written" >> beam.FlatMap(lambda c: [(i, pos) for pos, i in c[3]])
                  | "group ids" >> beam.GroupByKey())
         named = by_id | "name" >> beam.FlatMap(_name)  # (position, output id, input id)
-        renamed = (named | "renamed" >> beam.Filter(lambda r: r[1] != r[2])
-                   | "renamed ids" >> beam.Map(lambda r: (r[1], "renamed")))
+        renamed = named | "renamed" >> beam.Filter(lambda r: r[1] != r[2])
         ids = by_id | "input ids" >> beam.Map(lambda kv: (kv[0], "input"))
-        clashes = ((renamed, ids) | "all ids" >> beam.Flatten()
+        clashes = ((renamed | "renamed ids" >> beam.Map(lambda r: (r[1], "renamed")), ids)
+                   | "all ids" >> beam.Flatten()
                    | "group all ids" >> beam.GroupByKey()
                    | "clash" >> beam.Filter(lambda kv: len(set(kv[1])) > 1)
                    | "clash ids" >> beam.Map(lambda kv: kv[0])
                    | "clash list" >> beam.combiners.Top.Smallest(EXAMPLES_PER_REASON))
-        size = cfg.shard_size
-        # the names (small) and the records (images) meet per shard: one shuffle of images
-        shards = ({"names": named | "names by shard" >> beam.Map(lambda r: (r[0] // size, r)),
-                   "records": good | "by shard" >> beam.Map(lambda x: (x[1] // size, x[1:]))}
-                  | "group shards" >> beam.CoGroupByKey()
-                  | "write" >> beam.Map(_write_shard, cfg))
-        inputs = positioned | "inputs" >> beam.combiners.Count.Globally()
+        shards = chunks | "write" >> beam.FlatMap(
+            _write_chunk, cfg, beam.pvalue.AsDict(
+                renamed | "by position" >> beam.Map(lambda r: (r[0], r[1]))))
+        inputs = (chunks | "chunk inputs" >> beam.Map(lambda c: c[4])
+                  | "inputs" >> beam.CombineGlobally(sum))
         reasons = skips | "reason" >> beam.Map(
             lambda x: (x[2].reason, (x[1], f"{x[2].sample_id}: {x[2].detail}"[:300])))
         counts = reasons | "count skips" >> beam.combiners.Count.PerKey()
@@ -171,26 +175,53 @@ def _offsets(sizes: dict) -> dict:
     return out
 
 
-def _read_part(part, offsets: dict):
-    """(index, Part) -> (input position, sample) for each of its samples."""
+def _read_part(part, offsets: dict, limit: int):
+    """(index, Part) -> (part, place in part, input position, sample) for each sample below
+    `limit` (0: all)."""
     index, unit = part
     for n, sample in enumerate(unit.read()):
-        yield offsets[index] + n, sample
+        if limit and offsets[index] + n >= limit:
+            break
+        yield index, n, offsets[index] + n, sample
     _counter("parts").inc()
 
 
-def _check(item, cfg: BuildConfig):
-    """(position, sample) -> ('skip', position, Skipped) or ('ok', position, sample, images,
-    sizes); the sample keeps its image paths, not the bytes it was read with."""
-    position, sample = item
-    _counter("inputs").inc()
-    got = read_sample(sample, cfg)
-    if isinstance(got, Skipped):
-        _counter(f"skipped/{got.reason}").inc()
-        return "skip", position, got
-    light = dataclasses.replace(sample, images=[p if isinstance(p, str) else None
-                                                for p in sample.images])
-    return ("ok", position, light, *got)
+def _read_and_build(part, offsets: dict, limit: int, cfg: BuildConfig):
+    """One part read and built chunk by chunk (shard_size samples each) on this worker."""
+    index = part[0]
+    chunk, c = [], 0
+    for _, n, position, sample in _read_part(part, offsets, limit):
+        if n // cfg.shard_size != c:
+            yield from _build_chunk(((index, c), chunk), cfg)
+            chunk, c = [], n // cfg.shard_size
+        chunk.append((position, sample))
+    if chunk:
+        yield from _build_chunk(((index, c), chunk), cfg)
+
+
+def _build_chunk(kv, cfg: BuildConfig):
+    """((part, chunk), [(position, sample)]) -> a ('skip', position, Skipped) per bad sample,
+    then ('chunk', key, temporary shard or None, [(position, input id)] written, inputs):
+    the good samples checked, read and written in position order under their input ids
+    (`_write_chunk` renames the repeats)."""
+    key, samples = kv
+    samples = sorted(samples, key=lambda x: x[0])
+    good, written = [], []
+    for position, sample in samples:
+        _counter("inputs").inc()
+        got = read_sample(sample, cfg)
+        if isinstance(got, Skipped):
+            _counter(f"skipped/{got.reason}").inc()
+            yield "skip", position, got
+            continue
+        good.append(encode_sample(sample.id, sample, *got, cfg))
+        written.append((position, sample.id))
+    tmp = None
+    if good:
+        tmp = Path(cfg.out) / TMP / f"{key[0]:05d}-{key[1]:05d}-{uuid.uuid4().hex}"
+        tmp.parent.mkdir(exist_ok=True)
+        records.write_shard(tmp, good)
+    yield "chunk", key, None if tmp is None else str(tmp), written, len(samples)
 
 
 def _name(kv):
@@ -201,28 +232,38 @@ def _name(kv):
         yield position, source_id if k == 0 else f"{source_id}#{position}", source_id
 
 
-def _write_shard(kv, cfg: BuildConfig):
-    """(shard number, {names, records}) -> the shard written in position order (temporary
-    name, then renamed) and its index lines set aside; returns (number, file, records)."""
-    k, joined = kv
-    names = {position: out_id for position, out_id, _ in joined["names"]}
-    group = sorted(joined["records"], key=lambda r: r[0])
+def _write_chunk(chunk, cfg: BuildConfig, renames: dict):
+    """A built chunk -> its shard under its final name (records of repeated ids renamed;
+    the others as built), its index lines set aside; yields (key, file, records)."""
+    _, key, tmp, written, _ = chunk
+    if tmp is None:
+        return
     out = Path(cfg.out)
-    name = f"{cfg.name}-{k:05d}.arrayrecord"
-    tmp = out / f"{name}.tmp-{uuid.uuid4().hex}"
-    records.write_shard(tmp, [encode_sample(names[pos], sample, images, sizes, cfg)
-                              for pos, sample, images, sizes in group])
-    os.replace(tmp, out / name)
+    name = f"{cfg.name}-{key[0]:05d}-{key[1]:05d}.arrayrecord"
+    tmp = Path(tmp)
+    if tmp.exists():  # (a retry after the rename found it gone: the shard is written)
+        if any(pos in renames for pos, _ in written):
+            reader = ArrayRecordReader(str(tmp))
+            recs = reader.read_all()
+            reader.close()
+            recs = [renamed(r, renames[pos]) if pos in renames else r
+                    for r, (pos, _) in zip(recs, written)]
+            again = tmp.with_name(f"{tmp.name}-renamed")
+            records.write_shard(again, recs)
+            tmp.unlink()
+            tmp = again
+        os.replace(tmp, out / name)
     parts = out / PARTS
     parts.mkdir(exist_ok=True)
-    lines = "".join(json.dumps({"id": names[pos], "source_id": sample.id, "shard": name,
-                                "position": i}) + "\n"
-                    for i, (pos, sample, _, _) in enumerate(group))
-    tmp = parts / f"{k:08d}.jsonl.tmp-{uuid.uuid4().hex}"
-    tmp.write_text(lines)
-    os.replace(tmp, parts / f"{k:08d}.jsonl")
-    _counter("written").inc(len(group))
-    return k, name, len(group)
+    lines = "".join(json.dumps({"id": renames.get(pos, source_id), "source_id": source_id,
+                                "shard": name, "position": i}) + "\n"
+                    for i, (pos, source_id) in enumerate(written))
+    part = parts / f"{key[0]:05d}-{key[1]:05d}.jsonl"
+    part_tmp = part.with_name(f"{part.name}.tmp-{uuid.uuid4().hex}")
+    part_tmp.write_text(lines)
+    os.replace(part_tmp, part)
+    _counter("written").inc(len(written))
+    yield key, name, len(written)
 
 
 def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: int,
@@ -235,13 +276,14 @@ def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: in
     names = {name for _, name, _ in shards}
     tmp = out / "index.jsonl.tmp"
     with open(tmp, "w") as f:
-        for k, _, _ in shards:
-            f.write((out / PARTS / f"{k:08d}.jsonl").read_text())
+        for (part, chunk), _, _ in shards:
+            f.write((out / PARTS / f"{part:05d}-{chunk:05d}.jsonl").read_text())
     os.replace(tmp, out / "index.jsonl")
     for stale in out.glob(f"{cfg.name}-*.arrayrecord*"):  # a killed run's leftovers
         if stale.name not in names:
             stale.unlink()
     shutil.rmtree(out / PARTS, ignore_errors=True)
+    shutil.rmtree(out / TMP, ignore_errors=True)  # what failed attempts wrote
     manifest = {"name": cfg.name, "settings": settings, "shards": [n for _, n, _ in shards],
                 "samples": sum(n for _, _, n in shards), "inputs": inputs,
                 "skipped": dict(sorted(counts.items())),

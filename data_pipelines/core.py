@@ -254,6 +254,14 @@ def encode_sample(out_id: str, sample: Raw, images: list[bytes], sizes, cfg: Bui
     return rec
 
 
+def renamed(record: bytes, out_id: str) -> bytes:
+    """An ArrayRecord-output record of `encode_sample` under another output id: the bytes
+    `encode_sample(out_id, ...)` gives."""
+    h = records.decode(record)
+    return records.encode(out_id, h["conversations"], h["images"], h["source"],
+                          {"image_wh": h["image_wh"], "source_id": h["source_id"]})
+
+
 def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
     got = read_sample(sample, cfg)
     if isinstance(got, Skipped):
