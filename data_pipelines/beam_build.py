@@ -50,6 +50,7 @@ from data_pipelines.core import (
     BuildError,
     Part,
     encode_sample,
+    images_sha256,
     local_output,
     read_sample,
     renamed,
@@ -117,7 +118,22 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
                                                              cfg)
         skips = built | "skips" >> beam.Filter(lambda x: x[0] == "skip")
         chunks = built | "chunks" >> beam.Filter(lambda x: x[0] == "chunk")
-        by_id = (chunks | "written" >> beam.FlatMap(lambda c: [(i, pos) for pos, i in c[3]])
+        written = chunks | "written" >> beam.FlatMap(lambda c: c[3])  # (pos, id, digest)
+        judged = ((written | "with images" >> beam.Filter(lambda w: w[2] is not None)
+                   | "by images" >> beam.Map(lambda w: (w[2], w[:2]))
+                   | "group images" >> beam.GroupByKey()
+                   | "duplicates" >> beam.FlatMap(_duplicates),
+                   written | "text only" >> beam.Filter(lambda w: w[2] is None)
+                   | "not judged" >> beam.Map(lambda w: (w[0], w[1], None)))
+                  | "judged" >> beam.Flatten())  # (position, input id, what it duplicates)
+        duplicates = judged | "duplicated" >> beam.Filter(lambda j: j[2] is not None)
+        drop = cfg.duplicate_images == "drop"
+        if drop:  # not written: skips, and no name taken
+            skips = (skips, duplicates | "duplicate skips" >> beam.Map(
+                lambda j: ("skip", j[0], Skipped("duplicate_image", j[1], j[2]))
+            )) | "all skips" >> beam.Flatten()
+        by_id = (judged | "kept" >> beam.Filter(lambda j: not (drop and j[2] is not None))
+                 | "by id" >> beam.Map(lambda j: (j[1], j[0]))
                  | "group ids" >> beam.GroupByKey())
         named = by_id | "name" >> beam.FlatMap(_name)  # (position, output id, input id)
         renamed = named | "renamed" >> beam.Filter(lambda r: r[1] != r[2])
@@ -128,9 +144,17 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
                    | "clash" >> beam.Filter(lambda kv: len(set(kv[1])) > 1)
                    | "clash ids" >> beam.Map(lambda kv: kv[0])
                    | "clash list" >> beam.combiners.Top.Smallest(EXAMPLES_PER_REASON))
+        dropped = (duplicates if drop else p | "none dropped" >> beam.Create([])) \
+            | "dropped" >> beam.Map(lambda j: (j[0], True))
         shards = chunks | "write" >> beam.FlatMap(
             _write_chunk, cfg, beam.pvalue.AsDict(
-                renamed | "by position" >> beam.Map(lambda r: (r[0], r[1]))))
+                renamed | "by position" >> beam.Map(lambda r: (r[0], r[1]))),
+            beam.pvalue.AsDict(dropped))
+        dup_texts = duplicates | "duplicate texts" >> beam.Map(
+            lambda j: (j[0], f"{j[1]} (input {j[0]}): {j[2]}"))
+        dup_count = duplicates | "count duplicates" >> beam.combiners.Count.Globally()
+        dup_examples = dup_texts | "duplicate examples" >> beam.combiners.Top.Smallest(
+            EXAMPLES_PER_REASON)
         inputs = (chunks | "chunk inputs" >> beam.Map(lambda c: c[4])
                   | "inputs" >> beam.CombineGlobally(sum))
         reasons = skips | "reason" >> beam.Map(
@@ -143,7 +167,8 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
              _finish, cfg, settings, opts.get_all_options().get("runner") or "DirectRunner",
              beam.pvalue.AsList(shards), beam.pvalue.AsSingleton(inputs),
              beam.pvalue.AsDict(counts), beam.pvalue.AsDict(examples),
-             beam.pvalue.AsSingleton(clashes)))
+             beam.pvalue.AsSingleton(clashes), beam.pvalue.AsSingleton(dup_count),
+             beam.pvalue.AsSingleton(dup_examples)))
     clash = out / "id_clashes.json"
     if clash.exists():
         raise BuildError(f"input ids equal the names this build gives repeated ids "
@@ -201,7 +226,8 @@ def _read_and_build(part, offsets: dict, limit: int, cfg: BuildConfig):
 
 def _build_chunk(kv, cfg: BuildConfig):
     """((part, chunk), [(position, sample)]) -> a ('skip', position, Skipped) per bad sample,
-    then ('chunk', key, temporary shard or None, [(position, input id)] written, inputs):
+    then ('chunk', key, temporary shard or None, [(position, input id, images' sha256)]
+    written, inputs):
     the good samples checked, read and written in position order under their input ids
     (`_write_chunk` renames the repeats)."""
     key, samples = kv
@@ -215,13 +241,24 @@ def _build_chunk(kv, cfg: BuildConfig):
             yield "skip", position, got
             continue
         good.append(encode_sample(sample.id, sample, *got, cfg))
-        written.append((position, sample.id))
+        written.append((position, sample.id, images_sha256(got[0])))
     tmp = None
     if good:
         tmp = Path(cfg.out) / TMP / f"{key[0]:05d}-{key[1]:05d}-{uuid.uuid4().hex}"
         tmp.parent.mkdir(exist_ok=True)
         records.write_shard(tmp, good)
     yield "chunk", key, None if tmp is None else str(tmp), written, len(samples)
+
+
+def _duplicates(kv):
+    """The written samples with one set of images -> (position, input id, what it
+    duplicates: None for the first)."""
+    _, group = kv
+    group = sorted(group)
+    first_position, first_id = group[0]
+    yield first_position, first_id, None
+    for position, source_id in group[1:]:
+        yield position, source_id, f"the same image(s) as {first_id} (input {first_position})"
 
 
 def _name(kv):
@@ -232,23 +269,25 @@ def _name(kv):
         yield position, source_id if k == 0 else f"{source_id}#{position}", source_id
 
 
-def _write_chunk(chunk, cfg: BuildConfig, renames: dict):
-    """A built chunk -> its shard under its final name (records of repeated ids renamed;
-    the others as built), its index lines set aside; yields (key, file, records)."""
+def _write_chunk(chunk, cfg: BuildConfig, renames: dict, dropped: dict):
+    """A built chunk -> its shard under its final name (records of repeated ids renamed,
+    dropped duplicates left out; the others as built), its index lines set aside; yields
+    (key, file, records)."""
     _, key, tmp, written, _ = chunk
-    if tmp is None:
+    kept = [w for w in written if w[0] not in dropped]
+    if tmp is None or not kept:
         return
     out = Path(cfg.out)
     name = f"{cfg.name}-{key[0]:05d}-{key[1]:05d}.arrayrecord"
     tmp = Path(tmp)
     if tmp.exists():  # (a retry after the rename found it gone: the shard is written)
-        if any(pos in renames for pos, _ in written):
+        if len(kept) < len(written) or any(pos in renames for pos, _, _ in kept):
             reader = ArrayRecordReader(str(tmp))
             recs = reader.read_all()
             reader.close()
             recs = [renamed(r, renames[pos]) if pos in renames else r
-                    for r, (pos, _) in zip(recs, written)]
-            again = tmp.with_name(f"{tmp.name}-renamed")
+                    for r, (pos, _, _) in zip(recs, written) if pos not in dropped]
+            again = tmp.with_name(f"{tmp.name}-final")
             records.write_shard(again, recs)
             tmp.unlink()
             tmp = again
@@ -256,18 +295,20 @@ def _write_chunk(chunk, cfg: BuildConfig, renames: dict):
     parts = out / PARTS
     parts.mkdir(exist_ok=True)
     lines = "".join(json.dumps({"id": renames.get(pos, source_id), "source_id": source_id,
-                                "shard": name, "position": i}) + "\n"
-                    for i, (pos, source_id) in enumerate(written))
+                                "shard": name, "position": i, "input": pos,
+                                **({"images_sha256": digest} if digest else {})}) + "\n"
+                    for i, (pos, source_id, digest) in enumerate(kept))
     part = parts / f"{key[0]:05d}-{key[1]:05d}.jsonl"
     part_tmp = part.with_name(f"{part.name}.tmp-{uuid.uuid4().hex}")
     part_tmp.write_text(lines)
     os.replace(part_tmp, part)
-    _counter("written").inc(len(written))
-    yield key, name, len(written)
+    _counter("written").inc(len(kept))
+    yield key, name, len(kept)
 
 
 def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: int,
-            counts: dict, examples: dict, clashes: list) -> None:
+            counts: dict, examples: dict, clashes: list, dup_count: int,
+            dup_examples: list) -> None:
     out = Path(cfg.out)
     if clashes:
         (out / "id_clashes.json").write_text(json.dumps(sorted(clashes)))
@@ -289,7 +330,10 @@ def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: in
                 "skipped": dict(sorted(counts.items())),
                 "skipped_examples": {r: [text for _, text in sorted(ex)]
                                      for r, ex in sorted(examples.items())},
-                "output": cfg.output, "runner": runner}
+                "output": cfg.output,
+                "duplicate_images": {"mode": cfg.duplicate_images, "count": dup_count,
+                                     "examples": [t for _, t in sorted(dup_examples)]},
+                "runner": runner}
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")

@@ -38,6 +38,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     p.add_argument("--limit", type=int, default=0, help="only the first N input samples")
+    p.add_argument("--duplicate-images", choices=("keep", "drop"), default="keep",
+                   help="a sample whose images are byte for byte an earlier sample's: kept and "
+                   "reported (keep), or skipped as duplicate_image (drop)")
     p.add_argument("--tokenizer", help="tokenizer dir for the report's token lengths")
     p.add_argument("--template", default="vicuna_v1",
                    help="template the report's token lengths are counted with")
@@ -170,7 +173,8 @@ def main(argv=None) -> dict:
     cfg = BuildConfig(name=args.name or args.kind, out=local_output(args.out),
                       image_root=Path(args.image_root) if args.image_root else None,
                       shard_size=args.shard_size, output=args.output, max_side=args.max_side,
-                      quality=args.quality, reencode=args.reencode, limit=args.limit)
+                      quality=args.quality, reencode=args.reencode, limit=args.limit,
+                      duplicate_images=args.duplicate_images)
     if args.runner:
         manifest = beam_build.run(units(args), cfg, beam_build.runner_args(args.runner,
                                                                             beam_args))
@@ -196,6 +200,11 @@ def summary(manifest: dict, report: dict) -> str:
             lines.append(f"  {reason}: e.g. {examples[0]}")
     else:
         lines.append("skipped: none")
+    dup = manifest.get("duplicate_images") or {}
+    if dup.get("count"):
+        how = "dropped" if dup["mode"] == "drop" else "kept (--duplicate-images drop skips them)"
+        lines.append(f"duplicate images: {dup['count']} sample(s) {how}, e.g. "
+                     f"{dup['examples'][0]}")
     lines.append(f"report: {report['path']}")
     return "\n".join(lines)
 

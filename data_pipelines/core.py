@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 from mmjax.data import records
 from mmjax.data.image import ImageError, decode_image, resolve_image_path
-from mmjax.data.quality import REASONS, Skipped, SkipReport
+from mmjax.data.quality import EXAMPLES_PER_REASON, REASONS, Skipped, SkipReport
 from mmjax.data.templates import ConversationError, normalize_turns
 
 
@@ -69,6 +69,7 @@ class BuildConfig:
     quality: int = 90  # JPEG quality when re-encoding
     reencode: bool = False  # re-encode every image (e.g. to JPEG) even if small
     limit: int = 0  # stop after this many input samples (0: all); for trials
+    duplicate_images: str = "keep"  # a sample whose images are an earlier one's: keep | drop
 
 
 def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, tuple[int, int]]:
@@ -149,14 +150,16 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
     report.load_state(prog["report"])
     resume_at = report.seen
     ids = _Ids()
+    dups = Duplicates(cfg.duplicate_images, prog.get("duplicates"))
     if (out / "index.jsonl").exists():
         _truncate_index(out, prog["written"])  # lines past the last finished shard go
     if resume_at:
         for line in (out / "index.jsonl").read_text().splitlines():
             rec = json.loads(line)
             ids.add(rec["id"], rec.get("source_id", rec["id"]))
+            dups.first(rec.get("images_sha256"), rec["source_id"], rec["input"])
         print(f"{out}: resuming after {len(prog['shards'])} shard(s), {resume_at} inputs")
-    pending: list[tuple[str, str, bytes | dict]] = []  # (id, source id, record)
+    pending: list[tuple[str, str, bytes | dict, dict]] = []  # (id, source id, record, meta)
     index = open(out / "index.jsonl", "a")
     it = iter(samples)
     if progress is not None:
@@ -168,16 +171,16 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
             if n < resume_at:  # consumed by finished shards
                 continue
             report.seen += 1
-            item = _prepare(sample, cfg, ids, n)
+            item = _prepare(sample, cfg, ids, dups, n)
             if isinstance(item, Skipped):
                 report.skip(item)
             else:
                 pending.append(item)
                 if len(pending) == cfg.shard_size:
-                    _flush(out, cfg, prog, report, pending, index)
+                    _flush(out, cfg, prog, report, dups, pending, index)
                     pending = []
         if pending:
-            _flush(out, cfg, prog, report, pending, index)
+            _flush(out, cfg, prog, report, dups, pending, index)
     finally:
         index.close()
     prog["done"] = True
@@ -185,7 +188,8 @@ def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
     manifest = {"name": cfg.name, "settings": settings, "shards": [s["file"] for s in
                                                                   prog["shards"]],
                 "samples": prog["written"], "inputs": report.seen, "skipped": report.counts,
-                "skipped_examples": report.examples, "output": cfg.output}
+                "skipped_examples": report.examples, "output": cfg.output,
+                "duplicate_images": dups.summary()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _atomic_write(prog_path, json.dumps(prog))
     return manifest
@@ -262,35 +266,86 @@ def renamed(record: bytes, out_id: str) -> bytes:
                           {"image_wh": h["image_wh"], "source_id": h["source_id"]})
 
 
-def _prepare(sample, cfg: BuildConfig, ids: _Ids, position: int):
+def images_sha256(images: list[bytes]) -> str | None:
+    """One digest of a sample's images as stored (None: no image)."""
+    if not images:
+        return None
+    return hashlib.sha256(b"".join(hashlib.sha256(i).digest() for i in images)).hexdigest()
+
+
+class Duplicates:
+    """Samples whose images are, byte for byte, an earlier written sample's: reported, and
+    dropped (a `duplicate_image` skip) in mode 'drop'. The first sample with the images
+    keeps them; 'earlier' is input order."""
+
+    def __init__(self, mode: str = "keep", state: dict | None = None):
+        if mode not in ("keep", "drop"):
+            raise BuildError(f"duplicate images: keep or drop, not {mode!r}")
+        self.mode = mode
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.count = (state or {}).get("count", 0)
+        self.examples: list[str] = list((state or {}).get("examples", []))
+
+    def first(self, digest: str | None, source_id: str, position: int) -> None:
+        if digest is not None:
+            self.seen.setdefault(digest, (source_id, position))
+
+    def check(self, digest: str | None, source_id: str, position: int) -> str | None:
+        """None for images not seen before (now seen), else what they duplicate."""
+        if digest is None:
+            return None
+        if digest not in self.seen:
+            self.seen[digest] = (source_id, position)
+            return None
+        first_id, first_position = self.seen[digest]
+        detail = f"the same image(s) as {first_id} (input {first_position})"
+        self.count += 1
+        if len(self.examples) < EXAMPLES_PER_REASON:
+            self.examples.append(f"{source_id} (input {position}): {detail}")
+        return detail
+
+    def state(self) -> dict:
+        return {"count": self.count, "examples": self.examples}
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, **self.state()}
+
+
+def _prepare(sample, cfg: BuildConfig, ids: _Ids, dups: Duplicates, position: int):
     got = read_sample(sample, cfg)
     if isinstance(got, Skipped):
         return got
+    digest = images_sha256(got[0])
+    duplicate = dups.check(digest, sample.id, position)
+    if duplicate is not None and dups.mode == "drop":
+        return Skipped("duplicate_image", sample.id, duplicate)
     out_id = ids.unique(sample.id, position)
     ids.add(out_id, sample.id)
-    return out_id, sample.id, encode_sample(out_id, sample, *got, cfg)
+    meta = {"input": position, **({"images_sha256": digest} if digest else {})}
+    return out_id, sample.id, encode_sample(out_id, sample, *got, cfg), meta
 
 
-def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, pending,
-           index) -> None:
+def _flush(out: Path, cfg: BuildConfig, prog: dict, report: SkipReport, dups: Duplicates,
+           pending, index) -> None:
     k = len(prog["shards"])
     if cfg.output == "arrayrecord":
         name = f"{cfg.name}-{k:05d}.arrayrecord"
         tmp = out / (name + ".tmp")
-        records.write_shard(tmp, [rec for _, _, rec in pending])
+        records.write_shard(tmp, [rec for _, _, rec, _ in pending])
     else:
         name = f"{cfg.name}-{k:05d}.jsonl"
         tmp = out / (name + ".tmp")
         tmp.write_text("".join(json.dumps(rec, ensure_ascii=False) + "\n"
-                               for _, _, rec in pending))
+                               for _, _, rec, _ in pending))
     os.replace(tmp, out / name)
-    for pos, (sample_id, source_id, _) in enumerate(pending):
+    for pos, (sample_id, source_id, _, meta) in enumerate(pending):
         index.write(json.dumps({"id": sample_id, "source_id": source_id, "shard": name,
-                                "position": pos}) + "\n")
+                                "position": pos, **meta}) + "\n")
     index.flush()
     prog["written"] += len(pending)
     prog["shards"].append({"file": name, "samples": len(pending)})
     prog["report"] = report.state()
+    prog["duplicates"] = dups.state()
     _atomic_write(out / "progress.json", json.dumps(prog))
 
 

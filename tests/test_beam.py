@@ -130,12 +130,19 @@ def _files(out: Path) -> dict[str, str]:
             if p.is_file() and not p.name.startswith("report")}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout):
-    here = _convert(LAYOUTS[layout](raw), tmp_path / "here")
-    beam = _convert(LAYOUTS[layout](raw), tmp_path / "beam", *TWO_WORKERS)
+@pytest.mark.parametrize("layout,duplicates", [(k, "keep") for k in sorted(LAYOUTS)]
+                         + [("llava", "drop")])
+def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout, duplicates):
+    """Also the exact-duplicate images (the fixtures reuse images a lot): the same ones
+    reported, or dropped as skips."""
+    args = [*LAYOUTS[layout](raw), "--duplicate-images", duplicates]
+    here = _convert(args, tmp_path / "here")
+    beam = _convert(args, tmp_path / "beam", *TWO_WORKERS)
     assert here["inputs"] > 500 and here["skipped"]
-    for key in ("name", "settings", "inputs", "samples", "skipped", "skipped_examples"):
+    assert here["duplicate_images"]["count"] > 100
+    assert ("duplicate_image" in here["skipped"]) == (duplicates == "drop")
+    for key in ("name", "settings", "inputs", "samples", "skipped", "skipped_examples",
+                "duplicate_images"):
         assert beam[key] == here[key], key
     a, b = _records(tmp_path / "here"), _records(tmp_path / "beam")
     assert len(a) == here["samples"] and sorted(a) == sorted(b)
@@ -143,6 +150,11 @@ def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout):
     assert len(set(ids)) == len(ids)  # every repeated input id kept under its own name
     index = [json.loads(x) for x in (tmp_path / "beam" / "index.jsonl").read_text().splitlines()]
     assert sorted(x["id"] for x in index) == sorted(ids)
+    here_index = [json.loads(x) for x in (tmp_path / "here" / "index.jsonl").read_text(
+    ).splitlines()]
+    drop = ("shard", "position")  # the files differ, the rest of each line is the same
+    assert sorted(json.dumps({k: v for k, v in x.items() if k not in drop}) for x in index) \
+        == sorted(json.dumps({k: v for k, v in x.items() if k not in drop}) for x in here_index)
     assert beam["runner"] == "DirectRunner"
 
 

@@ -271,6 +271,8 @@ def test_deterministic_and_resumable(raw, tmp_path):
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())
     b = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert a == b
+    # 8 captions of 4 images: the second caption of each repeats its image, across the resume
+    assert a["duplicate_images"]["count"] == 4 and a["duplicate_images"]["mode"] == "keep"
     for shard in a["shards"]:
         assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
     assert (tmp_path / "a" / "index.jsonl").read_text() == \

@@ -32,6 +32,7 @@ REASONS = (
     "no_answer",  # a question without an annotated answer
     "bad_choice",  # a multiple-choice answer that is not one of the choices
     "empty_text",  # a caption or question with no text
+    "duplicate_image",  # the same image bytes as an earlier sample (--duplicate-images drop)
 )
 EXAMPLES_PER_REASON = 5
 
