@@ -4,7 +4,7 @@
     python -m data_pipelines.convert KIND --help
 
 KIND: lcs558k, sharegpt4v, llava_instruct (158K and llava_v1_5_mix665k), coco_captions,
-tfds_coco, webdataset, vqav2, gqa, chartqa, multiple_choice.
+tfds_coco, webdataset, parquet, vqav2, gqa, chartqa, multiple_choice.
 
 Output (see data_pipelines.core): DIR/NAME-00000.arrayrecord ... (or .jsonl with
 --output llava_jsonl), index.jsonl, manifest.json, and a report (report.md, report.json,
@@ -38,6 +38,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     p.add_argument("--limit", type=int, default=0, help="only the first N input samples")
+    p.add_argument("--fetch-urls", action="store_true",
+                   help="fetch images given as http(s) URLs (else they count as missing)")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per attempt")
+    p.add_argument("--fetch-retries", type=int, default=2,
+                   help="more attempts after a timeout, a lost connection, a 429 or 5xx")
     p.add_argument("--duplicate-images", choices=("keep", "drop"), default="keep",
                    help="a sample whose images are byte for byte an earlier sample's: kept and "
                    "reported (keep), or skipped as duplicate_image (drop)")
@@ -91,6 +96,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("tars", nargs="+")
     _common(p)
 
+    p = sub.add_parser("parquet", help="img2dataset parquet output, or url + caption tables")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--image-column", default="jpg")
+    p.add_argument("--url-column", default="url")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--key-column", default="key")
+    _common(p)
+
     p = sub.add_parser("vqav2", help="VQAv2 questions + annotations JSON")
     p.add_argument("questions")
     p.add_argument("annotations")
@@ -129,6 +142,11 @@ def units(args, part: int = 50_000) -> list[Part]:
         n = len(LlavaJsonSource(args.json, name=name))
         return [Part(functools.partial(converters.llava_json, args.json, name, a, a + part),
                      min(n, a + part) - a) for a in range(0, max(n, 1), part)]
+    if k == "parquet":
+        # sizes counted by reading: a damaged row group yields fewer rows than the footer says
+        return [Part(functools.partial(converters.parquet, [f], name, args.image_column,
+                                       args.url_column, args.caption_column, args.key_column))
+                for f in sorted(map(str, args.files))]
     return [Part(read) for read in _readers(args, name)]
 
 
@@ -167,14 +185,15 @@ def main(argv=None) -> dict:
     args, beam_args = parser().parse_known_args(argv)
     if beam_args and not args.runner:
         parser().error(f"unrecognized arguments: {' '.join(beam_args)}")
-    if args.kind not in ("webdataset", "tfds_coco") and not args.image_root:
+    if args.kind not in ("webdataset", "tfds_coco", "parquet") and not args.image_root:
         print("note: no --image-root; records with images will be counted as missing_image",
               file=sys.stderr)
     cfg = BuildConfig(name=args.name or args.kind, out=local_output(args.out),
                       image_root=Path(args.image_root) if args.image_root else None,
                       shard_size=args.shard_size, output=args.output, max_side=args.max_side,
                       quality=args.quality, reencode=args.reencode, limit=args.limit,
-                      duplicate_images=args.duplicate_images)
+                      duplicate_images=args.duplicate_images, fetch_urls=args.fetch_urls,
+                      fetch_timeout=args.fetch_timeout, fetch_retries=args.fetch_retries)
     if args.runner:
         manifest = beam_build.run(units(args), cfg, beam_build.runner_args(args.runner,
                                                                             beam_args))

@@ -149,6 +149,45 @@ def webdataset(tars, source: str = "webdataset") -> Iterator[Raw | Skipped]:
                 yield _wds_sample(group_key, group, tar_path, source)
 
 
+def parquet(files, source: str = "parquet", image_column: str = "jpg",
+            url_column: str = "url", caption_column: str = "caption",
+            key_column: str = "key") -> Iterator[Raw | Skipped]:
+    """Parquet tables of image-text pairs, as img2dataset writes them with
+    output_format=parquet (the image bytes in `jpg`, with `key`, `caption`, `status`) or as
+    URL lists come (`url`, `caption`: the image is fetched at build time with --fetch-urls).
+    A row img2dataset could not download (status other than success) is a missing image."""
+    import pyarrow as pa  # the beam extra brings pyarrow (pip install 'mmjax[beam]')
+    import pyarrow.parquet as pq
+
+    for path in sorted(str(f) for f in files):
+        name = Path(path).stem
+        try:
+            table = pq.ParquetFile(path)
+            have = set(table.schema_arrow.names)
+            batches = table.iter_batches(batch_size=512, columns=[
+                c for c in (key_column, image_column, url_column, caption_column, "status",
+                            "error_message") if c in have])
+            n = 0
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield _parquet_sample(row, f"{source}:{name}/{row.get(key_column) or n}",
+                                          image_column, url_column, caption_column, source)
+                    n += 1
+        except (OSError, pa.ArrowException) as e:
+            yield Skipped("malformed_record", f"{source}:{name}", f"unreadable parquet: {e}")
+
+
+def _parquet_sample(row, sample_id, image_column, url_column, caption_column, source):
+    status = row.get("status")
+    if status not in (None, "success"):
+        return Skipped("missing_image", sample_id,
+                       f"img2dataset: {status} ({row.get('error_message') or ''})")
+    image = row.get(image_column) or row.get(url_column)
+    if not image:
+        return Skipped("missing_image", sample_id, f"no {image_column} bytes or {url_column}")
+    return caption_sample(sample_id, row.get(caption_column) or "", image, source)
+
+
 def _wds_sample(key, group, tar_path, source) -> Raw | Skipped:
     sample_id = f"{source}:{Path(tar_path).stem}/{key}"
     image = next((group[e] for e in IMAGE_EXTS if e in group), None)

@@ -26,6 +26,9 @@ import hashlib
 import io
 import json
 import os
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -70,6 +73,9 @@ class BuildConfig:
     reencode: bool = False  # re-encode every image (e.g. to JPEG) even if small
     limit: int = 0  # stop after this many input samples (0: all); for trials
     duplicate_images: str = "keep"  # a sample whose images are an earlier one's: keep | drop
+    fetch_urls: bool = False  # fetch images given as http(s) URLs (else they are missing)
+    fetch_timeout: float = 10.0  # seconds per attempt
+    fetch_retries: int = 2  # more attempts after a timeout, a lost connection or a 5xx / 429
 
 
 def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, tuple[int, int]]:
@@ -78,6 +84,10 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
 
     if isinstance(item, (bytes, bytearray)):
         data = bytes(item)
+    elif isinstance(item, str) and item.startswith(("http://", "https://")):
+        if not cfg.fetch_urls:
+            raise ImageError("missing_image", f"{item}: a URL (--fetch-urls fetches them)")
+        data = fetch(item, cfg.fetch_timeout, cfg.fetch_retries)
     else:
         if image_root is None:
             raise ImageError("missing_image", f"{item}: no image root given")
@@ -97,6 +107,29 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
         image.save(buf, format="JPEG", quality=cfg.quality)
         data, size = buf.getvalue(), image.size
     return data, size
+
+
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+def fetch(url: str, timeout: float, retries: int, backoff: float = 0.5) -> bytes:
+    """An image's bytes from a URL; ImageError('fetch_failed') after the retries (a 4xx other
+    than 429 is not retried)."""
+    last = ""
+    for attempt in range(retries + 1):
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "mmjax-data-pipelines"})
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+            if e.code not in RETRY_STATUS:
+                break
+        except (urllib.error.URLError, OSError, ValueError) as e:  # timeouts among them
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise ImageError("fetch_failed", f"{url}: {last} ({attempt + 1} attempt(s))")
 
 
 def check_conversation(raw: Raw) -> Skipped | None:

@@ -1,11 +1,13 @@
 """data_pipelines on Apache Beam (Beam's own DirectRunner, 2 worker processes): the same
 records as the in-process build, byte for byte, with the same skip counts, on thousands of
 samples in the released layouts (LLaVA JSON with repeated ids, WebDataset tars with a
-corrupt member and a truncated tar, VQAv2's question and annotation files); reruns and a
-killed run give the same output; mmjax.train trains on what it writes."""
+corrupt member and a truncated tar, VQAv2's question and annotation files, img2dataset's
+parquet output and a URL table fetched from a local image host); reruns and a killed run
+give the same output; mmjax.train trains on what it writes."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,11 +49,56 @@ def _conv(answer: str) -> list[dict]:
             {"from": "gpt", "value": answer}]
 
 
+class _Images(http.server.BaseHTTPRequestHandler):
+    """A local image host: /ok/N.png an image, /flaky/N a 503 the first time then the image,
+    /slow an answer after 1.5 s, /html a web page, anything else 404."""
+
+    seen: set = set()
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        path = self.path
+        if path == "/slow":
+            time.sleep(1.5)
+        if path.startswith("/flaky/") and path not in self.seen:
+            self.seen.add(path)
+            return self._send(503, b"busy", "text/plain")
+        if path.startswith(("/ok/", "/flaky/", "/slow")):
+            return self._send(200, _png(int(path.rsplit("/", 1)[-1].split(".")[0] or 0)
+                                        if path != "/slow" else 7), "image/png")
+        if path == "/html":
+            return self._send(200, b"<html>not an image</html>", "text/html")
+        self._send(404, b"no such image", "text/plain")
+
+    def _send(self, status, body, kind):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:  # a client that timed out and went away
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def _parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     """2,000 LLaVA JSON records, 4 WebDataset tars of 500 samples, VQAv2 files for 300
-    images: repeated ids, missing, corrupt and truncated images, malformed records."""
+    images, img2dataset parquet files and a URL table on a local image host: repeated ids,
+    missing, corrupt and truncated images, malformed records, failed downloads."""
     root = tmp_path_factory.mktemp("beam-raw")
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{host.server_address[1]}"
     (root / "img").mkdir()
     for i in range(300):
         (root / "img" / f"{i}.png").write_bytes(_png(i))
@@ -97,7 +145,22 @@ def raw(tmp_path_factory) -> Path:
     questions.append({"question": "no image", "question_id": 99999})
     (root / "vqa_q.json").write_text(json.dumps({"questions": questions}))
     (root / "vqa_a.json").write_text(json.dumps({"annotations": annotations}))
-    return root
+    for f in range(3):  # img2dataset's parquet output: the images inside
+        rows = []
+        for i in range(400):
+            ok = i % 37 != 5
+            rows.append({"key": f"{f:05d}{i:04d}", "caption": f"photo {f} {i}" if i % 53 else "",
+                         "jpg": _png(f * 7 + i % 90) if ok else None,
+                         "status": "success" if ok else "failed_to_download",
+                         "error_message": None if ok else "HTTP Error 404"})
+        _parquet(root / f"pairs-{f}.parquet", rows)
+    (root / "pairs-3.parquet").write_bytes(b"PAR1 not a parquet file")
+    _parquet(root / "urls.parquet", [  # a URL list: fetched at build time
+        {"url": f"{url}/{p}", "caption": f"fetched {k}"} for k, p in enumerate(
+            [f"ok/{i}.png" for i in range(40)] + ["flaky/3", "flaky/4", "slow", "html",
+                                                  "missing.png", "ok/7.png"])])
+    yield root
+    host.shutdown()
 
 
 LAYOUTS = {
@@ -105,6 +168,8 @@ LAYOUTS = {
     "webdataset": lambda r: ["webdataset", *sorted(r.glob("*.tar"))],
     "vqav2": lambda r: ["vqav2", r / "vqa_q.json", r / "vqa_a.json", "--image-root", r,
                         "--image-pattern", "img/{image_id}.png", "--max-turns", "2"],
+    "parquet": lambda r: ["parquet", *sorted(r.glob("*.parquet")), "--fetch-urls",
+                          "--fetch-timeout", "0.5", "--fetch-retries", "1"],
 }
 
 
@@ -141,6 +206,9 @@ def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout, 
     assert here["inputs"] > 500 and here["skipped"]
     assert here["duplicate_images"]["count"] > 100
     assert ("duplicate_image" in here["skipped"]) == (duplicates == "drop")
+    if layout == "parquet":  # the slow URL timed out twice, the flaky ones came on retry
+        assert here["skipped"]["fetch_failed"] == 2 and here["skipped"]["corrupt_image"] == 1
+        assert here["skipped"]["missing_image"] == 33  # failed downloads (3 x 11)
     for key in ("name", "settings", "inputs", "samples", "skipped", "skipped_examples",
                 "duplicate_images"):
         assert beam[key] == here[key], key

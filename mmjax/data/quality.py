@@ -33,6 +33,7 @@ REASONS = (
     "bad_choice",  # a multiple-choice answer that is not one of the choices
     "empty_text",  # a caption or question with no text
     "duplicate_image",  # the same image bytes as an earlier sample (--duplicate-images drop)
+    "fetch_failed",  # an image URL that did not answer with an image (--fetch-urls)
 )
 EXAMPLES_PER_REASON = 5
 
