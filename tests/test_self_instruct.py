@@ -149,6 +149,46 @@ def test_retries_cache_and_validation(server, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "llava.json").read_text()) == data
 
 
+def test_beam_run_equals_the_thread_pool_and_asks_nothing_twice(tmp_path, monkeypatch):
+    """The same jobs through Apache Beam (DirectRunner, 2 worker processes, 2 requests in
+    flight per worker) against a server that sometimes fails: the same accepted records,
+    rejections and failures as the in-process run; a rerun asks the server nothing new."""
+    pytest.importorskip("apache_beam")  # the beam extra; `make test` installs it
+    from data_pipelines.self_instruct.__main__ import main as si_main
+
+    contexts = tmp_path / "contexts.jsonl"
+    words = ["fine", "RATE2", "ERR500", "SLOW", "BADJSON", "TRUNC", "CAPTION", "DOWN"] * 3
+    contexts.write_text("".join(json.dumps({
+        "image_id": i, "file_name": f"img{i}.jpg", "width": 200, "height": 100,
+        "captions": [f"A cat number {i}. {w}"],
+        "objects": [{"name": "cat", "box": "20 10 100 50"}]}) + "\n"
+        for i, w in enumerate(words)))
+    summaries, outputs = [], []
+    for extra in ([], ["--runner", "direct", "--direct_num_workers", "2",
+                       "--direct_running_mode", "multi_processing"]):
+        server = Server()
+        out = tmp_path / ("beam" if extra else "pool")
+        args = ["--contexts", str(contexts), "--kinds", "conversation,detail", "--base-url",
+                server.url, "--model", "m", "--concurrency", "2", "--out", str(out),
+                "--no-progress", "--timeout", "0.5", "--max-retries", "3", "--backoff", "0.01",
+                *extra]
+        try:
+            summaries.append(si_main(args))
+            outputs.append(json.loads((out / "llava.json").read_text()))
+            if extra:
+                asked = sum(server.attempts.values())
+                again = si_main(args)  # answered jobs resumed, failed ones asked again
+                assert sum(server.attempts.values()) - asked == 6 * 4  # DOWN: 3 x 2 kinds
+                assert again["resumed"] == 42 and again["accepted"] == summaries[-1]["accepted"]
+        finally:
+            server.close()
+    pool, beam = summaries
+    assert pool["jobs"] == beam["jobs"] == 48 and beam["failed"] == 6
+    for key in ("finished", "accepted", "rejected", "failed", "missing"):
+        assert beam[key] == pool[key], key
+    assert outputs[0] == outputs[1]
+
+
 def test_client_gives_up_with_a_clear_error(server):
     client = ChatClient(_cfg(server.url))
     with pytest.raises(RequestFailed, match="gave up after 4 attempts.*HTTP 503"):

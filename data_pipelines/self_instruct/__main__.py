@@ -20,8 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
+from data_pipelines.beam_build import runner_args
 from data_pipelines.self_instruct.client import ClientConfig
-from data_pipelines.self_instruct.generate import make_jobs, run
+from data_pipelines.self_instruct.generate import make_jobs, run, run_beam
 from data_pipelines.self_instruct.prompts import KINDS, coco_contexts, parse_xywh_text
 
 
@@ -70,7 +71,12 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, default=0, help="only the first N images")
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--runner", default=None, help="ask from Apache Beam's workers: direct, "
+                   "FlinkRunner, SparkRunner, DataflowRunner; the options after it are Beam's "
+                   "(--direct_num_workers 4 ...); --concurrency is then per worker")
+    args, beam_args = p.parse_known_args(argv)
+    if beam_args and not args.runner:
+        p.error(f"unrecognized arguments: {' '.join(beam_args)}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
     if unknown and not args.prompt_dir:
@@ -82,12 +88,16 @@ def main(argv=None) -> dict:
     cfg = ClientConfig(args.base_url, args.model, args.api_key_env, args.temperature,
                        args.max_tokens, args.timeout, args.max_retries, args.backoff,
                        stop=tuple(args.stop))
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    if args.runner:
+        summary = run_beam(jobs, cfg, Path(args.out), args.concurrency,
+                           runner_args(args.runner, beam_args))
+    else:
+        progress = None
+        if not args.no_progress:
+            from tqdm import tqdm
 
-        progress = lambda it, total: tqdm(it, total=total, desc="requests")  # noqa: E731
-    summary = run(jobs, cfg, Path(args.out), args.concurrency, progress)
+            progress = lambda it, total: tqdm(it, total=total, desc="requests")  # noqa: E731
+        summary = run(jobs, cfg, Path(args.out), args.concurrency, progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=1))
     if summary.get("failed"):
         print(f"{summary['failed']} job(s) failed after retries (rerun to try them again): "
