@@ -39,19 +39,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import tempfile
 import uuid
-from pathlib import Path
 
 from array_record.python.array_record_module import ArrayRecordReader
 
+from data_pipelines import storage
 from data_pipelines.core import (
     BuildConfig,
     BuildError,
     Part,
     encode_sample,
     images_sha256,
-    local_output,
     read_sample,
     renamed,
     settings_of,
@@ -83,19 +82,20 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
     if cfg.output != "arrayrecord":
         raise BuildError("a Beam build writes ArrayRecord shards (--output arrayrecord); "
                          "llava_jsonl output is built in process")
-    out = local_output(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(cfg.out)
+    if not storage.is_url(out):
+        os.makedirs(out, exist_ok=True)
     settings = settings_of(cfg)
-    if (out / "progress.json").exists():
+    if storage.exists(storage.join(out, "progress.json")):
         raise BuildError(f"{out} holds an in-process build; use a new output directory")
-    old = out / "manifest.json"
-    if old.exists() and json.loads(old.read_text()).get("settings") != settings:
+    old = storage.join(out, "manifest.json")
+    if storage.exists(old) and json.loads(storage.text(old)).get("settings") != settings:
         raise BuildError(f"{out} holds a build with other settings; use a new output "
                          "directory or delete it")
-    old.unlink(missing_ok=True)  # complete again only when this run finishes
-    (out / "id_clashes.json").unlink(missing_ok=True)
+    storage.delete(old)  # complete again only when this run finishes
+    storage.delete(storage.join(out, "id_clashes.json"))
     for leftover in (PARTS, TMP):  # a killed run's
-        shutil.rmtree(out / leftover, ignore_errors=True)
+        storage.remove_tree(storage.join(out, leftover))
     limit = cfg.limit
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its progress chatter
     opts = PipelineOptions(pipeline_args)
@@ -169,12 +169,12 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
              beam.pvalue.AsDict(counts), beam.pvalue.AsDict(examples),
              beam.pvalue.AsSingleton(clashes), beam.pvalue.AsSingleton(dup_count),
              beam.pvalue.AsSingleton(dup_examples)))
-    clash = out / "id_clashes.json"
-    if clash.exists():
+    clash = storage.join(out, "id_clashes.json")
+    if storage.exists(clash):
         raise BuildError(f"input ids equal the names this build gives repeated ids "
-                         f"(ID#POSITION): {json.loads(clash.read_text())}; build these inputs "
-                         "in process (it names them in input order)")
-    return json.loads((out / "manifest.json").read_text())
+                         f"(ID#POSITION): {json.loads(storage.text(clash))}; build these "
+                         "inputs in process (it names them in input order)")
+    return json.loads(storage.text(storage.join(out, "manifest.json")))
 
 
 def _counter(name: str):
@@ -244,10 +244,37 @@ def _build_chunk(kv, cfg: BuildConfig):
         written.append((position, sample.id, images_sha256(got[0])))
     tmp = None
     if good:
-        tmp = Path(cfg.out) / TMP / f"{key[0]:05d}-{key[1]:05d}-{uuid.uuid4().hex}"
-        tmp.parent.mkdir(exist_ok=True)
-        records.write_shard(tmp, good)
-    yield "chunk", key, None if tmp is None else str(tmp), written, len(samples)
+        tmp = storage.join(cfg.out, TMP, f"{key[0]:05d}-{key[1]:05d}-{uuid.uuid4().hex}")
+        _write_shard(tmp, good)
+    yield "chunk", key, tmp, written, len(samples)
+
+
+def _write_shard(path: str, recs: list[bytes]) -> None:
+    """An ArrayRecord file at `path` (written locally first when `path` is a URL)."""
+    if storage.is_url(path):
+        fd, local = tempfile.mkstemp(suffix=".arrayrecord")
+        os.close(fd)
+        records.write_shard(local, recs)
+        storage.put(local, path)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        records.write_shard(path, recs)
+
+
+def _read_shard(path: str) -> list[bytes]:
+    local, fetched = path, storage.is_url(path)
+    if fetched:
+        fd, local = tempfile.mkstemp(suffix=".arrayrecord")
+        os.close(fd)
+        storage.get(path, local)
+    try:
+        reader = ArrayRecordReader(local)
+        recs = reader.read_all()
+        reader.close()
+        return recs
+    finally:
+        if fetched:
+            os.unlink(local)
 
 
 def _duplicates(kv):
@@ -277,31 +304,23 @@ def _write_chunk(chunk, cfg: BuildConfig, renames: dict, dropped: dict):
     kept = [w for w in written if w[0] not in dropped]
     if tmp is None or not kept:
         return
-    out = Path(cfg.out)
+    out = str(cfg.out)
     name = f"{cfg.name}-{key[0]:05d}-{key[1]:05d}.arrayrecord"
-    tmp = Path(tmp)
-    if tmp.exists():  # (a retry after the rename found it gone: the shard is written)
+    if storage.exists(tmp):  # (a retry after the rename found it gone: the shard is written)
         if len(kept) < len(written) or any(pos in renames for pos, _, _ in kept):
-            reader = ArrayRecordReader(str(tmp))
-            recs = reader.read_all()
-            reader.close()
             recs = [renamed(r, renames[pos]) if pos in renames else r
-                    for r, (pos, _, _) in zip(recs, written) if pos not in dropped]
-            again = tmp.with_name(f"{tmp.name}-final")
-            records.write_shard(again, recs)
-            tmp.unlink()
+                    for r, (pos, _, _) in zip(_read_shard(tmp), written) if pos not in dropped]
+            again = f"{tmp}-final"
+            _write_shard(again, recs)
+            storage.delete(tmp)
             tmp = again
-        os.replace(tmp, out / name)
-    parts = out / PARTS
-    parts.mkdir(exist_ok=True)
+        storage.rename(tmp, storage.join(out, name))
     lines = "".join(json.dumps({"id": renames.get(pos, source_id), "source_id": source_id,
                                 "shard": name, "position": i, "input": pos,
                                 **({"images_sha256": digest} if digest else {})}) + "\n"
                     for i, (pos, source_id, digest) in enumerate(kept))
-    part = parts / f"{key[0]:05d}-{key[1]:05d}.jsonl"
-    part_tmp = part.with_name(f"{part.name}.tmp-{uuid.uuid4().hex}")
-    part_tmp.write_text(lines)
-    os.replace(part_tmp, part)
+    storage.write_bytes(storage.join(out, PARTS, f"{key[0]:05d}-{key[1]:05d}.jsonl"),
+                        lines.encode())
     _counter("written").inc(len(kept))
     yield key, name, len(kept)
 
@@ -309,22 +328,21 @@ def _write_chunk(chunk, cfg: BuildConfig, renames: dict, dropped: dict):
 def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: int,
             counts: dict, examples: dict, clashes: list, dup_count: int,
             dup_examples: list) -> None:
-    out = Path(cfg.out)
+    out = str(cfg.out)
     if clashes:
-        (out / "id_clashes.json").write_text(json.dumps(sorted(clashes)))
+        storage.write_bytes(storage.join(out, "id_clashes.json"),
+                            json.dumps(sorted(clashes)).encode())
         return
     shards = sorted(shards)
     names = {name for _, name, _ in shards}
-    tmp = out / "index.jsonl.tmp"
-    with open(tmp, "w") as f:
-        for (part, chunk), _, _ in shards:
-            f.write((out / PARTS / f"{part:05d}-{chunk:05d}.jsonl").read_text())
-    os.replace(tmp, out / "index.jsonl")
-    for stale in out.glob(f"{cfg.name}-*.arrayrecord*"):  # a killed run's leftovers
-        if stale.name not in names:
-            stale.unlink()
-    shutil.rmtree(out / PARTS, ignore_errors=True)
-    shutil.rmtree(out / TMP, ignore_errors=True)  # what failed attempts wrote
+    index = b"".join(storage.read_bytes(storage.join(out, PARTS, f"{part:05d}-{chunk:05d}.jsonl"))
+                     for (part, chunk), _, _ in shards)
+    storage.write_bytes(storage.join(out, "index.jsonl"), index)
+    for stale in storage.listdir(out):  # a killed run's leftovers
+        if stale.startswith(f"{cfg.name}-") and ".arrayrecord" in stale and stale not in names:
+            storage.delete(storage.join(out, stale))
+    storage.remove_tree(storage.join(out, PARTS))
+    storage.remove_tree(storage.join(out, TMP))  # what failed attempts wrote
     manifest = {"name": cfg.name, "settings": settings, "shards": [n for _, n, _ in shards],
                 "samples": sum(n for _, _, n in shards), "inputs": inputs,
                 "skipped": dict(sorted(counts.items())),
@@ -334,6 +352,5 @@ def _finish(_, cfg: BuildConfig, settings: dict, runner: str, shards, inputs: in
                 "duplicate_images": {"mode": cfg.duplicate_images, "count": dup_count,
                                      "examples": [t for _, t in sorted(dup_examples)]},
                 "runner": runner}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    storage.write_bytes(storage.join(out, "manifest.json"),
+                        json.dumps(manifest, indent=2).encode())

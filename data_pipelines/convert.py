@@ -21,7 +21,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from data_pipelines import adapt, beam_build, converters
+from data_pipelines import adapt, beam_build, converters, storage
 from data_pipelines.core import BuildConfig, BuildError, Part, build, local_output
 from data_pipelines.report import write_report
 from mmjax.data.sources import LlavaJsonSource
@@ -188,8 +188,11 @@ def main(argv=None) -> dict:
     if args.kind not in ("webdataset", "tfds_coco", "parquet") and not args.image_root:
         print("note: no --image-root; records with images will be counted as missing_image",
               file=sys.stderr)
-    cfg = BuildConfig(name=args.name or args.kind, out=local_output(args.out),
-                      image_root=Path(args.image_root) if args.image_root else None,
+    remote = args.runner and storage.is_url(args.out)  # a Beam build writes to URLs too
+    root = args.image_root
+    cfg = BuildConfig(name=args.name or args.kind,
+                      out=args.out if remote else local_output(args.out),
+                      image_root=(root if storage.is_url(root) else Path(root)) if root else None,
                       shard_size=args.shard_size, output=args.output, max_side=args.max_side,
                       quality=args.quality, reencode=args.reencode, limit=args.limit,
                       duplicate_images=args.duplicate_images, fetch_urls=args.fetch_urls,
@@ -204,6 +207,9 @@ def main(argv=None) -> dict:
 
             progress = lambda it: tqdm(it, desc=cfg.name, unit=" samples")  # noqa: E731
         manifest = build(samples(args), cfg, progress)
+    if remote:  # the report reads the shards: on a local copy (python -m data_pipelines.report)
+        print(summary(manifest, {"path": "not written (the output is not local)"}))
+        return manifest
     report = write_report(cfg.out, args.tokenizer, args.image_tokens, args.template)
     print(summary(manifest, report))
     return manifest

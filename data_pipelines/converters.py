@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from data_pipelines import adapt
+from data_pipelines import adapt, storage
 from data_pipelines.core import Raw
 from mmjax.data.quality import Skipped
 from mmjax.data.sources import LlavaJsonSource, TfdsCaptionSource
@@ -124,8 +124,9 @@ def webdataset(tars, source: str = "webdataset") -> Iterator[Raw | Skipped]:
     """WebDataset tar shards as img2dataset writes them: KEY.jpg + KEY.txt (or KEY.json with
     a 'caption'). Members of one key must be adjacent (as WebDataset requires)."""
     for tar_path in sorted(str(t) for t in tars):
-        try:
-            tf = tarfile.open(tar_path)
+        try:  # a URL streams (gs://, s3://: through Beam's file systems)
+            tf = tarfile.open(fileobj=storage.open_read(tar_path), mode="r|*") \
+                if storage.is_url(tar_path) else tarfile.open(tar_path)
         except (tarfile.TarError, OSError) as e:
             yield Skipped("malformed_record", f"{Path(tar_path).name}", f"unreadable tar: {e}")
             continue
@@ -162,7 +163,7 @@ def parquet(files, source: str = "parquet", image_column: str = "jpg",
     for path in sorted(str(f) for f in files):
         name = Path(path).stem
         try:
-            table = pq.ParquetFile(path)
+            table = pq.ParquetFile(storage.open_read(path) if storage.is_url(path) else path)
             have = set(table.schema_arrow.names)
             batches = table.iter_batches(batch_size=512, columns=[
                 c for c in (key_column, image_column, url_column, caption_column, "status",

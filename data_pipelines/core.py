@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from data_pipelines import storage
 from mmjax.data import records
 from mmjax.data.image import ImageError, decode_image, resolve_image_path
 from mmjax.data.quality import EXAMPLES_PER_REASON, REASONS, Skipped, SkipReport
@@ -88,6 +89,15 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
         if not cfg.fetch_urls:
             raise ImageError("missing_image", f"{item}: a URL (--fetch-urls fetches them)")
         data = fetch(item, cfg.fetch_timeout, cfg.fetch_retries)
+    elif storage.is_url(image_root):
+        if not isinstance(item, str) or not item:
+            raise ImageError("malformed_record", f"image path {item!r}")
+        if item.startswith("/") or ".." in item.split("/"):
+            raise ImageError("unsafe_image_path", item)
+        try:
+            data = storage.read_bytes(storage.join(image_root, item))
+        except (OSError, IOError) as e:
+            raise ImageError("missing_image", f"{item}: {e}") from None
     else:
         if image_root is None:
             raise ImageError("missing_image", f"{item}: no image root given")
@@ -164,8 +174,9 @@ def settings_of(cfg: BuildConfig) -> dict:
 def build(samples: Iterable[Raw | Skipped], cfg: BuildConfig,
           progress: Callable[[Iterable], Iterator] | None = None) -> dict:
     """Writes `samples` to `cfg.out` as shards; resumes a previous partial build."""
-    cfg = dataclasses.replace(cfg, out=local_output(cfg.out),
-                              image_root=Path(cfg.image_root) if cfg.image_root else None)
+    cfg = dataclasses.replace(cfg, out=local_output(cfg.out), image_root=(
+        cfg.image_root if storage.is_url(cfg.image_root) else Path(cfg.image_root))
+        if cfg.image_root else None)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(cfg)

@@ -249,6 +249,45 @@ def test_a_rerun_and_a_killed_run_give_the_same_output(raw, tmp_path):
     assert _files(out) == clean
 
 
+def test_beam_reads_from_and_writes_to_an_object_store(raw, tmp_path, monkeypatch):
+    """URLs go through Beam's FileSystems (here a fake store registered as gs:// is with
+    apache-beam[gcp]): tars and parquet files read from it, a LLaVA JSON's images under a
+    store prefix, the shards, index and manifest written to it; the same records as the
+    in-process build of the local copies."""
+    import fake_store
+
+    monkeypatch.setenv("MMJAX_FAKE_STORE", str(tmp_path / "store"))
+    bucket = tmp_path / "store" / "bucket"
+    (bucket / "in").mkdir(parents=True)
+    for f in [*raw.glob("*.tar"), *raw.glob("pairs-*.parquet")]:
+        (bucket / "in" / f.name).write_bytes(f.read_bytes())
+    (bucket / "img").mkdir()
+    for f in (raw / "img").iterdir():
+        (bucket / "img" / f.name).write_bytes(f.read_bytes())
+    url = "fakestore://bucket"
+    cases = {
+        "webdataset": (["webdataset", *sorted(raw.glob("*.tar"))],
+                       ["webdataset", *[f"{url}/in/{t.name}" for t in sorted(raw.glob("*.tar"))]]),
+        "parquet": (["parquet", *sorted(raw.glob("pairs-*.parquet"))],
+                    ["parquet", *[f"{url}/in/{p.name}"
+                                  for p in sorted(raw.glob("pairs-*.parquet"))]]),
+        "llava": (["llava_instruct", raw / "llava.json", "--image-root", raw],
+                  ["llava_instruct", raw / "llava.json", "--image-root", url]),
+    }
+    for name, (here_args, store_args) in cases.items():
+        here = _convert(here_args, tmp_path / f"here-{name}")
+        out = f"{url}/out-{name}"
+        store = _convert(store_args, out, *IN_MEMORY)
+        for key in ("inputs", "samples", "skipped", "duplicate_images"):
+            assert store[key] == here[key], (name, key)
+        got = Path(fake_store.local(out))
+        assert sorted(_records(got)) == sorted(_records(tmp_path / f"here-{name}")), name
+        assert json.loads((got / "manifest.json").read_text())["samples"] == here["samples"]
+        assert not [p for p in got.rglob("*") if p.is_file() and ".beam-" in str(p)]
+    with pytest.raises(BuildError, match="local or mounted"):  # in process: local only
+        _convert(cases["llava"][0], f"{url}/in-process")
+
+
 def test_input_ids_that_clash_with_renamed_ids_stop_the_build(raw, tmp_path):
     rec = {"id": "a", "image": "img/1.png", "conversations": _conv("yes")}
     mix = [rec, rec, dict(rec, id="a#1")]  # the second "a" is named a#1, as is the third
