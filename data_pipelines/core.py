@@ -157,11 +157,11 @@ def check_conversation(raw: Raw) -> Skipped | None:
 
 
 def local_output(out) -> Path:
-    """The output directory, which must be local or mounted: a URL (gs://, s3://) is refused
-    rather than written as a local folder of that name."""
+    """The in-process build's output directory, which must be local or mounted: a URL
+    (gs://, s3://) is refused rather than written as a local folder of that name."""
     if "://" in str(out):
-        raise BuildError(f"--out {out}: write to a local or mounted directory (gcsfuse, NFS); "
-                         "object-store URLs are not written directly yet")
+        raise BuildError(f"--out {out}: the in-process build writes a local or mounted "
+                         "directory; a Beam build (--runner ...) writes to store URLs")
     return Path(out)
 
 

@@ -5,10 +5,13 @@ parses as a valid stage config with no runtime overrides."""
 import os
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from data_pipelines.beam_build import runner_args
+from data_pipelines.convert import parser
 from mmjax import configlib
 from mmjax.training.config import from_config
 
@@ -92,3 +95,56 @@ def test_missing_settings_are_named(tmp_path, script):
     r = subprocess.run(["bash", str(ROOT / "launch" / script), "train"], capture_output=True,
                        text=True, env=dict(os.environ, DRY_RUN="1"), timeout=30)
     assert r.returncode != 0 and "TPU_NAME" in r.stderr
+
+
+DATA_ARGS = ["webdataset", "gs://bkt/cc12m/00000.tar", "gs://bkt/cc12m/00001.tar",
+             "--out", "gs://bkt/shards/cc12m", "--max-side", "336"]
+
+
+def _convert_options(cmd: list[str]):
+    """The printed `python -m data_pipelines.convert` argv: convert's arguments and Beam's
+    pipeline options, each parsed by its own parser."""
+    from apache_beam.options.pipeline_options import PipelineOptions  # the beam extra
+
+    assert cmd[1:3] == ["-m", "data_pipelines.convert"], cmd
+    args, rest = parser().parse_known_args(cmd[3:])
+    return args, PipelineOptions(runner_args(args.runner, rest)).get_all_options()
+
+
+def test_dataflow_data_builds_a_wheel_and_submits_the_conversion(tmp_path):
+    pytest.importorskip("apache_beam")  # the beam extra
+    wheel, convert = _run("dataflow_data.sh", DATA_ARGS, tmp_path, (), PROJECT="proj",
+                          REGION="us-central1", BUCKET="gs://bkt", MAX_WORKERS="40")
+    assert wheel[1:4] == ["-m", "pip", "wheel"] and "--no-deps" in wheel
+    args, opts = _convert_options(convert)
+    assert args.kind == "webdataset" and args.out == "gs://bkt/shards/cc12m"
+    assert args.tars == DATA_ARGS[1:3] and args.max_side == 336
+    assert opts["runner"] == "DataflowRunner" and opts["project"] == "proj"
+    assert opts["region"] == "us-central1" and opts["temp_location"] == "gs://bkt/tmp"
+    assert opts["max_num_workers"] == 40
+    assert opts["extra_packages"] == [f"dist/mmjax-{_version()}-py3-none-any.whl"]
+    assert wheel[wheel.index("--wheel-dir") + 1] == "dist"
+
+
+def test_spark_data_runs_the_conversion_in_the_sdk_image(tmp_path):
+    pytest.importorskip("apache_beam")  # the beam extra
+    (convert,) = _run("spark_data.sh", DATA_ARGS, tmp_path, (),
+                      SPARK_MASTER="spark://head:7077", SDK_IMAGE="reg/mmjax-beam:1")
+    args, opts = _convert_options(convert)
+    assert args.kind == "webdataset" and args.runner == "SparkRunner"
+    assert opts["spark_master_url"] == "spark://head:7077"
+    assert opts["environment_type"] == "DOCKER" and opts["environment_config"] == \
+        "reg/mmjax-beam:1"
+
+
+@pytest.mark.parametrize("script,needs", [("dataflow_data.sh", "PROJECT"),
+                                          ("spark_data.sh", "SPARK_MASTER")])
+def test_data_launchers_name_missing_settings(script, needs):
+    r = subprocess.run(["bash", str(ROOT / "launch" / script), *DATA_ARGS],
+                       capture_output=True, text=True, env=dict(os.environ, DRY_RUN="1"),
+                       timeout=30)
+    assert r.returncode != 0 and needs in r.stderr
+
+
+def _version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
