@@ -99,82 +99,104 @@ def run(units: list[Part], cfg: BuildConfig, pipeline_args: list[str]) -> dict:
     limit = cfg.limit
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # its progress chatter
     opts = PipelineOptions(pipeline_args)
-    with beam.Pipeline(options=opts) as p:
-        parts = (p | "parts" >> beam.Create(list(enumerate(units)))
-                 | "spread parts" >> beam.Reshuffle())
-        last = len(units) - 1  # the parts before a part give its offset: the last one's
-        # size is never needed, a known size is not counted
-        offsets = beam.pvalue.AsSingleton(
-            parts | "sizes" >> beam.Map(_size, last) | "all sizes" >> beam.combiners.ToDict()
-            | "offsets" >> beam.Map(_offsets))
-        if len(units) < SPREAD_BELOW:  # few parts: their samples (paths) spread by chunk
-            size = cfg.shard_size
-            built = (parts | "read" >> beam.FlatMap(_read_part, offsets, limit)
-                     | "by chunk" >> beam.Map(lambda x: ((x[0], x[1] // size), (x[2], x[3])))
-                     | "group chunks" >> beam.GroupByKey()
-                     | "build chunks" >> beam.FlatMap(_build_chunk, cfg))
-        else:  # many parts (tars: images inside): each read, checked and written in place
-            built = parts | "read and build" >> beam.FlatMap(_read_and_build, offsets, limit,
-                                                             cfg)
-        skips = built | "skips" >> beam.Filter(lambda x: x[0] == "skip")
-        chunks = built | "chunks" >> beam.Filter(lambda x: x[0] == "chunk")
-        written = chunks | "written" >> beam.FlatMap(lambda c: c[3])  # (pos, id, digest)
-        judged = ((written | "with images" >> beam.Filter(lambda w: w[2] is not None)
-                   | "by images" >> beam.Map(lambda w: (w[2], w[:2]))
-                   | "group images" >> beam.GroupByKey()
-                   | "duplicates" >> beam.FlatMap(_duplicates),
-                   written | "text only" >> beam.Filter(lambda w: w[2] is None)
-                   | "not judged" >> beam.Map(lambda w: (w[0], w[1], None)))
-                  | "judged" >> beam.Flatten())  # (position, input id, what it duplicates)
-        duplicates = judged | "duplicated" >> beam.Filter(lambda j: j[2] is not None)
-        drop = cfg.duplicate_images == "drop"
-        if drop:  # not written: skips, and no name taken
-            skips = (skips, duplicates | "duplicate skips" >> beam.Map(
-                lambda j: ("skip", j[0], Skipped("duplicate_image", j[1], j[2]))
-            )) | "all skips" >> beam.Flatten()
-        by_id = (judged | "kept" >> beam.Filter(lambda j: not (drop and j[2] is not None))
-                 | "by id" >> beam.Map(lambda j: (j[1], j[0]))
-                 | "group ids" >> beam.GroupByKey())
-        named = by_id | "name" >> beam.FlatMap(_name)  # (position, output id, input id)
-        renamed = named | "renamed" >> beam.Filter(lambda r: r[1] != r[2])
-        ids = by_id | "input ids" >> beam.Map(lambda kv: (kv[0], "input"))
-        clashes = ((renamed | "renamed ids" >> beam.Map(lambda r: (r[1], "renamed")), ids)
-                   | "all ids" >> beam.Flatten()
-                   | "group all ids" >> beam.GroupByKey()
-                   | "clash" >> beam.Filter(lambda kv: len(set(kv[1])) > 1)
-                   | "clash ids" >> beam.Map(lambda kv: kv[0])
-                   | "clash list" >> beam.combiners.Top.Smallest(EXAMPLES_PER_REASON))
-        dropped = (duplicates if drop else p | "none dropped" >> beam.Create([])) \
-            | "dropped" >> beam.Map(lambda j: (j[0], True))
-        shards = chunks | "write" >> beam.FlatMap(
-            _write_chunk, cfg, beam.pvalue.AsDict(
-                renamed | "by position" >> beam.Map(lambda r: (r[0], r[1]))),
-            beam.pvalue.AsDict(dropped))
-        dup_texts = duplicates | "duplicate texts" >> beam.Map(
-            lambda j: (j[0], f"{j[1]} (input {j[0]}): {j[2]}"))
-        dup_count = duplicates | "count duplicates" >> beam.combiners.Count.Globally()
-        dup_examples = dup_texts | "duplicate examples" >> beam.combiners.Top.Smallest(
-            EXAMPLES_PER_REASON)
-        inputs = (chunks | "chunk inputs" >> beam.Map(lambda c: c[4])
-                  | "inputs" >> beam.CombineGlobally(sum))
-        reasons = skips | "reason" >> beam.Map(
-            lambda x: (x[2].reason, (x[1], f"{x[2].sample_id}: {x[2].detail}"[:300])))
-        counts = reasons | "count skips" >> beam.combiners.Count.PerKey()
-        examples = reasons | "examples" >> beam.combiners.Top.SmallestPerKey(
-            EXAMPLES_PER_REASON)
-        (p | "finish once" >> beam.Create([None])
-         | "finish" >> beam.Map(
-             _finish, cfg, settings, opts.get_all_options().get("runner") or "DirectRunner",
-             beam.pvalue.AsList(shards), beam.pvalue.AsSingleton(inputs),
-             beam.pvalue.AsDict(counts), beam.pvalue.AsDict(examples),
-             beam.pvalue.AsSingleton(clashes), beam.pvalue.AsSingleton(dup_count),
-             beam.pvalue.AsSingleton(dup_examples)))
+    p = beam.Pipeline(options=opts)
+    parts = (p | "parts" >> beam.Create(list(enumerate(units)))
+             | "spread parts" >> beam.Reshuffle())
+    last = len(units) - 1  # the parts before a part give its offset: the last one's
+    # size is never needed, a known size is not counted
+    offsets = beam.pvalue.AsSingleton(
+        parts | "sizes" >> beam.Map(_size, last) | "all sizes" >> beam.combiners.ToDict()
+        | "offsets" >> beam.Map(_offsets))
+    if len(units) < SPREAD_BELOW:  # few parts: their samples (paths) spread by chunk
+        size = cfg.shard_size
+        built = (parts | "read" >> beam.FlatMap(_read_part, offsets, limit)
+                 | "by chunk" >> beam.Map(lambda x: ((x[0], x[1] // size), (x[2], x[3])))
+                 | "group chunks" >> beam.GroupByKey()
+                 | "build chunks" >> beam.FlatMap(_build_chunk, cfg))
+    else:  # many parts (tars: images inside): each read, checked and written in place
+        built = parts | "read and build" >> beam.FlatMap(_read_and_build, offsets, limit,
+                                                         cfg)
+    skips = built | "skips" >> beam.Filter(lambda x: x[0] == "skip")
+    chunks = built | "chunks" >> beam.Filter(lambda x: x[0] == "chunk")
+    written = chunks | "written" >> beam.FlatMap(lambda c: c[3])  # (pos, id, digest)
+    judged = ((written | "with images" >> beam.Filter(lambda w: w[2] is not None)
+               | "by images" >> beam.Map(lambda w: (w[2], w[:2]))
+               | "group images" >> beam.GroupByKey()
+               | "duplicates" >> beam.FlatMap(_duplicates),
+               written | "text only" >> beam.Filter(lambda w: w[2] is None)
+               | "not judged" >> beam.Map(lambda w: (w[0], w[1], None)))
+              | "judged" >> beam.Flatten())  # (position, input id, what it duplicates)
+    duplicates = judged | "duplicated" >> beam.Filter(lambda j: j[2] is not None)
+    drop = cfg.duplicate_images == "drop"
+    if drop:  # not written: skips, and no name taken
+        skips = (skips, duplicates | "duplicate skips" >> beam.Map(
+            lambda j: ("skip", j[0], Skipped("duplicate_image", j[1], j[2]))
+        )) | "all skips" >> beam.Flatten()
+    by_id = (judged | "kept" >> beam.Filter(lambda j: not (drop and j[2] is not None))
+             | "by id" >> beam.Map(lambda j: (j[1], j[0]))
+             | "group ids" >> beam.GroupByKey())
+    named = by_id | "name" >> beam.FlatMap(_name)  # (position, output id, input id)
+    renamed = named | "renamed" >> beam.Filter(lambda r: r[1] != r[2])
+    ids = by_id | "input ids" >> beam.Map(lambda kv: (kv[0], "input"))
+    clashes = ((renamed | "renamed ids" >> beam.Map(lambda r: (r[1], "renamed")), ids)
+               | "all ids" >> beam.Flatten()
+               | "group all ids" >> beam.GroupByKey()
+               | "clash" >> beam.Filter(lambda kv: len(set(kv[1])) > 1)
+               | "clash ids" >> beam.Map(lambda kv: kv[0])
+               | "clash list" >> beam.combiners.Top.Smallest(EXAMPLES_PER_REASON))
+    dropped = (duplicates if drop else p | "none dropped" >> beam.Create([])) \
+        | "dropped" >> beam.Map(lambda j: (j[0], True))
+    shards = chunks | "write" >> beam.FlatMap(
+        _write_chunk, cfg, beam.pvalue.AsDict(
+            renamed | "by position" >> beam.Map(lambda r: (r[0], r[1]))),
+        beam.pvalue.AsDict(dropped))
+    dup_texts = duplicates | "duplicate texts" >> beam.Map(
+        lambda j: (j[0], f"{j[1]} (input {j[0]}): {j[2]}"))
+    dup_count = duplicates | "count duplicates" >> beam.combiners.Count.Globally()
+    dup_examples = dup_texts | "duplicate examples" >> beam.combiners.Top.Smallest(
+        EXAMPLES_PER_REASON)
+    inputs = (chunks | "chunk inputs" >> beam.Map(lambda c: c[4])
+              | "inputs" >> beam.CombineGlobally(sum))
+    reasons = skips | "reason" >> beam.Map(
+        lambda x: (x[2].reason, (x[1], f"{x[2].sample_id}: {x[2].detail}"[:300])))
+    counts = reasons | "count skips" >> beam.combiners.Count.PerKey()
+    examples = reasons | "examples" >> beam.combiners.Top.SmallestPerKey(
+        EXAMPLES_PER_REASON)
+    (p | "finish once" >> beam.Create([None])
+     | "finish" >> beam.Map(
+         _finish, cfg, settings, opts.get_all_options().get("runner") or "DirectRunner",
+         beam.pvalue.AsList(shards), beam.pvalue.AsSingleton(inputs),
+         beam.pvalue.AsDict(counts), beam.pvalue.AsDict(examples),
+         beam.pvalue.AsSingleton(clashes), beam.pvalue.AsSingleton(dup_count),
+         beam.pvalue.AsSingleton(dup_examples)))
+    result = p.run()
+    result.wait_until_finish()
     clash = storage.join(out, "id_clashes.json")
     if storage.exists(clash):
         raise BuildError(f"input ids equal the names this build gives repeated ids "
                          f"(ID#POSITION): {json.loads(storage.text(clash))}; build these "
                          "inputs in process (it names them in input order)")
-    return json.loads(storage.text(storage.join(out, "manifest.json")))
+    manifest_path = storage.join(out, "manifest.json")
+    manifest = json.loads(storage.text(manifest_path))
+    manifest["beam_counters"] = counters(result)
+    storage.write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def counters(result) -> dict[str, int]:
+    """The job's counters (inputs, written, parts, skipped/REASON), as the runner reports
+    them ({} from a runner that does not)."""
+    from apache_beam.metrics.metric import MetricsFilter  # the beam extra
+
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(COUNTER))["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return {}
+    out: dict[str, int] = {}
+    for m in found:
+        value = m.committed if m.committed is not None else m.attempted
+        out[m.key.metric.name] = out.get(m.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(out.items()))
 
 
 def _counter(name: str):
@@ -302,6 +324,8 @@ def _write_chunk(chunk, cfg: BuildConfig, renames: dict, dropped: dict):
     (key, file, records)."""
     _, key, tmp, written, _ = chunk
     kept = [w for w in written if w[0] not in dropped]
+    if len(kept) < len(written):
+        _counter("skipped/duplicate_image").inc(len(written) - len(kept))
     if tmp is None or not kept:
         return
     out = str(cfg.out)

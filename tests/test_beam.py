@@ -212,6 +212,10 @@ def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout, 
     for key in ("name", "settings", "inputs", "samples", "skipped", "skipped_examples",
                 "duplicate_images"):
         assert beam[key] == here[key], key
+    counted = beam["beam_counters"]  # Beam's own metrics say the same
+    assert counted["inputs"] == here["inputs"] and counted["written"] == here["samples"]
+    assert {k.split("/")[1]: v for k, v in counted.items() if k.startswith("skipped/")} \
+        == here["skipped"]
     a, b = _records(tmp_path / "here"), _records(tmp_path / "beam")
     assert len(a) == here["samples"] and sorted(a) == sorted(b)
     ids = [decode(r)["id"] for r in b]
