@@ -195,8 +195,9 @@ def _files(out: Path) -> dict[str, str]:
             if p.is_file() and not p.name.startswith("report")}
 
 
-@pytest.mark.parametrize("layout,duplicates", [(k, "keep") for k in sorted(LAYOUTS)]
-                         + [("llava", "drop")])
+@pytest.mark.parametrize("layout,duplicates", [
+    pytest.param(k, "keep", marks=pytest.mark.e2e) for k in sorted(LAYOUTS) if k != "llava"]
+    + [("llava", "keep"), pytest.param("llava", "drop", marks=pytest.mark.e2e)])
 def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout, duplicates):
     """Also the exact-duplicate images (the fixtures reuse images a lot): the same ones
     reported, or dropped as skips."""
@@ -230,6 +231,7 @@ def test_beam_gives_the_in_process_records_byte_for_byte(raw, tmp_path, layout, 
     assert beam["runner"] == "DirectRunner"
 
 
+@pytest.mark.e2e
 def test_a_rerun_and_a_killed_run_give_the_same_output(raw, tmp_path):
     args = LAYOUTS["llava"](raw)
     _convert(args, tmp_path / "clean", *IN_MEMORY)
@@ -304,6 +306,7 @@ def test_input_ids_that_clash_with_renamed_ids_stop_the_build(raw, tmp_path):
         "a", "a#1", "a#1#2"] and here["samples"] == 3
 
 
+@pytest.mark.e2e
 def test_mmjax_train_trains_on_the_beam_shards(demo_data, tmp_path):
     m = _convert(["llava_instruct", demo_data / "train_instruct.json", "--image-root",
                   demo_data], tmp_path / "shards", *TWO_WORKERS)

@@ -1,0 +1,107 @@
+"""LLaVA-NeXT's any-resolution layout, computed on the host from an image's size: the grid
+("pinpoint") an image gets, the tower-sized views it is cut into, and how many feature tokens
+it yields once the padding is taken off the feature grid and each feature row ends with a
+newline. Everything here depends only on the image's size, so the jitted step sees fixed
+shapes (a fixed number of view slots) and the token positions the pipeline computes.
+
+Axis legend: H, W an image's height and width in pixels; T the tower's image side; P the
+tower's patch side; n = T // P the features per view side; R, C the grid's rows and columns
+of views; h, w the feature grid after unpadding.
+
+The views, in the order the model encodes them: the base view (the whole image squashed to
+T x T: neither padded nor cropped), then the grid's R x C tiles row by row, cut from the
+image resized to fit the pinpoint (aspect kept, the scaled side rounded up) and centred on a
+black canvas of the pinpoint's size (an odd leftover pixel goes to the bottom or right).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+Pinpoints = Sequence[Sequence[int]]  # [(height, width), ...] in pixels, multiples of T
+
+
+def best_resolution(height: int, width: int, pinpoints: Pinpoints) -> tuple[int, int]:
+    """The pinpoint (height, width) that keeps most of the image's pixels when it is scaled to
+    fit (the scaled size truncated to whole pixels), then wastes least; ties keep the first in
+    list order."""
+    best, most, waste = None, -1, math.inf
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = pw * ph - kept
+        if kept > most or (kept == most and wasted < waste):
+            best, most, waste = (int(ph), int(pw)), kept, wasted
+    if best is None:
+        raise ValueError("no pinpoints to choose from")
+    return best
+
+
+def fitted_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """(height, width) of the image scaled to fit (target_h, target_w) with its aspect kept:
+    the limiting side takes the target, the other `ceil(side * scale)` (at most the target)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def views(image: np.ndarray, pinpoints: Pinpoints, tile: int) -> tuple[np.ndarray, tuple]:
+    """uint8 [H, W, 3] -> uint8 [1 + R*C, T, T, 3] (the base view, then the tiles row by row)
+    and the grid (R, C)."""
+    height, width = image.shape[:2]
+    ph, pw = best_resolution(height, width, pinpoints)
+    pil = Image.fromarray(image)
+    base = np.asarray(pil.resize((tile, tile), Image.Resampling.BICUBIC))
+    nh, nw = fitted_size(height, width, ph, pw)
+    resized = np.asarray(pil.resize((nw, nh), Image.Resampling.BICUBIC))
+    canvas = np.zeros((ph, pw, 3), np.uint8)
+    top, left = (ph - nh) // 2, (pw - nw) // 2
+    canvas[top:top + nh, left:left + nw] = resized
+    rows, cols = ph // tile, pw // tile
+    tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+    return np.concatenate([base[None], tiles.reshape(rows * cols, tile, tile, 3)]), (rows, cols)
+
+
+def unpadded_grid(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The feature grid (grid_h, grid_w) of a pinpoint without the rows or columns that only
+    saw padding: the image's aspect decides which side shrinks, by `(g - new) // 2` at each
+    end (an odd remainder keeps one more)."""
+    if width / height > grid_w / grid_h:
+        new = int(round(height * (grid_w / width), 7))
+        return grid_h - 2 * ((grid_h - new) // 2), grid_w
+    new = int(round(width * (grid_h / height), 7))
+    return grid_h, grid_w - 2 * ((grid_w - new) // 2)
+
+
+def feature_tokens(height: int, width: int, pinpoints: Pinpoints, tile: int, patch: int,
+                   cls: bool = False, newline: bool = True) -> int:
+    """The LLM tokens one image of (height, width) pixels takes in LLaVA-NeXT's
+    `spatial_unpad` layout: the base view's n*n features (+1 with the CLS token), then the
+    unpadded grid h*w with one newline per row."""
+    n = tile // patch
+    ph, pw = best_resolution(height, width, pinpoints)
+    h, w = unpadded_grid(height, width, (ph // tile) * n, (pw // tile) * n)
+    return n * n + int(cls) + h * w + (h if newline else 0)
+
+
+def feature_sources(height: int, width: int, pinpoints: Pinpoints, tile: int,
+                    patch: int) -> np.ndarray:
+    """int32 [tokens]: for each of an image's LLM tokens in the `spatial_unpad` layout, the
+    feature it takes from the image's views' features laid end to end, [(1 + R*C) * n * n]
+    (view-major, each view's n x n row-major), where the index (1 + R*C) * n * n is the
+    learned newline. The model gathers with it: its step never depends on the image's size."""
+    n = tile // patch
+    ph, pw = best_resolution(height, width, pinpoints)
+    rows, cols = ph // tile, pw // tile
+    h, w = unpadded_grid(height, width, rows * n, cols * n)
+    top, left = (rows * n - h) // 2, (cols * n - w) // 2
+    y = np.arange(top, top + h)[:, None]
+    x = np.arange(left, left + w)[None, :]
+    grid = (1 + (y // n) * cols + x // n) * n * n + (y % n) * n + x % n  # [h, w]
+    newline = np.full((h, 1), (1 + rows * cols) * n * n)
+    return np.concatenate([np.arange(n * n), np.concatenate([grid, newline], 1).ravel()]
+                          ).astype(np.int32)

@@ -1,0 +1,119 @@
+"""LLaVA-NeXT's any-resolution layout (mmjax.data.anyres) against transformers' own code, run
+as it is: the grid choice (`select_best_resolution`), the fitted size
+(`get_patch_output_size`), the views' pixels (`LlavaNextImageProcessorPil`: base view first,
+then the tiles row by row) and the token count per image (`LlavaNextProcessor.
+_get_number_of_features`), on portrait, landscape, square, tiny and extreme images and on
+sizes that tie between pinpoints."""
+from __future__ import annotations
+
+import functools
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+from mmjax.data import anyres
+
+NEXT = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's list
+ONEVISION = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9
+SMALL = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # NEXT at a 28-pixel tower
+
+SIZES = [(480, 640), (640, 480), (500, 500), (1, 1), (3, 700), (700, 3), (50, 300), (300, 50),
+         (336, 672), (672, 336), (1000, 1000), (2000, 300), (224, 224), (17, 999), (768, 1024),
+         (1024, 768), (335, 671), (337, 673)]
+
+
+def _random_sizes(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return [tuple(int(x) for x in rng.integers(1, 3000, 2)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pinpoints", [NEXT, ONEVISION, SMALL], ids=["next", "ov", "small"])
+def test_the_grid_and_the_fitted_size_are_transformers(pinpoints):
+    for h, w in SIZES + _random_sizes():
+        got = anyres.best_resolution(h, w, pinpoints)
+        assert got == tuple(select_best_resolution((h, w), pinpoints)), (h, w)
+        image = np.zeros((3, h, w), np.uint8)
+        assert anyres.fitted_size(h, w, *got) == get_patch_output_size(
+            image, got, ChannelDimension.FIRST), (h, w)
+
+
+def test_ties_keep_the_first_pinpoint():
+    # a square image fits 336x672 and 672x336 alike: the first listed wins, in either order
+    assert anyres.best_resolution(300, 300, [[336, 672], [672, 336]]) == (336, 672)
+    assert anyres.best_resolution(300, 300, [[672, 336], [336, 672]]) == (672, 336)
+
+
+@pytest.mark.parametrize("size", [(40, 90), (90, 40), (56, 56), (5, 5), (7, 200), (200, 7),
+                                  (50, 300), (300, 50), (29, 57), (113, 31)])
+def test_the_views_are_transformers_pixels(size):
+    h, w = size
+    rng = np.random.default_rng(h * 1000 + w)
+    image = rng.integers(0, 256, (h, w, 3), np.uint8)
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": 28},
+                                      crop_size={"height": 28, "width": 28},
+                                      image_grid_pinpoints=SMALL)
+    want = proc(image, return_tensors="np")
+    views, (rows, cols) = anyres.views(image, SMALL, 28)
+    assert tuple(want["image_sizes"][0]) == (h, w)
+    pixels = (views.astype(np.float32) / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(
+        OPENAI_CLIP_STD)
+    theirs = want["pixel_values"][0][:len(views)]  # [views, 3, T, T], padded to the most views
+    assert theirs.shape[0] == 1 + rows * cols
+    np.testing.assert_allclose(pixels.transpose(0, 3, 1, 2), theirs, atol=1e-5)
+
+
+def _their_count(pinpoints, tile, patch, h, w, strategy="default"):
+    """LlavaNextProcessor._get_number_of_features, run as it is on its attributes."""
+    me = types.SimpleNamespace(image_processor=types.SimpleNamespace(
+        image_grid_pinpoints=pinpoints), patch_size=patch, num_additional_image_tokens=1)
+    me._get_unpadded_features = functools.partial(LlavaNextProcessor._get_unpadded_features, me)
+    n = LlavaNextProcessor._get_number_of_features(me, h, w, tile, tile)
+    return n - 1 if strategy == "default" else n
+
+
+@pytest.mark.parametrize("pinpoints,tile,patch", [(NEXT, 336, 14), (SMALL, 28, 14),
+                                                  (ONEVISION, 384, 14)])
+def test_token_counts_are_transformers(pinpoints, tile, patch):
+    for h, w in SIZES + _random_sizes(200, seed=1):
+        want = _their_count(pinpoints, tile, patch, h, w)
+        assert anyres.feature_tokens(h, w, pinpoints, tile, patch) == want, (h, w)
+        full = _their_count(pinpoints, tile, patch, h, w, "full")
+        assert anyres.feature_tokens(h, w, pinpoints, tile, patch, cls=True) == full
+
+
+def test_a_square_image_on_the_2x2_grid():
+    """A 672x672 image takes NeXT's 2x2 pinpoint whole: the base view's 24 x 24 = 576
+    features, the 48 x 48 grid (no padding to remove) and a newline per row: 2,928 tokens
+    (2,880 features from five views, plus 48 newlines)."""
+    assert anyres.feature_tokens(672, 672, NEXT, 336, 14) == 576 + 48 * 48 + 48 == 2928
+    assert anyres.views(np.zeros((672, 672, 3), np.uint8), NEXT, 336)[1] == (2, 2)
+
+
+@pytest.mark.parametrize("pinpoints,tile,patch", [(SMALL, 28, 14), (NEXT, 336, 14)])
+def test_gathering_the_sources_is_transformers_pack_image_features(pinpoints, tile, patch):
+    """The features the model gathers for an image (its views' features and the newline)
+    are, row for row, what LlavaNextModel.pack_image_features makes of them."""
+    n = tile // patch
+    me = types.SimpleNamespace(config=types.SimpleNamespace(
+        vision_config=types.SimpleNamespace(image_size=tile, patch_size=patch),
+        image_grid_pinpoints=pinpoints))
+    gen = torch.Generator().manual_seed(0)
+    for h, w in SIZES[:12] + _random_sizes(20, seed=2):
+        rows, cols = (s // tile for s in anyres.best_resolution(h, w, pinpoints))
+        feats = torch.randn(1 + rows * cols, n * n, 8, generator=gen)
+        newline = torch.randn(8, generator=gen)
+        (want,), lens = LlavaNextModel.pack_image_features(
+            me, [feats], torch.tensor([[h, w]]), "default", newline)
+        table = torch.cat([feats.reshape(-1, 8), newline[None]])
+        src = anyres.feature_sources(h, w, pinpoints, tile, patch)
+        assert len(src) == int(lens[0]) == anyres.feature_tokens(h, w, pinpoints, tile, patch)
+        assert torch.equal(table[torch.from_numpy(src).long()], want), (h, w)
