@@ -24,9 +24,12 @@ $(VENV)/.base: pyproject.toml
 # what the adapter's test needs; `pip install 'mmjax[lmms]'` installs the real thing.
 LMMS_API = lmms-eval==0.7.3 loguru==0.7.3 pytz==2026.6
 
+# apache-beam 2.78 asks for protobuf<7, but transformers 5.24 reads sentencepiece models only
+# with protobuf >= 7.36 (its generated code); Beam runs on 7.36 (tests/test_beam.py): re-pinned
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(LMMS_API)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps protobuf==7.36.2
 	touch $@
 
 install: $(VENV)/.base

@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -20,7 +23,9 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
+from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
 from mmjax.data import anyres
+from mmjax.hf import load
 
 NEXT = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's list
 ONEVISION = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9
@@ -117,3 +122,52 @@ def test_gathering_the_sources_is_transformers_pack_image_features(pinpoints, ti
         src = anyres.feature_sources(h, w, pinpoints, tile, patch)
         assert len(src) == int(lens[0]) == anyres.feature_tokens(h, w, pinpoints, tile, patch)
         assert torch.equal(table[torch.from_numpy(src).long()], want), (h, w)
+
+
+def test_an_imported_llava_next_gives_transformers_logits(tmp_path):
+    """A tiny random LlavaNextForConditionalGeneration (CLIP + Llama, pinpoints of a 56-pixel
+    tower) saved by transformers and imported: one prompt with a portrait and a landscape
+    image, each its own grid; mmjax's logits (views from mmjax.data.anyres, the features
+    gathered by its sources) equal transformers' (its own processor's pixels and
+    image_sizes) within 1e-5."""
+    pins = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    hf_cfg = tf.LlavaNextConfig(vision_config=vision_config("clip"),
+                                text_config=llm_config("llama"), image_grid_pinpoints=pins,
+                                image_token_index=127)
+    model = make_model(tf.LlavaNextForConditionalGeneration, hf_cfg)
+    save(model, tmp_path)
+    imported = load(tmp_path)
+    cfg = imported.config
+    assert cfg.anyres and cfg.max_views == 5 and cfg.view_tokens == 16  # 1 + 2 x 2
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (90, 40, 3), np.uint8),
+              rng.integers(0, 256, (40, 130, 3), np.uint8)]
+    counts = [anyres.feature_tokens(*im.shape[:2], pins, 56, 14) for im in images]
+    ids = [5, 6] + [127] * counts[0] + [7, 8, 9] + [127] * counts[1] + [10, 11]
+    ids = np.asarray([ids])
+    proc = LlavaNextImageProcessorPil(size={"shortest_edge": 56},
+                                      crop_size={"height": 56, "width": 56},
+                                      image_grid_pinpoints=pins)
+    inputs = proc(images, return_tensors="pt")
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), pixel_values=inputs["pixel_values"],
+                     image_sizes=inputs["image_sizes"]).logits.numpy()
+    s, p = cfg.max_views, cfg.view_tokens
+    pixels = np.zeros((1, 2, s, 56, 56, 3), np.float32)
+    sources = np.zeros(ids.shape, np.int32)
+    at = np.flatnonzero(ids[0] == 127)
+    k = 0
+    for m, im in enumerate(images):
+        views, _ = anyres.views(im, pins, 56)
+        pixels[0, m, :len(views)] = (views / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(
+            OPENAI_CLIP_STD)
+        src = anyres.feature_sources(*im.shape[:2], pins, 56, 14).astype(np.int64)
+        newline = src == len(views) * p
+        src = np.where(newline, 2 * s * p, m * s * p + src)  # into the row's table
+        sources[0, at[k:k + len(src)]] = src
+        k += len(src)
+    assert k == len(at)
+    got = jax.jit(lambda prm, i, px, src: imported.model.apply(
+        {"params": prm}, i, px, image_sources=src).logits)(
+        imported.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(sources))
+    assert rel_err(got, want) < 1e-5

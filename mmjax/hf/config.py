@@ -17,7 +17,8 @@ VISION_ARCHS = {"CLIPVisionModel": "clip", "CLIPModel": "clip",
                 "SiglipVisionModel": "siglip", "SiglipModel": "siglip"}
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
              "Qwen2ForCausalLM": "qwen2"}
-LLAVA_ARCHS = {"LlavaForConditionalGeneration": "llava"}
+LLAVA_ARCHS = {"LlavaForConditionalGeneration": "llava",
+               "LlavaNextForConditionalGeneration": "llava_next"}
 SUPPORTED = {**VISION_ARCHS, **LLM_ARCHS, **LLAVA_ARCHS}
 
 _DEFAULT_MEAN_STD = {
@@ -148,7 +149,10 @@ def llava_from_hf(c: dict, directory=None) -> LlavaConfig:
         projector=ProjectorConfig("mlp2x_gelu", bias=c.get("multimodal_projector_bias", True)),
         image_token_id=c.get("image_token_id", c.get("image_token_index", 32000)),
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
-        vision_feature_select=c.get("vision_feature_select_strategy", "default"))
+        vision_feature_select=c.get("vision_feature_select_strategy", "default"),
+        image_grid_pinpoints=tuple((int(h), int(w)) for h, w in
+                                   c.get("image_grid_pinpoints") or ())
+        if "LlavaNextForConditionalGeneration" in (c.get("architectures") or []) else ())
     cfg.validate()
     return cfg
 

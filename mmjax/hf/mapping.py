@@ -111,6 +111,11 @@ def resolve_parts(kind: str, ckpt: Checkpoint) -> dict[str, tuple[str, str, str]
                 f"{ckpt.dir}: no {part} tensors found: expected "
                 + " or ".join(repr(c + _ANCHORS[part]) for c in candidates))
         out[root] = (part, found[0], _LM_HEAD.get(found[0], ""))
+    if kind == "llava":  # LLaVA-NeXT's newline vector, at the top of either layout
+        for key in ("model.image_newline", "image_newline"):
+            if key in keys:
+                out["image_newline"] = ("newline", key, "")
+                break
     return out
 
 
@@ -129,11 +134,15 @@ class Location:
 def locate(path: str, shape: tuple[int, ...], parts: dict,
            num_layers: dict[str, int]) -> Location:
     """The HF key(s) and shape of the mmjax leaf `path` ('a/b/c') in the `parts` layout."""
-    root = next(r for r in sorted(parts, key=len, reverse=True)
-                if r == "" or path.startswith(r + "/"))
+    root = next((r for r in sorted(parts, key=len, reverse=True)
+                 if r in ("", path) or path.startswith(r + "/")), None)
+    if root is None:
+        raise CheckpointError(f"the checkpoint has no tensor for {path!r}")
     kind, *prefixes = parts[root]
     rel = path[len(root) + 1:] if root else path
-    if kind == "vision":
+    if kind == "newline":
+        key, leaf_kind, n_in = prefixes[0], "vector", 1
+    elif kind == "vision":
         key, leaf_kind, n_in = _vision_key(rel)
         key = prefixes[0] + key
     elif kind == "projector":

@@ -169,6 +169,28 @@ class LlavaConfig:
     # transformers' meaning: "default" drops the tower's first token (CLIP's CLS; with a
     # tower that has none, such as SigLIP, a patch), "full" keeps every token
     vision_feature_select: Literal["default", "full"] = "default"
+    # LLaVA-NeXT's any resolution: the grids an image may be cut into, (height, width) in
+    # pixels, multiples of the tower's image size (mmjax.data.anyres); each image then takes
+    # a base view and its grid's tiles, and its token count follows from its size. Empty:
+    # one view per image (LLaVA-1.5)
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def anyres(self) -> bool:
+        return bool(self.image_grid_pinpoints)
+
+    @property
+    def max_views(self) -> int:
+        """Views per image slot: 1, or the base view and the largest grid's tiles."""
+        s = self.vision.image_size
+        return 1 + max((h // s) * (w // s) for h, w in self.image_grid_pinpoints) \
+            if self.anyres else 1
+
+    @property
+    def view_tokens(self) -> int:
+        """LLM tokens one view's features become."""
+        tokens = self.vision.num_patches + (1 if self.vision.has_cls else 0)
+        return tokens - 1 if self.vision_feature_select == "default" else tokens
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -177,9 +199,13 @@ class LlavaConfig:
 
     @property
     def image_tokens(self) -> int:
-        """How many LLM tokens one image becomes."""
-        tokens = self.vision.num_patches + (1 if self.vision.has_cls else 0)
-        return tokens - 1 if self.vision_feature_select == "default" else tokens
+        """How many LLM tokens one image becomes (one view; an any-resolution model's count
+        depends on each image's size: mmjax.data.anyres.feature_tokens)."""
+        if self.anyres:
+            raise ConfigError("an any-resolution (LLaVA-NeXT) model's images take a number of "
+                              "tokens that depends on their size; this path takes one view "
+                              "per image (LLaVA-1.5) so far")
+        return self.view_tokens
 
     def validate(self) -> None:
         self.vision.validate()
@@ -192,6 +218,10 @@ class LlavaConfig:
             _check(-(n + 1) <= layer <= n,
                    f"vision_feature_layer {layer} out of range for {n} layers")
         _check(0 <= self.image_token_id, "image_token_id must be >= 0")
+        s = self.vision.image_size
+        for h, w in self.image_grid_pinpoints:
+            _check(h > 0 and w > 0 and h % s == 0 and w % s == 0,
+                   f"image_grid_pinpoints: ({h}, {w}) is not a multiple of the tower's {s}")
 
 
 def _check(cond: bool, msg: str) -> None:

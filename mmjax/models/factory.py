@@ -34,6 +34,9 @@ def dummy_inputs(cfg) -> tuple[tuple, dict]:
     if isinstance(cfg, LLMConfig):
         return (ids,), {}
     s = cfg.vision.image_size
+    if cfg.anyres:  # one slot of views, every token the first feature
+        return (ids, jnp.zeros((1, 1, cfg.max_views, s, s, 3), jnp.float32)), {
+            "image_sources": jnp.zeros((1, 8), jnp.int32)}
     return (ids, jnp.zeros((1, 1, s, s, 3), jnp.float32)), {}
 
 

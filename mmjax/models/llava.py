@@ -7,6 +7,13 @@ Images are laid out per row (`pixel_values` [B, M, Y, X, C]) so that a data-para
 the batch holds its own images: the k-th image token of a row takes the k-th feature vector
 of that row's images, in order. Unused image slots (rows with fewer images, text-only rows)
 are simply never read.
+
+Any resolution (LLaVA-NeXT, `image_grid_pinpoints`): each image slot holds S views
+(`pixel_values` [B, M, S, Y, X, C]: the base view, the grid's tiles, zeros in the unused
+ones), and `image_sources` [B, T] names, for each image token, the feature it takes from the
+row's table [M*S*P + 1, D]: the views' projected features end to end, then the learned
+`image_newline`. The host computes the sources from each image's size
+(mmjax.data.anyres.feature_sources), so nothing in the step depends on image sizes.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import jax.numpy as jnp
 
 from mmjax.models.config import LlavaConfig, RuntimeConfig
 from mmjax.models.kv_cache import KVCache
+from mmjax.models.layers import param_with_axes
 from mmjax.models.llm import LLM, Output, default_positions
 from mmjax.models.projector import Projector
 from mmjax.models.vision import VisionTower
@@ -51,9 +59,17 @@ class Llava(nn.Module):
         self.projector = Projector(c.projector, c.vision.hidden_size * len(layers),
                                    c.llm.hidden_size, self.rt)
         self.language_model = LLM(c.llm, self.rt)
+        if c.anyres:
+            d = c.llm.hidden_size
+            self.image_newline = param_with_axes(
+                self, "image_newline", nn.initializers.normal(d ** -0.5), (d,),
+                self.rt.param_dtype, ("embed",))
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values [B, M, Y, X, C] -> projected image tokens [B, M*P, D]."""
+        """pixel_values [B, M, Y, X, C] (any resolution: [B, M, S, Y, X, C], the views of
+        each image slot) -> projected image tokens [B, M*P, D] ([B, M*S*P, D])."""
+        if pixel_values.ndim == 6:
+            pixel_values = einops.rearrange(pixel_values, "B M S Y X C -> B (M S) Y X C")
         b, m = pixel_values.shape[:2]
         flat = einops.rearrange(pixel_values, "B M Y X C -> (B M) Y X C")
         hidden = self.vision_tower(flat)  # [len(feature_layers), (B M), L, E]
@@ -66,13 +82,14 @@ class Llava(nn.Module):
     def __call__(
         self,
         input_ids: jax.Array,  # [B, T]
-        pixel_values: jax.Array | None = None,  # [B, M, Y, X, C], normalised
+        pixel_values: jax.Array | None = None,  # [B, M, Y, X, C] ([B, M, S, Y, X, C]), normalised
         positions: jax.Array | None = None,  # [B, T]
         segment_ids: jax.Array | None = None,  # [B, T], 0 = padding
         cache: KVCache | None = None,  # decoding: see LLM.decode
         prefill: bool = False,
         last_only: bool = False,
         head: bool = True,
+        image_sources: jax.Array | None = None,  # [B, T] any resolution: see the module doc
     ) -> Output:
         """`Output`: final hidden states [B, T, D], logits [B, T, V] float32 (not with
         `head=False`: the training loss applies `head_weight` in chunks), and with a cache
@@ -83,7 +100,18 @@ class Llava(nn.Module):
         # The image token id may lie outside the text vocabulary: never look it up.
         embeds = lm.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is not None:
-            embeds = merge_embeddings(embeds, self.encode_images(pixel_values), is_image)
+            image = self.encode_images(pixel_values)
+            if self.cfg.anyres:
+                if image_sources is None:
+                    raise ValueError("an any-resolution model needs image_sources "
+                                     "(mmjax.data.anyres.feature_sources)")
+                newline = jnp.broadcast_to(self.image_newline.astype(image.dtype),
+                                           (image.shape[0], 1, image.shape[-1]))
+                table = jnp.concatenate([image, newline], axis=1)  # [B, M*S*P + 1, D]
+                picked = jnp.take_along_axis(table, image_sources[..., None], axis=1)
+                embeds = jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
+            else:
+                embeds = merge_embeddings(embeds, image, is_image)
         return lm.decode(embeds, positions, segment_ids, cache=cache, prefill=prefill,
                          last_only=last_only, head=head)
 
