@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's any-resolution layout (mmjax.data.anyres) against transformers' own code, run
+"""LLaVA-NeXT's any-resolution layout (mmjax.models.anyres) against transformers' own code, run
 as it is: the grid choice (`select_best_resolution`), the fitted size
 (`get_patch_output_size`), the views' pixels (`LlavaNextImageProcessorPil`: base view first,
 then the tiles row by row) and the token count per image (`LlavaNextProcessor.
@@ -24,8 +24,9 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
-from mmjax.data import anyres
 from mmjax.hf import load
+from mmjax.hf.verify import verify
+from mmjax.models import anyres
 
 NEXT = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's list
 ONEVISION = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9
@@ -127,7 +128,7 @@ def test_gathering_the_sources_is_transformers_pack_image_features(pinpoints, ti
 def test_an_imported_llava_next_gives_transformers_logits(tmp_path):
     """A tiny random LlavaNextForConditionalGeneration (CLIP + Llama, pinpoints of a 56-pixel
     tower) saved by transformers and imported: one prompt with a portrait and a landscape
-    image, each its own grid; mmjax's logits (views from mmjax.data.anyres, the features
+    image, each its own grid; mmjax's logits (views from mmjax.models.anyres, the features
     gathered by its sources) equal transformers' (its own processor's pixels and
     image_sizes) within 1e-5."""
     pins = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
@@ -171,3 +172,7 @@ def test_an_imported_llava_next_gives_transformers_logits(tmp_path):
         {"params": prm}, i, px, image_sources=src).logits)(
         imported.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(sources))
     assert rel_err(got, want) < 1e-5
+    # `python -m mmjax.hf verify` checks such a directory the same way (random images of
+    # other shapes, one per row, a padded row)
+    err, tol = verify(str(tmp_path), "float32", None, 3, 16, 0)
+    assert err < 1e-5 and tol == 1e-4

@@ -20,6 +20,7 @@ import numpy as np
 from mmjax.errors import ConfigError
 from mmjax.hf.loader import load
 from mmjax.hf.weight_files import CheckpointError
+from mmjax.models import anyres
 from mmjax.models.config import LlavaConfig, RuntimeConfig, VisionConfig
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -33,11 +34,15 @@ def relative_error(ours, ref, mask=None) -> float:
 
 
 def random_inputs(cfg, batch: int, seq: int, seed: int):
-    """(ids [B,T], pixels [B,1,S,S,3] or None, segment ids [B,T]); row 1 padded on the right."""
+    """(ids [B,T], pixels [B,1,S,S,3] or None, segment ids [B,T]); row 1 padded on the right.
+    An any-resolution model gets (ids, pixels [B,1,V,S,S,3], segment ids, sources [B,T],
+    image sizes [B,2]): a random image per row, each of another shape."""
     rng = np.random.default_rng(seed)
     if isinstance(cfg, VisionConfig):
         s = cfg.image_size
         return None, rng.normal(size=(batch, s, s, 3)).astype(np.float32), None
+    if isinstance(cfg, LlavaConfig) and cfg.anyres:
+        return _anyres_inputs(cfg, batch, seq, rng)
     llm = cfg.llm if isinstance(cfg, LlavaConfig) else cfg
     vocab = llm.vocab_size
     n_img = cfg.image_tokens if isinstance(cfg, LlavaConfig) else 0
@@ -55,13 +60,45 @@ def random_inputs(cfg, batch: int, seq: int, seed: int):
     return ids, pixels, seg
 
 
-def ours_forward(imported, ids, pixels, seg):
+def _anyres_inputs(cfg: LlavaConfig, batch: int, seq: int, rng):
+    if cfg.vision_feature_select == "full":
+        raise ConfigError("verify: LLaVA-NeXT with the 'full' feature strategy is not laid "
+                          "out yet")
+    v, pins = cfg.vision, [list(p) for p in cfg.image_grid_pinpoints]
+    s, n_views, p = v.image_size, cfg.max_views, cfg.view_tokens
+    sizes = [(int(rng.integers(s // 4, 3 * s)), int(rng.integers(s // 4, 3 * s)))
+             for _ in range(batch)]
+    counts = [anyres.feature_tokens(h, w, pins, s, v.patch_size) for h, w in sizes]
+    t = seq + max(counts)
+    ids = rng.integers(0, cfg.llm.vocab_size, (batch, t))
+    ids[ids == cfg.image_token_id] = 0
+    pixels = np.zeros((batch, 1, n_views, s, s, 3), np.float32)
+    sources = np.zeros((batch, t), np.int32)
+    seg = np.ones((batch, t), np.int32)
+    for b, (h, w) in enumerate(sizes):
+        views, _ = anyres.views(rng.integers(0, 256, (h, w, 3), np.uint8), pins, s)
+        pixels[b, 0, :len(views)] = (views / 255 - np.asarray(v.image_mean)) / np.asarray(
+            v.image_std)
+        src = anyres.feature_sources(h, w, pins, s, v.patch_size)
+        newline = src == len(views) * p
+        ids[b, 1:1 + len(src)] = cfg.image_token_id
+        sources[b, 1:1 + len(src)] = np.where(newline, n_views * p, src)
+        if b:  # later rows end in padding
+            seg[b, t - max(1, seq // 4):] = 0
+    return ids, pixels, seg, sources, np.asarray(sizes)
+
+
+def ours_forward(imported, ids, pixels, seg, sources=None):
     """mmjax's output on the inputs, one jitted forward (eager, every op compiles alone)."""
     cfg, model = imported.config, imported.model
     if isinstance(cfg, VisionConfig):
         fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[-1])
         return fn(imported.params, jnp.asarray(pixels))
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    if isinstance(cfg, LlavaConfig) and cfg.anyres:
+        fn = jax.jit(lambda p, i, x, q, g, src: model.apply(
+            {"params": p}, i, x, q, g, image_sources=src).logits)
+        return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg, sources)))
     if isinstance(cfg, LlavaConfig):
         fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a).logits)
         return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg)))
@@ -69,7 +106,7 @@ def ours_forward(imported, ids, pixels, seg):
     return fn(imported.params, *map(jnp.asarray, (ids, pos, seg)))
 
 
-def reference_forward(directory, arch: str, ids, pixels, seg):
+def reference_forward(directory, arch: str, ids, pixels, seg, image_sizes=None):
     # torch is optional (the test extra): the reference is transformers' PyTorch model
     import torch
     import transformers
@@ -84,7 +121,10 @@ def reference_forward(directory, arch: str, ids, pixels, seg):
             return tower(pixel_values=px, output_hidden_states=True).hidden_states[-1].numpy()
         kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(seg),
                   position_ids=torch.tensor(np.broadcast_to(np.arange(ids.shape[1]), ids.shape)))
-        if pixels is not None:
+        if pixels is not None and image_sizes is not None:  # any resolution: views per image
+            kw["pixel_values"] = torch.tensor(pixels[:, 0]).permute(0, 1, 4, 2, 3)
+            kw["image_sizes"] = torch.tensor(image_sizes)
+        elif pixels is not None:
             kw["pixel_values"] = torch.tensor(pixels[:, 0]).permute(0, 3, 1, 2)
         return model(**kw).logits.float().numpy()
 
@@ -100,9 +140,10 @@ def verify(directory, dtype: str = "float32", tol: float | None = None, batch: i
                     allow_pickle=allow_pickle)
     print(f"imported {imported.architecture} from {directory} in {time.time() - t0:.1f}s "
           f"({len(imported.unused)} checkpoint tensors unused)")
-    ids, pixels, seg = random_inputs(imported.config, batch, seq, seed)
-    ours = np.asarray(ours_forward(imported, ids, pixels, seg), np.float32)
-    ref = reference_forward(directory, imported.architecture, ids, pixels, seg)
+    ids, pixels, seg, *anyres_args = random_inputs(imported.config, batch, seq, seed)
+    sources, sizes = anyres_args or (None, None)
+    ours = np.asarray(ours_forward(imported, ids, pixels, seg, sources), np.float32)
+    ref = reference_forward(directory, imported.architecture, ids, pixels, seg, sizes)
     mask = None if seg is None else seg.astype(bool)
     return relative_error(ours, ref, mask), tol
 

@@ -170,7 +170,7 @@ class LlavaConfig:
     # tower that has none, such as SigLIP, a patch), "full" keeps every token
     vision_feature_select: Literal["default", "full"] = "default"
     # LLaVA-NeXT's any resolution: the grids an image may be cut into, (height, width) in
-    # pixels, multiples of the tower's image size (mmjax.data.anyres); each image then takes
+    # pixels, multiples of the tower's image size (mmjax.models.anyres); each image then takes
     # a base view and its grid's tiles, and its token count follows from its size. Empty:
     # one view per image (LLaVA-1.5)
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
@@ -200,7 +200,7 @@ class LlavaConfig:
     @property
     def image_tokens(self) -> int:
         """How many LLM tokens one image becomes (one view; an any-resolution model's count
-        depends on each image's size: mmjax.data.anyres.feature_tokens)."""
+        depends on each image's size: mmjax.models.anyres.feature_tokens)."""
         if self.anyres:
             raise ConfigError("an any-resolution (LLaVA-NeXT) model's images take a number of "
                               "tokens that depends on their size; this path takes one view "
