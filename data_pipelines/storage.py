@@ -7,7 +7,6 @@ name; a local file is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import uuid
@@ -117,7 +116,3 @@ def remove_tree(directory) -> None:
 
 def text(path) -> str:
     return read_bytes(path).decode("utf-8")
-
-
-def bytes_io(path) -> io.BytesIO:
-    return io.BytesIO(read_bytes(path))

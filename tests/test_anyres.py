@@ -162,9 +162,8 @@ def test_an_imported_llava_next_gives_transformers_logits(tmp_path):
         views, _ = anyres.views(im, pins, 56)
         pixels[0, m, :len(views)] = (views / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(
             OPENAI_CLIP_STD)
-        src = anyres.feature_sources(*im.shape[:2], pins, 56, 14).astype(np.int64)
-        newline = src == len(views) * p
-        src = np.where(newline, 2 * s * p, m * s * p + src)  # into the row's table
+        src = anyres.row_sources(anyres.feature_sources(*im.shape[:2], pins, 56, 14),
+                                 len(views), m, 2, s, p)  # into the row's table
         sources[0, at[k:k + len(src)]] = src
         k += len(src)
     assert k == len(at)

@@ -33,12 +33,19 @@ class ImageError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def resolve_image_path(root: str | os.PathLike, relative: str) -> Path:
-    """`root / relative`, refusing paths that escape the root ('..', absolute, symlinks)."""
+def check_relative(relative) -> str:
+    """An image path relative to its root, refused when it is not a path or could leave the
+    root ('..', absolute)."""
     if not isinstance(relative, str) or not relative:
         raise ImageError("malformed_record", f"image path {relative!r}")
     if os.path.isabs(relative) or ".." in Path(relative).parts:
         raise ImageError("unsafe_image_path", relative)
+    return relative
+
+
+def resolve_image_path(root: str | os.PathLike, relative: str) -> Path:
+    """`root / relative`, refusing paths that escape the root ('..', absolute, symlinks)."""
+    check_relative(relative)
     root_real = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root_real, relative))
     if os.path.commonpath([root_real, path]) != root_real:

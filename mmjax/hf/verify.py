@@ -79,10 +79,10 @@ def _anyres_inputs(cfg: LlavaConfig, batch: int, seq: int, rng):
         views, _ = anyres.views(rng.integers(0, 256, (h, w, 3), np.uint8), pins, s)
         pixels[b, 0, :len(views)] = (views / 255 - np.asarray(v.image_mean)) / np.asarray(
             v.image_std)
-        src = anyres.feature_sources(h, w, pins, s, v.patch_size)
-        newline = src == len(views) * p
+        src = anyres.row_sources(anyres.feature_sources(h, w, pins, s, v.patch_size),
+                                 len(views), 0, 1, n_views, p)
         ids[b, 1:1 + len(src)] = cfg.image_token_id
-        sources[b, 1:1 + len(src)] = np.where(newline, n_views * p, src)
+        sources[b, 1:1 + len(src)] = src
         if b:  # later rows end in padding
             seg[b, t - max(1, seq // 4):] = 0
     return ids, pixels, seg, sources, np.asarray(sizes)

@@ -105,3 +105,13 @@ def feature_sources(height: int, width: int, pinpoints: Pinpoints, tile: int,
     newline = np.full((h, 1), (1 + rows * cols) * n * n)
     return np.concatenate([np.arange(n * n), np.concatenate([grid, newline], 1).ravel()]
                           ).astype(np.int32)
+
+
+def row_sources(sources: np.ndarray, views: int, slot: int, slots: int, max_views: int,
+                view_tokens: int) -> np.ndarray:
+    """An image's `feature_sources` (its `views` views' features, then its newline) as
+    indices into the row's table the model gathers from: `slots` image slots of `max_views`
+    views each, end to end, then the newline (mmjax.models.llava)."""
+    newline = sources == views * view_tokens
+    return np.where(newline, slots * max_views * view_tokens,
+                    slot * max_views * view_tokens + sources).astype(np.int32)

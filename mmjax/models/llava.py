@@ -13,7 +13,8 @@ Any resolution (LLaVA-NeXT, `image_grid_pinpoints`): each image slot holds S vie
 ones), and `image_sources` [B, T] names, for each image token, the feature it takes from the
 row's table [M*S*P + 1, D]: the views' projected features end to end, then the learned
 `image_newline`. The host computes the sources from each image's size
-(mmjax.models.anyres.feature_sources), so nothing in the step depends on image sizes.
+(mmjax.models.anyres.feature_sources, row_sources), so nothing in the step depends on image
+sizes.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class Llava(nn.Module):
             if self.cfg.anyres:
                 if image_sources is None:
                     raise ValueError("an any-resolution model needs image_sources "
-                                     "(mmjax.models.anyres.feature_sources)")
+                                     "(mmjax.models.anyres.row_sources)")
                 newline = jnp.broadcast_to(self.image_newline.astype(image.dtype),
                                            (image.shape[0], 1, image.shape[-1]))
                 table = jnp.concatenate([image, newline], axis=1)  # [B, M*S*P + 1, D]
