@@ -7,6 +7,10 @@ sizes that tie between pinpoints."""
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -15,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from PIL import Image
+from skimage import data
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -23,9 +29,13 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
+from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
 from mmjax.hf import load
 from mmjax.hf.verify import verify
+from mmjax.inference import Engine, Request, Sampling
+from mmjax.inference.load import from_hf
+from mmjax.inference.prompt import request
 from mmjax.models import anyres
 
 NEXT = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's list
@@ -175,3 +185,105 @@ def test_an_imported_llava_next_gives_transformers_logits(tmp_path):
     # other shapes, one per row, a padded row)
     err, tol = verify(str(tmp_path), "float32", None, 3, 16, 0)
     assert err < 1e-5 and tol == 1e-4
+
+
+# --------------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    """A llava-hf style LLaVA-NeXT directory: tiny random CLIP + Llama, a trained tokenizer
+    with <image>, transformers' own LlavaNextProcessor saved beside it, and photos of
+    portrait, landscape and square shapes."""
+    root = tmp_path_factory.mktemp("llava-next")
+    corpus = ["a photo of a cat on the table", "USER: what is in the image? ASSISTANT: a cat",
+              "Describe the image in detail.", "how many tiles are there"] * 20
+    tok = bpe_tokenizer(root, corpus, vocab_size=300)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    pins = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    hf_cfg = tf.LlavaNextConfig(vision_config=vision_config("clip"),
+                                text_config=llm_config("llama", vocab_size=len(tok),
+                                                       eos_token_id=tok.eos_token_id),
+                                image_grid_pinpoints=pins, image_token_index=image_id)
+    model = make_model(tf.LlavaNextForConditionalGeneration, hf_cfg)
+    save(model, root)
+    proc = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+            image_grid_pinpoints=pins, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1)
+    proc.save_pretrained(root)
+    photos = {}
+    for name, arr, size in [("tall.png", data.astronaut(), (40, 90)),
+                            ("wide.png", data.chelsea(), (130, 40)),
+                            ("square.png", data.coffee(), (60, 60))]:
+        Image.fromarray(arr).resize(size).save(root / name)  # PIL sizes are (W, H)
+        photos[name] = root / name
+    return root, model, proc, photos
+
+
+def test_generation_on_llava_next_is_transformers(next_dir):
+    """Three prompts (a tall photo, a wide and a square photo in one prompt, text only)
+    through `request` and one batched engine call: the prompt ids are LlavaNextProcessor's
+    (each image's token count from its size), and the greedy tokens are transformers'
+    `generate` on what its processor makes of the same files."""
+
+    root, model, proc, photos = next_dir
+    m = from_hf(root, dtype="float32", template="raw")
+    assert m.cfg.anyres and m.image_aspect == "anyres"
+    asks = [("USER: <image>\nwhat is in the image? ASSISTANT:", ["tall.png"]),
+            ("USER: <image> and <image> how many tiles are there? ASSISTANT:",
+             ["wide.png", "square.png"]),
+            ("USER: Describe a cat in detail. ASSISTANT:", [])]
+    reqs, want = [], []
+    for prompt, names in asks:
+        reqs.append(request(m, [(prompt, "")], [m.read_image(photos[n]) for n in names]))
+        pil = [Image.open(photos[n]).convert("RGB") for n in names]
+        inputs = proc(text=prompt, images=pil or None, return_tensors="pt")
+        assert reqs[-1].ids.tolist() == inputs["input_ids"][0].tolist(), prompt
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=proc.tokenizer.pad_token_id)
+        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+        want.append(ref[:ref.index(proc.tokenizer.eos_token_id)]
+                    if proc.tokenizer.eos_token_id in ref else ref)
+    got = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules,
+                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=12))
+    assert [r.token_ids for r in got] == want
+
+
+def test_views_for_the_wrong_model_and_wrong_counts_are_refused(next_dir):
+
+    root, *_ = next_dir
+    m = from_hf(root, dtype="float32", template="raw")
+    engine = m.engine()
+    views = m.pixels(np.zeros((30, 50, 3), np.uint8))
+    ids = np.asarray([1] + [m.cfg.image_token_id] * (views.tokens - 1) + [5], np.int32)
+    with pytest.raises(ValueError, match="image tokens for image"):
+        engine._batch([Request(ids, [views])], 4)
+    square = np.zeros((56, 56, 3), np.uint8)
+    with pytest.raises(ValueError, match="takes views"):
+        engine._batch([Request(ids, [square])], 4)
+
+
+@pytest.mark.e2e
+def test_generate_command_on_llava_next(next_dir):
+    """`python -m mmjax.generate --hf NEXT_DIR` with two images of different shapes answers
+    as transformers does."""
+    root, model, proc, photos = next_dir
+    prompt = "USER: <image> and <image> how many tiles are there? ASSISTANT:"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, "-m", "mmjax.generate", "--hf", str(root), "--image",
+                        str(photos["tall.png"]), "--image", str(photos["wide.png"]),
+                        "--prompt", prompt, "--template", "raw", "--max-new-tokens", "10",
+                        "--output", "json"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    inputs = proc(text=prompt, images=[Image.open(photos[n]).convert("RGB")
+                                       for n in ("tall.png", "wide.png")], return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)[
+            0, inputs["input_ids"].shape[1]:].tolist()
+    eos = proc.tokenizer.eos_token_id
+    assert out["token_ids"] == (ref[:ref.index(eos)] if eos in ref else ref)

@@ -21,8 +21,9 @@ from mmjax.batch import normalize
 
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb limit (about 8000 x 8000)
 # how an image is brought to the tower's square: pad (LLaVA-1.5: onto a square of the mean
-# colour, then resize), resize (squash), crop (resize the short side, centre crop)
-ImageAspect = Literal["pad", "resize", "crop"]
+# colour, then resize), resize (squash), crop (resize the short side, centre crop); anyres:
+# LLaVA-NeXT's base view and grid tiles (mmjax.models.anyres), for models with pinpoints
+ImageAspect = Literal["pad", "resize", "crop", "anyres"]
 
 
 class ImageError(Exception):
@@ -129,9 +130,34 @@ def resize_uint8(image: Image.Image, size: int, mean, aspect: str = "pad") -> np
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
+    elif aspect == "anyres":
+        raise ValueError("aspect 'anyres' makes several views per image "
+                         "(mmjax.models.anyres.prepare), not one square")
     else:
         raise ValueError(f"unknown aspect mode {aspect!r}: pad, resize or crop")
     return np.asarray(image, np.uint8)
+
+
+def load_rgb(image: str | os.PathLike | bytes | Image.Image | np.ndarray,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A file, encoded bytes, a PIL image or a uint8 array -> an RGB PIL image; ImageError
+    when the image cannot be used."""
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes):
+        return decode_image(image, max_pixels)
+    if isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise ImageError("empty_image", str(image.shape))
+        image = Image.fromarray(image.astype(np.uint8))
+    elif not isinstance(image, Image.Image):
+        raise ImageError("malformed_record", f"an image of type {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def blank_pixels(size: int, mean) -> np.ndarray:
+    """uint8 [size, size, 3] of the tower's mean colour (the blind baseline's image)."""
+    return np.full((size, size, 3), [round(255 * c) for c in mean], np.uint8)
 
 
 def tower_pixels(image: str | os.PathLike | bytes | Image.Image | np.ndarray, size: int,
@@ -142,18 +168,8 @@ def tower_pixels(image: str | os.PathLike | bytes | Image.Image | np.ndarray, si
     `aspect`. `blank`: the tower's mean colour instead (the blind baseline). ImageError when
     the image cannot be used."""
     if blank:
-        return np.full((size, size, 3), [round(255 * c) for c in mean], np.uint8)
-    if isinstance(image, (str, os.PathLike)):
-        image = Path(image).read_bytes()
-    if isinstance(image, bytes):
-        image = decode_image(image, max_pixels)
-    elif isinstance(image, np.ndarray):
-        if image.size == 0:
-            raise ImageError("empty_image", str(image.shape))
-        image = Image.fromarray(image.astype(np.uint8))
-    elif not isinstance(image, Image.Image):
-        raise ImageError("malformed_record", f"an image of type {type(image).__name__}")
-    return resize_uint8(image, size, mean, aspect)
+        return blank_pixels(size, mean)
+    return resize_uint8(load_rgb(image, max_pixels), size, mean, aspect)
 
 
 def preprocess(image: Image.Image, size: int, mean, std, aspect: str = "pad") -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 from tokenizers import AddedToken
@@ -89,8 +90,11 @@ class ConversationEncoder:
         """The template's rendering, after the reference's image tidying."""
         return self.template.render(system, self._tidy(pairs))
 
-    def encode(self, system, pairs, num_images: int) -> Encoded:
-        """Raises ConversationError for samples that cannot be used."""
+    def encode(self, system, pairs, num_images: int,
+               image_tokens: Sequence[int] | None = None) -> Encoded:
+        """Raises ConversationError for samples that cannot be used. `image_tokens`: each
+        image's token count, in order (any-resolution models; default: the encoder's one
+        count for every image)."""
         pairs = self._tidy(pairs)
         dropped = 0
         while True:
@@ -100,7 +104,7 @@ class ConversationEncoder:
                 raise ConversationError("image_count_mismatch",
                                         f"{placeholders} <image> for {num_images} images")
             ids, labels = self._tokenize(rendered.segments)
-            ids, labels = self._expand_images(ids, labels)
+            ids, labels = self._expand_images(ids, labels, image_tokens)
             if len(ids) <= self.max_length:
                 return Encoded(ids, labels, placeholders, dropped)
             if len(pairs) == 1:
@@ -108,13 +112,15 @@ class ConversationEncoder:
             pairs = pairs[:-1]  # never cut through image tokens: drop whole later turns
             dropped += 1
 
-    def prompt_ids(self, system, pairs) -> np.ndarray:
+    def prompt_ids(self, system, pairs, image_tokens: Sequence[int] | None = None
+                   ) -> np.ndarray:
         """int32 [L]: the ids of a conversation whose last reply the model is to write, up to
         where that reply begins, images expanded, as training lays them out (the last pair's
-        answer is ignored). What evaluation and generation feed the model."""
+        answer is ignored). What evaluation and generation feed the model. `image_tokens`:
+        as in `encode`."""
         rendered = self.render(system, [*pairs[:-1], (pairs[-1][0], "")])
         ids, _ = self._tokenize(rendered.prompt(), learn=False)
-        ids, _ = self._expand_images(ids, np.full(len(ids), IGNORE, np.int32))
+        ids, _ = self._expand_images(ids, np.full(len(ids), IGNORE, np.int32), image_tokens)
         return ids
 
     def _tidy(self, pairs):
@@ -217,11 +223,23 @@ class ConversationEncoder:
             inside |= within
         return np.where(inside, ids, IGNORE).astype(np.int32)
 
-    def _expand_images(self, ids, labels):
+    def _expand_images(self, ids, labels, counts: Sequence[int] | None = None):
+        """Each placeholder -> its image's tokens (`counts[k]` for the k-th, else the
+        encoder's `image_tokens`)."""
         where = np.flatnonzero(ids == self.tok_image_id)
         if not len(where):
             return ids, labels
-        repeats = np.where(ids == self.tok_image_id, self.image_tokens, 1)
+        repeats = np.ones(len(ids), np.int64)
+        if counts is None:
+            if not self.image_tokens:
+                raise ValueError("this encoder has no one image token count: pass each "
+                                 "image's (image_tokens=)")
+            repeats[where] = self.image_tokens
+        else:
+            if len(counts) < len(where):
+                raise ConversationError("image_count_mismatch", f"{len(where)} <image> for "
+                                        f"{len(counts)} image token counts")
+            repeats[where] = counts[:len(where)]
         ids = np.repeat(np.where(ids == self.tok_image_id, self.image_token_id, ids), repeats)
         labels = np.repeat(labels, repeats)
         labels[ids == self.image_token_id] = IGNORE

@@ -49,14 +49,30 @@ def from_hf(config: dict, directory: str | Path | None = None):
     return llava_from_hf(config, directory)
 
 
+def image_processor_config(directory) -> dict:
+    """A HF directory's image processor settings: preprocessor_config.json, or the
+    `image_processor` entry of processor_config.json (transformers 5 saves processors so);
+    {} when it has neither."""
+    directory = Path(directory)
+    path = directory / "preprocessor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    path = directory / "processor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("image_processor") or {}
+    return {}
+
+
 def image_aspect(directory) -> str:
     """How a HF directory's image processor brings an image to the tower's square (the
-    inverse of `mmjax.hf.writer.image_processor`): do_pad -> pad, a centre crop -> crop,
-    else resize; `pad` (LLaVA-1.5's) when the directory has no preprocessor_config.json."""
-    path = Path(directory) / "preprocessor_config.json"
-    if not path.is_file():
+    inverse of `mmjax.hf.writer.image_processor`): pinpoints -> anyres (LLaVA-NeXT's views),
+    do_pad -> pad, a centre crop -> crop, else resize; `pad` (LLaVA-1.5's) when the
+    directory has no image processor settings."""
+    pre = image_processor_config(directory)
+    if not pre:
         return "pad"
-    pre = json.loads(path.read_text())
+    if pre.get("image_grid_pinpoints"):
+        return "anyres"
     if pre.get("do_pad"):
         return "pad"
     return "crop" if pre.get("do_center_crop") else "resize"
@@ -64,8 +80,8 @@ def image_aspect(directory) -> str:
 
 def vision_from_hf(c: dict, family: str, directory=None) -> VisionConfig:
     mean, std = _DEFAULT_MEAN_STD[family]
-    if directory is not None and (Path(directory) / "preprocessor_config.json").is_file():
-        pre = json.loads((Path(directory) / "preprocessor_config.json").read_text())
+    pre = image_processor_config(directory) if directory is not None else {}
+    if pre:
         mean = tuple(pre.get("image_mean", mean))
         std = tuple(pre.get("image_std", std))
     if c.get("num_channels", 3) != 3:

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.batch import device_pixels, normalize
 from mmjax.inference.sampling import Sampling, knobs, next_token
+from mmjax.models.anyres import ImageViews, row_sources
 from mmjax.models.kv_cache import CACHE_AXES, KVCache
 from mmjax.models.llava import Llava
 from mmjax.sharding import (
@@ -78,8 +79,9 @@ def _mesh_of(params):
 @dataclasses.dataclass
 class Request:
     ids: np.ndarray  # int32 [L]: the prompt, each image as its image tokens
-    images: Sequence[np.ndarray] = ()  # per image: uint8 [Y, X, C] at the tower's size,
-    # or float32 already normalised; one per image in the prompt, in order
+    images: Sequence[np.ndarray | ImageViews] = ()  # per image: uint8 [Y, X, C] at the
+    # tower's size, or float32 already normalised; an any-resolution model's `ImageViews`;
+    # one per image in the prompt, in order
 
 
 @dataclasses.dataclass
@@ -163,7 +165,7 @@ class Engine:
             with mesh_rules(self.mesh, self.rules):
                 placed = self._place(batch)
                 args = (self.params, placed["ids"], placed["segment_ids"], placed["pixels"],
-                        key, knobs(sampling, rows),
+                        placed["sources"], key, knobs(sampling, rows),
                         jnp.int32(sampling.max_new_tokens),
                         jnp.asarray(self.stop_ids or (-1,), jnp.int32), jnp.asarray(stop_seqs))
                 program = self._program(batch, on_token is not None, sampling.logprobs, args)
@@ -179,7 +181,10 @@ class Engine:
 
     # ------------------------------------------------------------------ host side
     def _batch(self, requests: Sequence[Request], max_new: int) -> dict:
-        v = self.cfg.vision
+        """The requests left-padded into bucketed arrays: ids and segment_ids [B, P],
+        pixels [B, M, Y, X, C] ([B, M, S, Y, X, C] any resolution) or None, and for any
+        resolution each image token's feature `sources` [B, P]."""
+        v, cfg = self.cfg.vision, self.cfg
         n = len(requests)
         rows = bucket(n, self.batch_buckets, self.row_multiple)
         longest = max(len(r.ids) for r in requests)
@@ -188,22 +193,31 @@ class Engine:
         slots = max(len(r.images) for r in requests)
         ids = np.full((rows, length), self.pad_id, np.int32)
         seg = np.zeros((rows, length), np.int32)
+        sources = np.zeros((rows, length), np.int32) if cfg.anyres else None
         pixels = None
         if slots:
-            float_px = any(np.asarray(im).dtype != np.uint8 for r in requests for im in r.images)
-            pixels = np.zeros((rows, slots, v.image_size, v.image_size, 3),
+            float_px = any(np.asarray(im).dtype != np.uint8 for r in requests
+                           for im in r.images if not isinstance(im, ImageViews))
+            views = (cfg.max_views,) if cfg.anyres else ()
+            pixels = np.zeros((rows, slots, *views, v.image_size, v.image_size, 3),
                               np.float32 if float_px else np.uint8)
         for i, r in enumerate(requests):
             p = np.asarray(r.ids, np.int32)
-            n_tokens = int(np.sum(p == self.cfg.image_token_id))
-            if n_tokens != len(r.images) * self.cfg.image_tokens:
-                raise ValueError(f"request {i}: {n_tokens} image tokens for {len(r.images)} "
-                                 f"image(s) of {self.cfg.image_tokens} tokens each")
             if len(p) == 0:
                 raise ValueError(f"request {i}: empty prompt")
             ids[i, length - len(p):] = p
             seg[i, length - len(p):] = 1
+            at = length - len(p) + np.flatnonzero(p == cfg.image_token_id)
+            if cfg.anyres:
+                self._place_views(i, r, at, pixels, sources, slots)
+                continue
+            if len(at) != len(r.images) * cfg.image_tokens:
+                raise ValueError(f"request {i}: {len(at)} image tokens for {len(r.images)} "
+                                 f"image(s) of {cfg.image_tokens} tokens each")
             for m, im in enumerate(r.images):
+                if isinstance(im, ImageViews):
+                    raise ValueError(f"request {i} image {m}: views for a model that takes "
+                                     "one square per image")
                 im = np.asarray(im)
                 if im.shape != (v.image_size, v.image_size, 3):
                     raise ValueError(f"request {i} image {m}: shape {im.shape}, the tower "
@@ -211,11 +225,37 @@ class Engine:
                 if pixels.dtype != im.dtype and im.dtype == np.uint8:  # mixed: normalise
                     im = normalize(im, v.image_mean, v.image_std)
                 pixels[i, m] = im
-        return {"ids": ids, "segment_ids": seg, "pixels": pixels, "new": new}
+        return {"ids": ids, "segment_ids": seg, "pixels": pixels, "sources": sources,
+                "new": new}
+
+    def _place_views(self, i: int, r: Request, at: np.ndarray, pixels, sources, slots: int):
+        """An any-resolution request's views into its row's image slots, and the feature
+        each of its image tokens (at positions `at`) takes (mmjax.models.anyres)."""
+        cfg, v = self.cfg, self.cfg.vision
+        for m, im in enumerate(r.images):
+            if not isinstance(im, ImageViews):
+                raise ValueError(f"request {i} image {m}: an any-resolution model takes "
+                                 "views (mmjax.models.anyres.prepare), not one square")
+        want = sum(im.tokens for im in r.images)
+        if len(at) != want:
+            raise ValueError(f"request {i}: {len(at)} image tokens for image(s) of {want} "
+                             "tokens in all")
+        k = 0
+        for m, im in enumerate(r.images):
+            count = len(im.pixels)
+            if count > cfg.max_views or im.pixels.shape[1:] != (v.image_size, v.image_size, 3):
+                raise ValueError(f"request {i} image {m}: views {im.pixels.shape}, the model "
+                                 f"takes at most {cfg.max_views} of ({v.image_size}, "
+                                 f"{v.image_size}, 3)")
+            pixels[i, m, :count] = im.pixels if pixels.dtype == np.uint8 else normalize(
+                im.pixels, v.image_mean, v.image_std)
+            sources[i, at[k:k + im.tokens]] = row_sources(
+                im.sources, count, m, slots, cfg.max_views, cfg.view_tokens)
+            k += im.tokens
 
     def _place(self, batch: dict) -> dict:
         out = {}
-        for k in ("ids", "segment_ids", "pixels"):
+        for k in ("ids", "segment_ids", "pixels", "sources"):
             a = batch[k]
             out[k] = None if a is None else jax.device_put(
                 a, batch_sharding(self.mesh, a.ndim, self.rules))
@@ -250,7 +290,7 @@ class Engine:
         """The compiled generation program for this batch's shapes (built once)."""
         pixels, new = batch["pixels"], batch["new"]
         key = (batch["ids"].shape, None if pixels is None else (pixels.shape, pixels.dtype.str),
-               new, stream, logprobs)
+               batch["sources"] is not None, new, stream, logprobs)
         if key not in self._programs:
             rows, length = batch["ids"].shape
             # said only when it takes a while (a program read from the cache does not)
@@ -270,9 +310,10 @@ class Engine:
         if self._stream["callback"] is not None:
             self._stream["callback"](np.asarray(tokens), np.asarray(live))
 
-    def _run(self, params, ids, segment_ids, pixels, key, k, max_new, stop_ids, stop_seqs,
-             *, new: int, stream: bool, logprobs: bool):
-        """ids/segment_ids [B, P] left-padded, pixels [B, M, Y, X, C] or None ->
+    def _run(self, params, ids, segment_ids, pixels, sources, key, k, max_new, stop_ids,
+             stop_seqs, *, new: int, stream: bool, logprobs: bool):
+        """ids/segment_ids [B, P] left-padded, pixels [B, M, Y, X, C] ([B, M, S, Y, X, C]
+        with sources [B, P]: any resolution) or None ->
         tokens [B, N], lengths [B], stopped [B] (by a stop token or string), log-probs
         [B, N]."""
         model, cfg = self.model, self.cfg
@@ -286,7 +327,8 @@ class Engine:
             v=tuple(jax.lax.with_sharding_constraint(a, cache_sh) for a in cache.v))
         pv = None if pixels is None else device_pixels(pixels, cfg.vision)
         out = model.apply({"params": params}, ids, pv, positions, segment_ids, cache=cache,
-                          prefill=True, last_only=True)
+                          prefill=True, last_only=True,
+                          image_sources=None if pv is None else sources)
         logits, cache = out.logits, out.cache
         last_position = positions[:, -1]
         real = segment_ids[:, -1] != 0  # padding rows are done from the start

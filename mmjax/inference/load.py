@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mmjax.data.image import ImageAspect, ImageError, tower_pixels
+from mmjax.data.image import ImageAspect, ImageError, blank_pixels, load_rgb, tower_pixels
 from mmjax.data.templates import IMAGE, get_template
 from mmjax.data.tokenize import ConversationEncoder
 from mmjax.errors import ConfigError, UsageError
@@ -26,6 +26,7 @@ from mmjax.hf.config import from_hf as config_from_hf
 from mmjax.hf.weight_files import Checkpoint
 from mmjax.inference.engine import Engine
 from mmjax.models import Llava
+from mmjax.models.anyres import ImageViews, prepare
 from mmjax.models.config import LlavaConfig
 from mmjax.models.runtime import for_inference
 from mmjax.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -44,6 +45,7 @@ class Loaded:
     mesh: object
     rules: tuple
     image_aspect: ImageAspect = "pad"  # how images are brought to the tower's square
+    # (an any-resolution model: its views, whatever this says)
     cache_dtype: str | None = None  # the engine's KV cache type (None: the compute dtype)
 
     @property
@@ -55,8 +57,8 @@ class Loaded:
         if self.template == RAW:
             return None
         return ConversationEncoder(self.tokenizer, get_template(self.template, self.tokenizer),
-                                   self.cfg.image_tokens, self.cfg.image_token_id, 1 << 30,
-                                   special_token_text="keep")
+                                   0 if self.cfg.anyres else self.cfg.image_tokens,
+                                   self.cfg.image_token_id, 1 << 30, special_token_text="keep")
 
     def stop_ids(self) -> list[int]:
         return stop_ids(self.tokenizer, self.template)
@@ -69,15 +71,25 @@ class Loaded:
                       cache_dtype=self.cache_dtype)
 
     def pixels(self, image: str | Path | bytes | Image.Image | np.ndarray,
-               blank: bool = False, max_pixels: int | None = None) -> np.ndarray:
-        """An image (a file, encoded bytes, a PIL image or an array) -> uint8 [S, S, 3] at
-        the tower's size, brought to its square as the run did; `blank`: the tower's mean
-        colour instead (the blind baseline). Raises ImageError for an unusable image (one of
-        more than `max_pixels` among them)."""
-        v = self.cfg.vision
+               blank: bool = False, max_pixels: int | None = None) -> np.ndarray | ImageViews:
+        """An image (a file, encoded bytes, a PIL image or an array) as the model takes it:
+        uint8 [S, S, 3] at the tower's size, brought to its square as the run did, or an
+        any-resolution model's views (`ImageViews`). `blank`: the tower's mean colour
+        instead (the blind baseline; one tower-sized square). Raises ImageError for an
+        unusable image (one of more than `max_pixels` among them)."""
+        v, cfg = self.cfg.vision, self.cfg
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
-        return tower_pixels(image, v.image_size, v.image_mean, self.image_aspect, blank=blank,
-                            **extra)
+        if not cfg.anyres:
+            return tower_pixels(image, v.image_size, v.image_mean, self.image_aspect,
+                                blank=blank, **extra)
+        rgb = blank_pixels(v.image_size, v.image_mean) if blank else np.asarray(
+            load_rgb(image, **extra), np.uint8)
+        return prepare(rgb, cfg.image_grid_pinpoints, v.image_size, v.patch_size)
+
+    def image_tokens(self, images) -> list[int]:
+        """How many LLM tokens each of `images` (as `pixels` gives them) takes."""
+        return [im.tokens if isinstance(im, ImageViews) else self.cfg.image_tokens
+                for im in images]
 
     def read_image(self, path: str | Path) -> np.ndarray:
         """`pixels` of an image file named on a command line (UsageError when unusable)."""
@@ -89,13 +101,15 @@ class Loaded:
         except ImageError as e:
             raise UsageError(f"image {path}: {e}") from None
 
-    def raw_prompt_ids(self, text: str) -> np.ndarray:
+    def raw_prompt_ids(self, text: str, image_tokens=None) -> np.ndarray:
         """The prompt text tokenized as given (with the tokenizer's BOS), each <image>
-        expanded to the image tokens."""
+        expanded to its image's tokens (`image_tokens[k]` for the k-th; default: one view's)."""
         ids: list[int] = []
         for k, piece in enumerate(text.split(IMAGE)):
             if k:
-                ids += [self.cfg.image_token_id] * self.cfg.image_tokens
+                n = self.cfg.image_tokens if image_tokens is None else (
+                    image_tokens[k - 1] if k - 1 < len(image_tokens) else 0)
+                ids += [self.cfg.image_token_id] * n
             ids += self.tokenizer.encode(piece, add_special_tokens=k == 0)
         return np.asarray(ids, np.int32)
 

@@ -21,16 +21,20 @@ def request(m: Loaded, pairs: list[tuple[str, str]], images: list[np.ndarray],
         text = pairs[-1][0]
         if images and IMAGE not in text:
             raise UsageError(f"--template raw: put {IMAGE} in the prompt where each image goes")
-        ids = m.raw_prompt_ids(text)
+        placed = text.count(IMAGE)
     else:
         placed = sum(q.count(IMAGE) for q, _ in pairs)
         if images and not placed:
             pairs = [(f"{IMAGE}\n" * len(images) + pairs[0][0], pairs[0][1]), *pairs[1:]]
+            placed = len(images)
+    if placed != len(images):
+        raise UsageError(f"the prompt has {placed} {IMAGE} for {len(images)} image(s)")
+    counts = m.image_tokens(images)
+    if m.template == RAW:
+        ids = m.raw_prompt_ids(text, counts)
+    else:
         try:
-            ids = m.encoder().prompt_ids(system, pairs)
+            ids = m.encoder().prompt_ids(system, pairs, counts)
         except ConversationError as e:
             raise UsageError(f"prompt: {e}") from None
-    n = int(np.sum(ids == m.cfg.image_token_id)) // max(1, m.cfg.image_tokens)
-    if n != len(images):
-        raise UsageError(f"the prompt has {n} {IMAGE} for {len(images)} image(s)")
     return Request(ids, images)

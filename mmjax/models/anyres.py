@@ -15,6 +15,7 @@ black canvas of the pinpoint's size (an odd leftover pixel goes to the bottom or
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -115,3 +116,25 @@ def row_sources(sources: np.ndarray, views: int, slot: int, slots: int, max_view
     newline = sources == views * view_tokens
     return np.where(newline, slots * max_views * view_tokens,
                     slot * max_views * view_tokens + sources).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageViews:
+    """One image as an any-resolution model takes it (`prepare`)."""
+
+    pixels: np.ndarray  # uint8 [V, T, T, 3]: the base view, then the grid's tiles row by row
+    sources: np.ndarray  # int32 [tokens]: `feature_sources` of the image (its LLM tokens)
+    size: tuple[int, int]  # (H, W) of the image in pixels
+
+    @property
+    def tokens(self) -> int:
+        """How many LLM tokens the image takes."""
+        return len(self.sources)
+
+
+def prepare(image: np.ndarray, pinpoints: Pinpoints, tile: int, patch: int) -> ImageViews:
+    """uint8 [H, W, 3] -> its views and the sources of its LLM tokens."""
+    height, width = image.shape[:2]
+    pixels, _ = views(image, pinpoints, tile)
+    return ImageViews(pixels, feature_sources(height, width, pinpoints, tile, patch),
+                      (height, width))
