@@ -49,9 +49,11 @@ def training(stage: int) -> ml_collections.ConfigDict:
     # GPU with ZeRO-3): 2 on 8 GPUs, 4 on a v5p-8, 1 on a v5p-64 and up
     c.grad_accum = 0
     lr = 1e-3 if stage == 1 else 2e-5
+    # stage 2: an any-resolution model's image_newline trains with the LLM, as LLaVA-NeXT's
+    # mm_language_model part takes every weight outside the tower and the projector
     c.optim.groups = ([["projector/.*", lr], [".*", None]] if stage == 1 else
                       [["vision_tower/.*", None], ["projector/.*", lr],
-                       ["language_model/.*", lr]])
+                       ["language_model/.*", lr], ["image_newline", lr]])
     return c
 
 
@@ -90,7 +92,8 @@ def demo_training(stage: int, workdir_data: str = "/tmp/mmjax-demo/data"):
     c.total_steps = 800 if stage == 1 else 450
     lr = 1e-3
     c.optim.groups = ([[".*", lr]] if stage == 1 else
-                      [["vision_tower/.*", None], ["projector/.*", lr], ["language_model/.*", lr]])
+                      [["vision_tower/.*", None], ["projector/.*", lr], ["language_model/.*", lr],
+                       ["image_newline", lr]])
     c.optim.warmup_ratio = 0.05
     c.checkpoint.save_interval = 100
     c.log_every = 50

@@ -33,6 +33,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from mmjax import batch as batch_format
+from mmjax.data.pipeline import image_slots
 from mmjax.errors import ConfigError, UsageError
 from mmjax.models import presets
 from mmjax.sharding import batch_ways, make_mesh, mesh_rules, with_shardings
@@ -175,9 +176,10 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     check_batch_fits_mesh(tc, mesh)
     dcfg = tc.data_config(1)
     setup = StepSetup.of(tc, cfg, mesh, max(tc.total_steps, 1))
-    batch = batch_format.abstract(tc.batch_size, dcfg.row_len, dcfg.image_slots(cfg.image_tokens),
+    batch = batch_format.abstract(tc.batch_size, dcfg.row_len, image_slots(dcfg, cfg),
                                   cfg.vision.image_size,
-                                  "float32" if dcfg.normalize_on_host else "uint8")
+                                  "float32" if dcfg.normalize_on_host else "uint8",
+                                  cfg.batch_views)
     batch = with_shardings(batch, setup.batch_sh)
     t = time.time()
     with mesh_rules(mesh, tc.logical_axis_rules):
@@ -240,8 +242,8 @@ def fixed_part(tc, cfg, devices, hbm, setup) -> FixedPart:
     mesh = make_mesh(tc.mesh, devices=devices, dcn_sizes=tc.mesh_dcn, granule=tc.mesh_granule)
     tc = tc.for_mesh(mesh)
     ways = batch_ways(mesh, tc.logical_axis_rules)
-    images = tc.data_config(1).image_slots(cfg.image_tokens)
-    length = -(-(cfg.image_tokens * images + 64) // 128) * 128
+    images = image_slots(tc.data_config(1), cfg)
+    length = -(-(cfg.view_tokens * cfg.max_views * images + 64) // 128) * 128
     small = dataclasses.replace(
         tc, batch_size=ways * tc.grad_accum,
         data=dataclasses.replace(tc.data, max_length=length, seq_len=0))
@@ -251,7 +253,8 @@ def fixed_part(tc, cfg, devices, hbm, setup) -> FixedPart:
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa
     dcfg = small.data_config(1)
     batch = batch_format.abstract(small.batch_size, dcfg.row_len, images, cfg.vision.image_size,
-                                  "float32" if dcfg.normalize_on_host else "uint8")
+                                  "float32" if dcfg.normalize_on_host else "uint8",
+                                  cfg.batch_views)
     batch_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in batch.values())
     return FixedPart(count(trainable), count(frozen),
                      report.arguments - batch_bytes // ways, report.temporaries, len(devices))

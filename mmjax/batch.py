@@ -1,14 +1,18 @@
 """The batch: the one format the data pipeline produces and the train step consumes.
 
-Axis legend: B rows, T row length, M image slots per row, S image size.
+Axis legend: B rows, T row length, M image slots per row, V views per image slot (any
+resolution), S image size.
 
-    input_ids    int32 [B, T]   token ids; every image token stands for one patch embedding
-    targets      int32 [B, T]   next-token labels, shifted inside each sample (-100: no loss)
-    segment_ids  int32 [B, T]   packed samples of a row numbered from 1; 0 = padding
-    positions    int32 [B, T]   positions restarting at 0 for each sample
-    pixel_values uint8 [B, M, S, S, 3] (float32 when normalised on the host)
-    ids          host only: the sample ids of each row (logs, debugging)
-    tally        host only: skip counts the batch carries from the workers (data.quality)
+    input_ids     int32 [B, T]   token ids; every image token stands for one patch embedding
+    targets       int32 [B, T]   next-token labels, shifted inside each sample (-100: no loss)
+    segment_ids   int32 [B, T]   packed samples of a row numbered from 1; 0 = padding
+    positions     int32 [B, T]   positions restarting at 0 for each sample
+    pixel_values  uint8 [B, M, S, S, 3] (float32 when normalised on the host); any resolution
+                  (LLaVA-NeXT): [B, M, V, S, S, 3], each slot's base view, then its tiles
+    image_sources int32 [B, T]   any resolution only: the feature each image token takes from
+                  the row's table (mmjax.models.llava; mmjax.models.anyres.row_sources)
+    ids           host only: the sample ids of each row (logs, debugging)
+    tally         host only: skip counts the batch carries from the workers (data.quality)
 
 `targets[t]` is the label of token t + 1 of the same sample, so no label crosses a sample
 boundary in a packed row and the loss needs no shift.
@@ -31,38 +35,49 @@ FIELDS = {
     "positions": ("BT", np.int32),
     "pixel_values": ("BMSSC", np.uint8),
 }
-DEVICE_KEYS = tuple(FIELDS)
+ANYRES_FIELDS = {**FIELDS, "pixel_values": ("BMVSSC", np.uint8),
+                 "image_sources": ("BT", np.int32)}
+
+
+def fields(views: int = 0) -> dict:
+    """The device arrays of a batch: `views` > 0 for an any-resolution model's."""
+    return ANYRES_FIELDS if views else FIELDS
 
 
 def empty(rows: int, length: int, slots: int, image_size: int, pad_id: int,
-          pixel_dtype=np.uint8) -> dict[str, np.ndarray]:
-    """A host batch of padding: ids `pad_id`, no targets, no segments, blank image slots."""
-    return {"input_ids": np.full((rows, length), pad_id, np.int32),
-            "targets": np.full((rows, length), IGNORE, np.int32),
-            "segment_ids": np.zeros((rows, length), np.int32),
-            "positions": np.zeros((rows, length), np.int32),
-            "pixel_values": np.zeros((rows, slots, image_size, image_size, 3), pixel_dtype)}
+          pixel_dtype=np.uint8, views: int = 0) -> dict[str, np.ndarray]:
+    """A host batch of padding: ids `pad_id`, no targets, no segments, blank image slots
+    (`views` per slot for an any-resolution model, with `image_sources`)."""
+    out = {"input_ids": np.full((rows, length), pad_id, np.int32),
+           "targets": np.full((rows, length), IGNORE, np.int32),
+           "segment_ids": np.zeros((rows, length), np.int32),
+           "positions": np.zeros((rows, length), np.int32),
+           "pixel_values": np.zeros((rows, slots, *((views,) if views else ()), image_size,
+                                     image_size, 3), pixel_dtype)}
+    if views:
+        out["image_sources"] = np.zeros((rows, length), np.int32)
+    return out
 
 
 def abstract(rows: int, length: int, slots: int, image_size: int,
-             pixel_dtype=np.uint8) -> dict[str, jax.ShapeDtypeStruct]:
+             pixel_dtype=np.uint8, views: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch (for `jax.eval_shape` and ahead-of-time lowering)."""
-    dims = {"B": rows, "T": length, "M": slots, "S": image_size, "C": 3}
+    dims = {"B": rows, "T": length, "M": slots, "V": views, "S": image_size, "C": 3}
     return {k: jax.ShapeDtypeStruct(tuple(dims[a] for a in axes),
                                     pixel_dtype if k == "pixel_values" else dtype)
-            for k, (axes, dtype) in FIELDS.items()}
+            for k, (axes, dtype) in fields(views).items()}
 
 
-def shardings(mesh, rules: Rules) -> dict:
+def shardings(mesh, rules: Rules, views: int = 0) -> dict:
     """Each device array split over the mesh's batch axes (logical 'activation_batch')."""
-    return {k: batch_sharding(mesh, len(axes), rules) for k, (axes, _) in FIELDS.items()}
+    return {k: batch_sharding(mesh, len(axes), rules) for k, (axes, _) in fields(views).items()}
 
 
 def global_batch(batch: dict, mesh, rules: Rules) -> dict:
     """This process's rows -> global jax.Arrays split over the mesh's batch axes."""
-    sh = shardings(mesh, rules)
+    sh = shardings(mesh, rules, views=int("image_sources" in batch))
     return {k: jax.make_array_from_process_local_data(sh[k], np.asarray(batch[k]))
-            for k in DEVICE_KEYS}
+            for k in sh}
 
 
 def normalize(pixels, mean, std):

@@ -52,6 +52,7 @@ from mmjax.hf.writer import (
     write_weights,
 )
 from mmjax.logs import quiet_notices
+from mmjax.models import anyres
 from mmjax.sharding import plain
 from mmjax.training import lora, model_spec
 from mmjax.training.saved_run import SavedRun, parse
@@ -127,7 +128,8 @@ def export(spec: str, out: str | Path, dtype: str = "bfloat16", shard_size: str 
             _write_projector(tmp, reader, cfg, flat)
         else:
             parts, roots = ((LLM_PARTS, ("language_model",)) if what == "llm" else
-                            (LLAVA_PARTS, ("vision_tower", "projector", "language_model")))
+                            (LLAVA_PARTS, ("vision_tower", "projector", "language_model",
+                                           "image_newline")))
             tensors = list(model_tensors(reader.merged, cfg, flat, np_dtype, parts, roots))
             if what == "llava":
                 source = saved.sources.get("hf_vision") or saved.sources.get("hf_llava")
@@ -192,14 +194,14 @@ def write_processor(out: Path, cfg, spec, aspect: str) -> str | None:
         _save_processor(out, processor(cfg, tokenizer, None, aspect), tokenizer)
         return None
     encoder = ConversationEncoder(tokenizer, get_template(spec.template, tokenizer),
-                                  cfg.image_tokens, cfg.image_token_id, 1 << 30,
-                                  special_token_text="keep")
+                                  0 if cfg.anyres else cfg.image_tokens, cfg.image_token_id,
+                                  1 << 30, special_token_text="keep")
     tried = []
     for suffix in IMAGE_SUFFIXES:
         _save_processor(out, processor(cfg, tokenizer, chat_template(spec.template, suffix),
                                        aspect), tokenizer)
         back = tf.AutoProcessor.from_pretrained(str(out), local_files_only=True)
-        diff = _first_difference(back, encoder, cfg.vision.image_size)
+        diff = _first_difference(back, encoder, cfg)
         if diff is None:
             return suffix
         tried.append(f"with {suffix!r} after <image>: {diff}")
@@ -215,8 +217,12 @@ def _save_processor(out: Path, proc, tokenizer) -> None:
     check_written(tokenizer, out)
 
 
-def _first_difference(proc, encoder, size: int) -> str | None:
-    """None when the processor gives the encoder's prompt ids on every probe."""
+def _first_difference(proc, encoder, cfg) -> str | None:
+    """None when the processor gives the encoder's prompt ids on every probe (square images
+    of the tower's size)."""
+    size = cfg.vision.image_size
+    tokens = anyres.feature_tokens(size, size, cfg.image_grid_pinpoints, size,
+                                   cfg.vision.patch_size) if cfg.anyres else cfg.image_tokens
     for system, pairs, as_string in PROBES:
         messages = [{"role": "system", "content": system}] if system else []
         for q, a in pairs:
@@ -230,7 +236,7 @@ def _first_difference(proc, encoder, size: int) -> str | None:
         n = sum(q.count(IMAGE) for q, _ in pairs)
         images = [Image.new("RGB", (size, size))] * n or None
         theirs = proc(images=images, text=rendered, return_tensors="np")["input_ids"][0]
-        ours = encoder.prompt_ids(system, pairs)
+        ours = encoder.prompt_ids(system, pairs, [tokens] * n)
         if list(theirs) != list(ours):
             k = next((i for i, (x, y) in enumerate(zip(theirs, ours)) if x != y),
                      min(len(theirs), len(ours)))

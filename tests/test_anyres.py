@@ -6,12 +6,14 @@ _get_number_of_features`), on portrait, landscape, square, tiny and extreme imag
 sizes that tie between pinpoints."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,9 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from safetensors.numpy import load_file
 from skimage import data
+from tiny_runs import make_run
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -31,14 +35,30 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
-from mmjax.hf import load
+from mmjax import configlib
+from mmjax.data.pipeline import (
+    DataConfig,
+    SourceConfig,
+    build_pipeline,
+    check_aspect,
+    make_encoder,
+)
+from mmjax.data.templates import normalize_turns
+from mmjax.errors import ConfigError
+from mmjax.export import export
+from mmjax.hf import load, load_tokenizer
 from mmjax.hf.verify import verify
 from mmjax.inference import Engine, Request, Sampling
-from mmjax.inference.load import from_hf
+from mmjax.inference.load import from_checkpoint, from_hf
 from mmjax.inference.prompt import request
 from mmjax.models import anyres
+from mmjax.training import model_spec
+from mmjax.training.config import from_config
+from mmjax.training.optimizer import OptimConfig
+from mmjax.training.step import Trainer
 
 NEXT = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's list
+ROOT = Path(__file__).resolve().parent.parent
 ONEVISION = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9
 SMALL = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # NEXT at a 28-pixel tower
 
@@ -287,3 +307,166 @@ def test_generate_command_on_llava_next(next_dir):
             0, inputs["input_ids"].shape[1]:].tolist()
     eos = proc.tokenizer.eos_token_id
     assert out["token_ids"] == (ref[:ref.index(eos)] if eos in ref else ref)
+
+
+# --------------------------------------------------------------------------- training
+def _records(root: Path) -> Path:
+    path = root / "train.json"
+    path.write_text(json.dumps([
+        {"id": "tall", "image": "tall.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the image?"},
+            {"from": "gpt", "value": "a cat on the table"}]},
+        {"id": "two", "image": ["wide.png", "square.png"], "conversations": [
+            {"from": "human", "value": "<image> and <image> how many tiles are there?"},
+            {"from": "gpt", "value": "a photo of a cat"},
+            {"from": "human", "value": "Describe the image in detail."},
+            {"from": "gpt", "value": "a cat on the table"}]}]))
+    return path
+
+
+@pytest.mark.parametrize("packing", ["pad", "best_fit"])
+def test_training_batches_give_transformers_loss(next_dir, packing):
+    """The pipeline's any-resolution batches (views per slot, image_sources; one sample per
+    row, or both packed into one row) give the train step's loss that transformers'
+    LlavaNextForConditionalGeneration computes on its own processor's pixels of the same
+    files and the same ids and labels, sample by sample."""
+    root, model, proc, photos = next_dir
+    imported = load(root)
+    cfg = imported.config
+    tok = load_tokenizer(root)
+    data = DataConfig(sources=(SourceConfig("llava_json", str(_records(root)), str(root)),),
+                      image_aspect="anyres", packing=packing, max_length=512, seq_len=1024,
+                      max_images_per_row=3 if packing == "best_fit" else 2, batch_size=2,
+                      shuffle=False, template="vicuna_v1")
+    batch = next(build_pipeline(data, tok, cfg, process_index=0, process_count=1))
+    assert batch["pixel_values"].shape[2:] == (cfg.max_views, 56, 56, 3)
+    assert batch["ids"][0] == (["two", "tall"] if packing == "best_fit" else ["tall"])
+    trainer = Trainer(imported.model, OptimConfig())
+    total, count = jax.jit(trainer.loss)(imported.params, {
+        k: jnp.asarray(v) for k, v in batch.items() if k not in ("ids", "tally")})
+    # the step counts the views whose features some token takes (a tile that only saw
+    # padding is encoded, but unused)
+    used = 0
+    for name in ["tall.png"] + (["wide.png", "square.png"] if packing == "best_fit" else []):
+        im = Image.open(photos[name])
+        src = anyres.feature_sources(im.height, im.width, cfg.image_grid_pinpoints, 56, 14)
+        used += len(np.unique(src // 16)) - 1  # less the newline's
+    assert int(trainer.images({k: jnp.asarray(batch[k][:1]) for k in (
+        "input_ids", "pixel_values", "image_sources")})) == used
+
+    encoder = make_encoder(data, tok, cfg)
+    want_total, want_count = 0.0, 0
+    for names, rec in [(["tall.png"], 0), (["wide.png", "square.png"], 1)]:
+        system, pairs = normalize_turns(json.loads((root / "train.json").read_text())[rec][
+            "conversations"])
+        pil = [Image.open(photos[n]).convert("RGB") for n in names]
+        counts = [anyres.feature_tokens(im.height, im.width, cfg.image_grid_pinpoints, 56, 14)
+                  for im in pil]
+        enc = encoder.encode(system, pairs, len(names), counts)
+        pix = proc.image_processor(pil, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(enc.input_ids[None]).long(),
+                        labels=torch.tensor(enc.labels[None]).long(), **pix)
+        n = int(np.sum(enc.labels[1:] != -100))
+        want_total += float(out.loss) * n
+        want_count += n
+    assert int(count) == want_count
+    assert abs(float(total) - want_total) / want_total < 1e-5
+
+
+def _next_run_config(root: Path, steps: int = 1, extra=()):
+    sources = [{"kind": "llava_json", "path": str(_records(root)), "image_root": str(root),
+                "weight": 1.0}]
+    return from_config(configlib.load(f"{ROOT}/configs/stage2.py", [
+        f"--config.data.sources={sources!r}", f"--config.total_steps={steps}",
+        "--config.batch_size=8", "--config.data.workers=0", "--config.data.max_length=512",
+        "--config.log_every=1", "--config.checkpoint.save_interval=1",
+        "--config.runtime.dtype=float32", f"--config.init.hf_llava={root}",
+        "--config.data.image_aspect=anyres", *extra]))
+
+
+def test_a_next_run_exports_to_llava_next_and_generates_from_its_checkpoint(next_dir,
+                                                                              tmp_path):
+    """A stage-2 run started from a LLaVA-NeXT directory: its checkpoint generates as
+    transformers does on the directory, and it exports back to a directory that
+    LlavaNextForConditionalGeneration and AutoProcessor (LlavaNextProcessor with the
+    pinpoints and the run's chat template) load, with the same tensors, bit for bit."""
+    root, model, proc, photos = next_dir
+    run = make_run(tmp_path / "run", _next_run_config(root))
+    m = from_checkpoint(str(run), dtype="float32", template="raw")
+    assert m.cfg.anyres and m.image_aspect == "anyres"
+    prompt = "USER: <image> and <image> how many tiles are there? ASSISTANT:"
+    names = ["tall.png", "square.png"]
+    got = m.engine().generate([request(m, [(prompt, "")], [m.read_image(photos[n])
+                                                          for n in names])],
+                              Sampling(max_new_tokens=10))[0]
+    inputs = proc(text=prompt, images=[Image.open(photos[n]).convert("RGB") for n in names],
+                  return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id)[
+            0, inputs["input_ids"].shape[1]:].tolist()
+    eos = proc.tokenizer.eos_token_id
+    assert got.token_ids == (ref[:ref.index(eos)] if eos in ref else ref)
+
+    out = export(str(run), tmp_path / "hf", dtype="float32", say=lambda _: None)
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "LlavaNextForConditionalGeneration"]
+    mine, theirs = _tensors(out), _tensors(root)
+    assert set(theirs) <= set(mine)
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(mine[k], v, k)
+    back = tf.LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+    back_proc = tf.AutoProcessor.from_pretrained(str(out))
+    assert type(back_proc).__name__ == "LlavaNextProcessor"
+    assert back_proc.image_processor.image_grid_pinpoints == [list(p) for p in
+                                                              m.cfg.image_grid_pinpoints]
+    again = back_proc(text=prompt, images=[Image.open(photos[n]).convert("RGB") for n in names],
+                      return_tensors="pt")
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        assert rel_err(back(**again).logits.numpy(), model(**inputs).logits.numpy()) < 1e-6
+
+
+def _tensors(directory) -> dict:
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_stage_two_adds_any_resolution_to_a_llava_15_model(next_dir, tmp_path):
+    """`llava.aspect=anyres` on a LLaVA-1.5 checkpoint (the NeXT recipe's stage 2 after the
+    1.5 stage 1): the run's model takes LLaVA-NeXT's grids at the tower's size, every weight
+    is the checkpoint's and the new image_newline is drawn; its batches carry views."""
+    root, *_ = next_dir
+    src = tmp_path / "llava15"
+    tok = load_tokenizer(root)
+    tok.save_pretrained(str(src))
+    hf_cfg = tf.LlavaConfig(vision_config=vision_config("clip"),
+                            text_config=llm_config("llama", vocab_size=len(tok)),
+                            image_token_index=tok.convert_tokens_to_ids("<image>"))
+    save(make_model(tf.LlavaForConditionalGeneration, hf_cfg), src)
+    tc = _next_run_config(root, extra=[f"--config.init.hf_llava={src}",
+                                       "--config.llava.aspect=anyres"])
+    run = make_run(tmp_path / "run", tc)
+    spec = model_spec.read(run)
+    assert spec.cfg.image_grid_pinpoints == ((56, 112), (112, 56), (112, 112), (168, 56),
+                                             (56, 168))
+    params = jax.device_get(from_checkpoint(str(run), dtype="float32").params)
+    original = jax.device_get(load(src).params)
+    assert params["image_newline"].shape == (64,) and np.std(params["image_newline"]) > 0
+    np.testing.assert_array_equal(params["projector"]["linear_1"]["kernel"],
+                                  original["projector"]["linear_1"]["kernel"])
+
+
+def test_data_and_model_must_agree_on_any_resolution(next_dir):
+    root, *_ = next_dir
+    cfg = load(root).config
+    tok = load_tokenizer(root)
+    with pytest.raises(ConfigError, match="set data.image_aspect=anyres"):
+        build_pipeline(DataConfig(sources=(SourceConfig("llava_json", str(_records(root)),
+                                                        str(root)),)), tok, cfg)
+    with pytest.raises(ConfigError, match="needs a model with image_grid_pinpoints"):
+        check_aspect(DataConfig(image_aspect="anyres"),
+                     dataclasses.replace(cfg, image_grid_pinpoints=()))

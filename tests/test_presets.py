@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 from mmjax.hf.config import hf_config_object
-from mmjax.models import presets
+from mmjax.models import anyres, presets
 from mmjax.models.factory import abstract_variables, count_params
 from mmjax.models.llava import normalized_feature_layers
 
@@ -17,6 +17,8 @@ def _hf_params(cfg):
     with torch.device("meta"):
         if isinstance(hc, tf.LlavaConfig):
             model = tf.LlavaForConditionalGeneration(hc)
+        elif isinstance(hc, tf.LlavaNextConfig):
+            model = tf.LlavaNextForConditionalGeneration(hc)
         elif isinstance(hc, tf.CLIPVisionConfig):
             model = tf.CLIPVisionModel(hc)
         elif isinstance(hc, tf.SiglipVisionConfig):
@@ -56,4 +58,9 @@ def test_real_sizes_are_real(name, billions):
 
 def test_image_token_counts():
     assert presets.get("llava15_7b").image_tokens == 576  # 24 x 24, CLS dropped
+    # LLaVA-NeXT: "up to 2,880 tokens for one 336-pixel image on a 2x2 grid" in all: the
+    # base view's 576, then the 48 x 48 grid with a newline per row
+    nxt = presets.get("llava_next_vicuna_7b")
+    assert nxt.max_views == 5 and nxt.view_tokens == 576
+    assert anyres.feature_tokens(672, 672, nxt.image_grid_pinpoints, 336, 14) == 576 + 48 * 49
     assert presets.get("siglip_qwen2_7b").image_tokens == 729  # 27 x 27

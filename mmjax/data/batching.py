@@ -21,6 +21,7 @@ import numpy as np
 from mmjax import batch as batch_format
 from mmjax.data.quality import DataStalled, Skipped, SkipReport, log
 from mmjax.data.tokenize import ENCODING_VERSION
+from mmjax.models.anyres import place_sources
 
 
 class SkipFilterDataset(grain.IterDataset):
@@ -154,6 +155,8 @@ class BatchSpec:
     seed: int = 0
     pixel_dtype: Literal["uint8", "float32"] = "uint8"
     length_buckets: tuple[int, ...] = ()  # pad mode: row length = smallest bucket that fits
+    views: int = 0  # any resolution: views per image slot (then image_sources too)
+    view_tokens: int = 0  # any resolution: LLM tokens per view
 
     def row_length(self, longest: int) -> int:
         fits = [b for b in sorted(self.length_buckets) if b >= longest]
@@ -262,8 +265,8 @@ class _BatchIterator(grain.DatasetIterator):
         b, t = s.batch_size, s.seq_len
         if s.mode == "pad" and s.length_buckets and rows:
             t = s.row_length(max(len(samples[i]["input_ids"]) for row in rows for i in row))
-        out = dict(batch_format.empty(b, t, s.max_images, s.image_size, s.pad_id, s.pixel_dtype),
-                   ids=[])
+        out = dict(batch_format.empty(b, t, s.max_images, s.image_size, s.pad_id, s.pixel_dtype,
+                                      s.views), ids=[])
         for r, row in enumerate(rows):
             pos, slot, ids = 0, 0, []
             for seg, i in enumerate(row, start=1):
@@ -277,6 +280,9 @@ class _BatchIterator(grain.DatasetIterator):
                 out["positions"][r, pos:pos + n] = np.arange(n)
                 k = len(x["images"])
                 out["pixel_values"][r, slot:slot + k] = x["images"]
+                if s.views:
+                    out["image_sources"][r, pos:pos + n] = place_sources(
+                        x["sources"], slot, s.max_images, s.views, s.view_tokens)
                 pos, slot = pos + n, slot + k
                 ids.append(x["id"])
             out["ids"].append(ids)

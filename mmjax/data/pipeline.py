@@ -27,6 +27,7 @@ from mmjax.data.quality import SkipReport
 from mmjax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsCaptionSource
 from mmjax.data.templates import TemplateName, default_template, get_template
 from mmjax.data.tokenize import ConversationEncoder
+from mmjax.errors import ConfigError
 from mmjax.models.config import LlavaConfig
 
 
@@ -61,7 +62,8 @@ class DataConfig:
     group_by_length: bool = False  # pad mode: batch samples of similar length together
     length_buckets: tuple[int, ...] = ()  # pad mode: batch row lengths (a few static shapes)
     max_images_per_row: int = 0  # image slots per row; 0 = 1 (pad), else what a row holds, <= 4
-    image_aspect: ImageAspect = "pad"  # to the tower's square; pad: LLaVA-1.5's
+    # anyres: LLaVA-NeXT's views on the model's image_grid_pinpoints (NeXT models only)
+    image_aspect: ImageAspect = "pad"  # to the tower's square (pad: LLaVA-1.5's), or anyres
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
     shuffle: bool = True  # shuffle the mixture (seeded by `seed`)
@@ -84,7 +86,8 @@ class DataConfig:
 
     def image_slots(self, image_tokens: int) -> int:
         """Image slots per row: the vision tower encodes this many images per row, used or
-        not, so a packed row gets only as many as its length can hold."""
+        not, so a packed row gets only as many as its length can hold (`image_tokens`: an
+        image's, at most)."""
         if self.max_images_per_row:
             return self.max_images_per_row
         return 1 if self.packing == "pad" else max(1, min(4, self.row_len // image_tokens))
@@ -104,8 +107,33 @@ def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> Conversation
     name = default_template(model.llm.family, tokenizer) if cfg.template == "auto" else \
         cfg.template
     return ConversationEncoder(tokenizer, get_template(name, tokenizer),
-                               model.image_tokens, model.image_token_id, cfg.max_length,
-                               cfg.special_token_text)
+                               0 if model.anyres else model.image_tokens,  # anyres: per image
+                               model.image_token_id, cfg.max_length, cfg.special_token_text)
+
+
+def check_aspect(cfg: DataConfig, model: LlavaConfig) -> None:
+    """An any-resolution model trains on `image_aspect="anyres"` data, and only it does."""
+    if model.anyres and cfg.image_aspect != "anyres":
+        raise ConfigError(f"data.image_aspect={cfg.image_aspect!r}: the model has "
+                          "image_grid_pinpoints (LLaVA-NeXT), set data.image_aspect=anyres")
+    if cfg.image_aspect == "anyres" and not model.anyres:
+        raise ConfigError("data.image_aspect=anyres needs a model with image_grid_pinpoints "
+                          "(a LLaVA-NeXT checkpoint, or llava.image_grid_pinpoints)")
+
+
+def image_spec(cfg: DataConfig, model: LlavaConfig) -> ImageSpec:
+    """How the pipeline makes a sample's pixels for `model`."""
+    v = model.vision
+    return ImageSpec(v.image_size, v.image_mean, v.image_std, cfg.image_aspect,
+                     cfg.max_image_pixels, cfg.normalize_on_host,
+                     model.image_grid_pinpoints, v.patch_size, model.max_views,
+                     model.view_tokens)
+
+
+def image_slots(cfg: DataConfig, model: LlavaConfig) -> int:
+    """Image slots per row for `model` (any resolution: an image counted at its largest,
+    the base view and the largest grid's tiles)."""
+    return cfg.image_slots(model.view_tokens * model.max_views)
 
 
 HOLDOUT_SEED = 20231005  # fixed: the held-out records do not change with the run's seed
@@ -162,12 +190,11 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds[pi::pc]  # each process reads its own share
+    check_aspect(cfg, model)
     v = model.vision
-    processor = SampleProcessor(
-        make_encoder(cfg, tokenizer, model),
-        ImageSpec(v.image_size, v.image_mean, v.image_std, cfg.image_aspect,
-                  cfg.max_image_pixels, cfg.normalize_on_host),
-        cfg.image_slots(model.image_tokens))
+    slots = image_slots(cfg, model)
+    processor = SampleProcessor(make_encoder(cfg, tokenizer, model), image_spec(cfg, model),
+                                slots)
     # In the main process, threads overlap PIL's GIL-free decode and resize. Inside worker
     # processes one thread each is 4x faster than Grain's default 16 (measured by
     # mmjax.benchmarks.data_pipeline: 16 threads thrash on the GIL in every worker).
@@ -177,10 +204,10 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     it = SkipFilterDataset(ds.map(processor).to_iter_dataset(read), report,
                            cfg.max_bad_in_a_row)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    spec = BatchSpec(cfg.batch_size, cfg.row_len, cfg.image_slots(model.image_tokens),
-                     v.image_size, cfg.packing, cfg.pack_window, cfg.group_by_length, pad_id,
-                     cfg.seed, "float32" if cfg.normalize_on_host else "uint8",
-                     tuple(cfg.length_buckets))
+    spec = BatchSpec(cfg.batch_size, cfg.row_len, slots, v.image_size, cfg.packing,
+                     cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed,
+                     "float32" if cfg.normalize_on_host else "uint8", tuple(cfg.length_buckets),
+                     model.batch_views, model.view_tokens)
     it = BatchDataset(it, spec)
     if cfg.workers > 0:  # workers make whole batches: one transfer per batch, not per sample
         _absl_flags_ready()

@@ -14,12 +14,14 @@ from mmjax.data.image import (
     DEFAULT_MAX_PIXELS,
     ImageAspect,
     ImageError,
+    load_rgb,
     resolve_image_path,
     tower_pixels,
 )
 from mmjax.data.quality import Skipped
 from mmjax.data.templates import ConversationError, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
+from mmjax.models import anyres
 
 
 @dataclasses.dataclass
@@ -30,6 +32,12 @@ class ImageSpec:
     aspect: ImageAspect = "pad"
     max_pixels: int = DEFAULT_MAX_PIXELS
     host_normalize: bool = False  # ship float32 instead of uint8 (measured slower)
+    # aspect "anyres" (LLaVA-NeXT): the model's grids, the tower's patch side, views per
+    # image slot and LLM tokens per view (mmjax.models.anyres)
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    patch: int = 0
+    max_views: int = 1
+    view_tokens: int = 0
 
     @property
     def dtype(self):
@@ -51,23 +59,50 @@ class SampleProcessor:
             images = raw.get("images") or []
             if not isinstance(images, list):
                 raise ConversationError("malformed_record", "images is not a list")
+            if self.images.aspect == "anyres":
+                return self._anyres(sample_id, system, pairs, images, raw)
             encoded = self.encoder.encode(system, pairs, len(images))
-            if encoded.num_images > self.max_images:
-                raise ConversationError("too_long", f"{encoded.num_images} images > "
-                                        f"max_images_per_row {self.max_images}")
+            self._check_count(encoded.num_images)
             pixels = self._load(images[:encoded.num_images], raw.get("image_root", ""))
         except (ConversationError, ImageError) as e:
             return Skipped(e.reason, sample_id, e.detail)
         return {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
                 "images": pixels, "dropped_turns": encoded.dropped_turns}
 
+    def _check_count(self, n: int) -> None:
+        if n > self.max_images:
+            raise ConversationError("too_long", f"{n} images > max_images_per_row "
+                                    f"{self.max_images}")
+
+    def _anyres(self, sample_id, system, pairs, images, raw) -> dict:
+        """An any-resolution sample: every image's views first (its token count follows from
+        its size), then the text with each image expanded to its count; `sources` [L] names
+        the feature each image token takes (`anyres.sample_sources`)."""
+        spec = self.images
+        views = [anyres.prepare(np.asarray(self._rgb(im, raw.get("image_root", "")), np.uint8),
+                                spec.pinpoints, spec.size, spec.patch) for im in images]
+        encoded = self.encoder.encode(system, pairs, len(images), [v.tokens for v in views])
+        self._check_count(encoded.num_images)
+        views = views[:encoded.num_images]
+        pixels = np.zeros((len(views), spec.max_views, spec.size, spec.size, 3), spec.dtype)
+        for k, v in enumerate(views):
+            pixels[k, :len(v.pixels)] = normalize(v.pixels, spec.mean, spec.std) \
+                if spec.host_normalize else v.pixels
+        sources = np.zeros(len(encoded.input_ids), np.int32)
+        sources[encoded.input_ids == self.encoder.image_token_id] = anyres.sample_sources(
+            views, spec.max_views, spec.view_tokens)
+        return {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                "images": pixels, "sources": sources, "dropped_turns": encoded.dropped_turns}
+
+    def _rgb(self, image, root):
+        if isinstance(image, str):  # a path under the record's image root
+            image = resolve_image_path(root, image)
+        return load_rgb(image, self.images.max_pixels)
+
     def _load(self, images, root) -> np.ndarray:
         spec = self.images
         out = np.zeros((len(images), spec.size, spec.size, 3), spec.dtype)
         for k, image in enumerate(images):
-            if isinstance(image, str):  # a path under the record's image root
-                image = resolve_image_path(root, image)
-            pixels = tower_pixels(image, spec.size, spec.mean, spec.aspect,
-                                  max_pixels=spec.max_pixels)
+            pixels = tower_pixels(self._rgb(image, root), spec.size, spec.mean, spec.aspect)
             out[k] = normalize(pixels, spec.mean, spec.std) if spec.host_normalize else pixels
         return out

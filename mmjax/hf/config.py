@@ -237,10 +237,15 @@ def hf_config_object(cfg):
     if cfg.projector.kind != "mlp2x_gelu":
         raise ConfigError("transformers' LLaVA has only the mlp2x_gelu projector")
     layer = cfg.vision_feature_layer
-    return tf.LlavaConfig(
+    common = dict(
         vision_config=hf_config_object(cfg.vision), text_config=hf_config_object(cfg.llm),
-        image_token_id=cfg.image_token_id, projector_hidden_act="gelu",
+        projector_hidden_act="gelu",
         vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
         vision_feature_select_strategy=cfg.vision_feature_select,
         multimodal_projector_bias=cfg.projector.bias,
         tie_word_embeddings=cfg.llm.tie_word_embeddings)
+    if cfg.anyres:  # LLaVA-NeXT
+        return tf.LlavaNextConfig(
+            image_token_index=cfg.image_token_id, image_seq_length=cfg.view_tokens,
+            image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints], **common)
+    return tf.LlavaConfig(image_token_id=cfg.image_token_id, **common)

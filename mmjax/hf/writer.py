@@ -25,10 +25,13 @@ from mmjax.hf.loader import layer_counts
 from mmjax.hf.weight_files import Checkpoint
 from mmjax.models.config import LlavaConfig
 
-# the key layout transformers writes for LlavaForConditionalGeneration
+# the key layout transformers writes for LlavaForConditionalGeneration (and
+# LlavaNextForConditionalGeneration, with its newline vector at the top, as the hub's
+# llava-v1.6 checkpoints have it)
 LLAVA_PARTS = {"vision_tower": ("vision", "vision_tower.", ""),
                "projector": ("projector", "multi_modal_projector.", ""),
-               "language_model": ("llm", "language_model.model.", "language_model.")}
+               "language_model": ("llm", "language_model.model.", "language_model."),
+               "image_newline": ("newline", "image_newline", "")}
 LLM_PARTS = {"language_model": ("llm", "model.", "")}
 _ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32",
              "int64": "I64", "uint8": "U8", "bool": "BOOL"}
@@ -155,14 +158,16 @@ def parse_size(text: str) -> int:
 
 
 def llava_config(cfg: LlavaConfig, tokenizer, dtype: str):
-    """transformers' LlavaConfig for the model, with the tokenizer's special ids."""
+    """transformers' LlavaConfig (LlavaNextConfig for any resolution) for the model, with
+    the tokenizer's special ids."""
     conf = hf_config_object(cfg)
-    conf.image_seq_length = cfg.image_tokens
+    conf.image_seq_length = cfg.view_tokens
     conf.image_token_index = cfg.image_token_id
     for c in (conf, conf.text_config):
         c.bos_token_id, c.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         c.pad_token_id = tokenizer.pad_token_id
-    conf.architectures = ["LlavaForConditionalGeneration"]
+    conf.architectures = ["LlavaNextForConditionalGeneration" if cfg.anyres else
+                          "LlavaForConditionalGeneration"]
     conf.dtype = dtype
     return conf
 
@@ -173,10 +178,15 @@ def image_processor(cfg: LlavaConfig, aspect: str):
     expand2square with the tower's mean colour) -> LlavaImageProcessor with do_pad; `crop`
     -> CLIP's shortest-edge resize and centre crop; `resize` -> a squash to the square
     (SigLIP's). Written under the class names transformers maps to its PIL backends here
-    (bicubic resampling as PIL does it)."""
+    (bicubic resampling as PIL does it). `anyres` -> LLaVA-NeXT's, with the model's
+    pinpoints."""
     v, s = cfg.vision, cfg.vision.image_size
     common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std))
     square = {"height": s, "width": s}
+    if aspect == "anyres":
+        return tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": s}, crop_size=square,
+            image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints], **common)
     if aspect == "pad":
         return tf.LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": s},
                                          crop_size=square, **common)
@@ -184,7 +194,7 @@ def image_processor(cfg: LlavaConfig, aspect: str):
         return tf.CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size=square, **common)
     if aspect == "resize":
         return tf.SiglipImageProcessorPil(size=square, **common)
-    raise ConfigError(f"image aspect {aspect!r}: pad, crop or resize")
+    raise ConfigError(f"image aspect {aspect!r}: pad, crop, resize or anyres")
 
 
 def processor(cfg: LlavaConfig, tokenizer, chat_template: str | None, aspect: str = "pad"):
@@ -193,7 +203,7 @@ def processor(cfg: LlavaConfig, tokenizer, chat_template: str | None, aspect: st
     chat template (Jinja; `mmjax.data.jinja`)."""
     v = cfg.vision
     images = image_processor(cfg, aspect)
-    return tf.LlavaProcessor(
+    return (tf.LlavaNextProcessor if cfg.anyres else tf.LlavaProcessor)(
         image_processor=images, tokenizer=tokenizer, patch_size=v.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select,
         chat_template=chat_template, image_token="<image>",

@@ -114,8 +114,7 @@ def row_sources(sources: np.ndarray, views: int, slot: int, slots: int, max_view
     indices into the row's table the model gathers from: `slots` image slots of `max_views`
     views each, end to end, then the newline (mmjax.models.llava)."""
     newline = sources == views * view_tokens
-    return np.where(newline, slots * max_views * view_tokens,
-                    slot * max_views * view_tokens + sources).astype(np.int32)
+    return place_sources(np.where(newline, -1, sources), slot, slots, max_views, view_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +137,23 @@ def prepare(image: np.ndarray, pinpoints: Pinpoints, tile: int, patch: int) -> I
     pixels, _ = views(image, pinpoints, tile)
     return ImageViews(pixels, feature_sources(height, width, pinpoints, tile, patch),
                       (height, width))
+
+
+def sample_sources(images: Sequence[ImageViews], max_views: int, view_tokens: int
+                   ) -> np.ndarray:
+    """int32 [tokens of all images]: the sources of a sample's images, in order, as indices
+    into the sample's own table (image k's views at k * max_views * view_tokens), -1 for a
+    newline; `place_sources` moves them into a row."""
+    out = [np.zeros(0, np.int32)]
+    for k, im in enumerate(images):
+        newline = im.sources == len(im.pixels) * view_tokens
+        out.append(np.where(newline, -1, k * max_views * view_tokens + im.sources))
+    return np.concatenate(out).astype(np.int32)
+
+
+def place_sources(sources: np.ndarray, slot: int, slots: int, max_views: int,
+                  view_tokens: int) -> np.ndarray:
+    """`sample_sources` of a sample whose first image sits in image slot `slot` of a row of
+    `slots` slots -> indices into that row's table (mmjax.models.llava)."""
+    per_slot = max_views * view_tokens
+    return np.where(sources < 0, slots * per_slot, slot * per_slot + sources).astype(np.int32)

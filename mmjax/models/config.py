@@ -187,6 +187,12 @@ class LlavaConfig:
             if self.anyres else 1
 
     @property
+    def batch_views(self) -> int:
+        """The views axis of a batch's image slots: 0 (none, one square per slot) or, any
+        resolution, `max_views` (mmjax.batch)."""
+        return self.max_views if self.anyres else 0
+
+    @property
     def view_tokens(self) -> int:
         """LLM tokens one view's features become."""
         tokens = self.vision.num_patches + (1 if self.vision.has_cls else 0)

@@ -75,8 +75,16 @@ def _llava(vision: str, llm: str, image_token_id: int, extra_vocab: int = 0, **k
                        image_token_id=image_token_id, **kw)
 
 
+# LLaVA-NeXT's grids (llava-v1.6; `image_grid_pinpoints` of its checkpoints), in pixels
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
 LLAVA = {
     "llava15_7b": _llava("clip_vit_l14_336", "vicuna_7b", 32000, extra_vocab=64),
+    # LLaVA-NeXT (llava-v1.6-vicuna-7b / -mistral-7b): 1.5's towers, any resolution
+    "llava_next_vicuna_7b": _llava("clip_vit_l14_336", "vicuna_7b", 32000, extra_vocab=64,
+                                   image_grid_pinpoints=NEXT_PINPOINTS),
+    "llava_next_mistral_7b": _llava("clip_vit_l14_336", "mistral_7b", 32000, extra_vocab=64,
+                                    image_grid_pinpoints=NEXT_PINPOINTS),
     "llava15_13b": _llava("clip_vit_l14_336", "vicuna_13b", 32000, extra_vocab=64),
     # SigLIP so400m + Qwen2-7B; the image token is appended after Qwen2's vocabulary.
     "siglip_qwen2_7b": _llava("siglip_so400m_14_384", "qwen2_7b", 151646,

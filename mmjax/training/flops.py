@@ -96,7 +96,7 @@ def projector_flops_per_image(cfg: LlavaConfig, multiplier: int) -> float:
     width = v.hidden_size * len(cfg.feature_layers)
     depth = cfg.projector.depth
     params = width * d + (depth - 1) * d * d
-    return multiplier * 2 * params * cfg.image_tokens
+    return multiplier * 2 * params * cfg.view_tokens
 
 
 @dataclasses.dataclass(frozen=True)

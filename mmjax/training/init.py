@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.hf import load as hf_load
-from mmjax.models.factory import for_init
+from mmjax.models.factory import dummy_inputs, for_init
 from mmjax.sharding import with_shardings
 from mmjax.training import lora
 from mmjax.training.checkpoint import restore_subtree
@@ -103,12 +103,11 @@ def _complete(model, loaded, abstract_params, param_shardings, rng_seed: int):
                              f"({model.cfg.llm.family}) needs {tuple(want[path].shape)}")
     missing = [p for p in want if p not in have]
     if missing:
-        dummy = (jnp.zeros((1, 8), jnp.int32),
-                 jnp.zeros((1, 1) + (model.cfg.vision.image_size,) * 2 + (3,)))
+        args, kwargs = dummy_inputs(model.cfg)
 
         def init_missing():
-            params = _flat(nn.unbox(for_init(model).init(jax.random.key(rng_seed),
-                                                         *dummy))["params"])
+            params = _flat(nn.unbox(for_init(model).init(jax.random.key(rng_seed), *args,
+                                                         **kwargs))["params"])
             return [params[p] for p in missing]
 
         fresh = jax.jit(init_missing, out_shardings=[shardings[p] for p in missing])()
@@ -172,6 +171,9 @@ def _vision_from_hf(directory, abstract, shardings, rt, mesh, rules):
 
 
 def _check_same_model(imported_cfg, cfg, directory):
+    if cfg.anyres and not imported_cfg.anyres:  # stage 2 adds any resolution (llava.aspect)
+        imported_cfg = dataclasses.replace(imported_cfg,
+                                           image_grid_pinpoints=cfg.image_grid_pinpoints)
     if imported_cfg != cfg:
         raise ValueError(f"{directory} holds a model that differs from config.model: "
                          f"{imported_cfg} vs {cfg}")

@@ -58,6 +58,20 @@ class ComposeConfig:
     vision_feature_select: FeatureSelect = "auto"  # auto: default for CLIP, full for SigLIP
     image_token: Literal["<image>"] = "<image>"  # added to the tokenizer when it has none
     vocab_multiple: int = 64  # the grown vocabulary is a multiple of this
+    # anyres on a stage-1 run's or a LLaVA-1.5 checkpoint's model: stage 2 adds the grids
+    aspect: Literal["square", "anyres"] = "square"  # anyres: LLaVA-NeXT's views, `grids`
+    # LLaVA-NeXT's: 336x672, 672x336, 672x672, 1008x336, 336x1008 at a 336-pixel tower
+    grids: tuple[tuple[int, int], ...] = (  # anyres: (rows, columns) of tower-sized tiles
+        (1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+    def with_aspect(self, cfg: LlavaConfig) -> LlavaConfig:
+        """`cfg` with this section's any-resolution grids, when it asks for them and `cfg`
+        has none of its own."""
+        if self.aspect != "anyres" or cfg.anyres:
+            return cfg
+        s = cfg.vision.image_size
+        return dataclasses.replace(cfg, image_grid_pinpoints=tuple(
+            (r * s, c * s) for r, c in self.grids))
 
 
 @dataclasses.dataclass
@@ -77,9 +91,16 @@ class ModelSpec:
                  if self.base_vocab and self.base_vocab != c.llm.vocab_size else "")
         added = f", added {', '.join(self.added_tokens)}" if self.added_tokens else ""
         return (f"{c.vision.family} {c.vision.image_size}px/{c.vision.patch_size} "
-                f"({c.image_tokens} image tokens) + {c.projector.kind} + {c.llm.family} "
+                f"({self._image_tokens()}) + {c.projector.kind} + {c.llm.family} "
                 f"{c.llm.num_layers}x{c.llm.hidden_size}; <image> id {c.image_token_id}"
                 f"{grown}{added}; template {self.template}")
+
+    def _image_tokens(self) -> str:
+        c = self.cfg
+        if c.anyres:
+            return (f"any resolution: up to {c.max_views} views of {c.view_tokens} tokens, "
+                    f"{len(c.image_grid_pinpoints)} grids")
+        return f"{c.image_tokens} image tokens"
 
 
 # --------------------------------------------------------------------------- resolve
@@ -92,8 +113,13 @@ def resolve(tc, workdir: Path | None = None) -> ModelSpec:
     stage1 = stage1_dir(tc.init.stage1_checkpoint)
     if stage1 is not None and (stage1 / MODEL_FILE).is_file():
         base = read(stage1)
+        base.cfg = tc.llava.with_aspect(base.cfg)
         if tc.model != AUTO:
-            _check_equal(presets.get(tc.model), base.cfg, f"preset {tc.model!r}",
+            preset = presets.get(tc.model)
+            if preset.anyres and not base.cfg.anyres:  # stage 2 adds any resolution
+                base.cfg = dataclasses.replace(
+                    base.cfg, image_grid_pinpoints=preset.image_grid_pinpoints)
+            _check_equal(preset, base.cfg, f"preset {tc.model!r}",
                          f"the stage-1 run {stage1}")
         if tc.tokenizer:
             _check_same_tokenizer(load_tokenizer(tc.tokenizer), base.tokenizer, tc.tokenizer,
@@ -110,6 +136,9 @@ def resolve(tc, workdir: Path | None = None) -> ModelSpec:
             raise ConfigError(f"model {tc.model!r} is a tower preset, not a LLaVA model")
         if sources and not tc.init.random:
             spec = from_towers(tc.init, tc.llava, tc.tokenizer)
+            if preset.anyres and not spec.cfg.anyres:
+                spec.cfg = dataclasses.replace(
+                    spec.cfg, image_grid_pinpoints=preset.image_grid_pinpoints)
             _check_equal(preset, spec.cfg, f"preset {tc.model!r}",
                          "the HF configs of " + " + ".join(sources.values()))
         else:
@@ -136,7 +165,7 @@ def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> ModelS
         if have != cfg.image_token_id:
             raise ConfigError(f"{init.hf_llava}: the tokenizer's {IMAGE} is id {have}, the "
                               f"model's image_token_index is {cfg.image_token_id}")
-        return ModelSpec(cfg, tokenizer, "")
+        return ModelSpec(compose.with_aspect(cfg), tokenizer, "")
     if not (init.hf_vision and init.hf_llm):
         raise ConfigError(
             "model='auto' builds the model from Hugging Face weights: set init.hf_vision and "
@@ -159,6 +188,7 @@ def from_towers(init, compose: ComposeConfig, tokenizer_dir: str = "") -> ModelS
         image_token_id=tokenizer.convert_tokens_to_ids(compose.image_token),
         vision_feature_layer=compose.vision_feature_layer,
         vision_feature_select=_feature_select(compose.vision_feature_select, vision))
+    cfg = compose.with_aspect(cfg)
     cfg.validate()
     return ModelSpec(cfg, tokenizer, "", added, llm.vocab_size)
 

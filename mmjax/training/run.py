@@ -24,7 +24,7 @@ import jax
 from jax.sharding import Mesh
 
 from mmjax import batch as batch_format
-from mmjax.data.pipeline import DataConfig, build_pipeline
+from mmjax.data.pipeline import DataConfig, build_pipeline, check_aspect
 from mmjax.errors import ConfigError
 from mmjax.models import Llava
 from mmjax.models.config import LlavaConfig, RuntimeConfig
@@ -70,7 +70,7 @@ class StepSetup:
         param_sh, abstract_params = logical_shardings(boxed, mesh, rules), plain(boxed)
         return cls(rt, model, optim, trainer, param_sh, abstract_params,
                    trainer.state_shardings(param_sh, abstract_params),
-                   batch_format.shardings(mesh, rules))
+                   batch_format.shardings(mesh, rules, cfg.batch_views))
 
     def jit_step(self):
         return self.trainer.jit_step(self.state_sh, self.batch_sh)
@@ -145,6 +145,7 @@ def prepare(tc: TrainConfig, workdir: Path, allow_config_change: bool, say: Say)
     # any compute
     resuming = latest is not None and (workdir / model_spec.MODEL_FILE).exists()
     spec = model_spec.resolve(tc, workdir if resuming else None)
+    check_aspect(tc.data, spec.cfg)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tc), indent=2))
         if not resuming:

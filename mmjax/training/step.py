@@ -10,6 +10,7 @@ is counted (`state.skipped_in_a_row` lets the loop stop after K in a row).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -122,7 +123,7 @@ class Trainer:
         pixels = device_pixels(micro["pixel_values"], self.vision)
         hidden = self.model.apply({"params": params}, micro["input_ids"], pixels,
                                   micro["positions"], micro["segment_ids"], head=False,
-                                  rngs=rngs).hidden
+                                  rngs=rngs, image_sources=micro.get("image_sources")).hidden
         weight = self.model.apply({"params": params}, method="head_weight")
         return chunked_token_loss(hidden, weight, micro["targets"], rt.dtype, rt.loss_chunk)
 
@@ -178,13 +179,24 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": grad_norm, "label_tokens": count,
                    "real_tokens": jnp.sum(batch["segment_ids"] > 0),
                    "slot_tokens": jnp.int32(batch["input_ids"].size),
-                   "image_slots": jnp.int32(batch["pixel_values"].shape[0]
-                                            * batch["pixel_values"].shape[1]),
-                   "images": jnp.sum(batch["input_ids"] == self.model.cfg.image_token_id)
-                   // self.model.cfg.image_tokens,
+                   "image_slots": jnp.int32(math.prod(batch["pixel_values"].shape[:-3])),
+                   "images": self.images(batch),
                    "skipped_in_a_row": new_state.skipped_in_a_row,
                    "param_norm": optax.tree.norm(new_trainable), "skipped": ~ok}
         return new_state, metrics
+
+    def images(self, batch: dict) -> jax.Array:
+        """How many images the batch's rows hold (any resolution: how many views, the
+        tower's unit of work, whose features some token takes)."""
+        cfg = self.model.cfg
+        is_image = batch["input_ids"] == cfg.image_token_id
+        if not cfg.anyres:
+            return jnp.sum(is_image) // cfg.image_tokens
+        b, slots = batch["pixel_values"].shape[:2]
+        views = slots * cfg.max_views
+        view = jnp.where(is_image, batch["image_sources"] // cfg.view_tokens, views)  # [B, T]
+        used = jnp.zeros((b, views + 1), bool).at[jnp.arange(b)[:, None], view].set(True)
+        return jnp.sum(used[:, :views])
 
     def eval_loss(self, params, batch: dict) -> dict:
         """Summed next-token loss and label-token count of a batch (no dropout), in
