@@ -162,11 +162,11 @@ def model_config(tc: TrainConfig, say):
     """The LlavaConfig a config trains: its preset, the one its weights describe, or
     llava15_7b for `auto` without weights."""
     if tc.model != "auto":
-        return presets.get(tc.model)
+        return tc.llava.with_aspect(presets.get(tc.model))
     if tc.init.stage1_checkpoint or tc.init.hf_llava or (tc.init.hf_vision and tc.init.hf_llm):
         return model_spec.resolve(tc).cfg
     say("model: auto with no weights given (init.*): compiling the llava15_7b preset")
-    return presets.get("llava15_7b")
+    return tc.llava.with_aspect(presets.get("llava15_7b"))
 
 
 def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):

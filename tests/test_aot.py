@@ -56,6 +56,16 @@ def test_tiny_stage_steps_compile_for_tpu(capsys, topology, devices):
         assert 0 < temps < 1, out
 
 
+def test_an_any_resolution_step_compiles_for_tpu(capsys):
+    """LLaVA-NeXT's layout (views per image slot, the features gathered by image_sources)
+    through TPU's compiler: the tiny model on its grids, stage 2 with packing."""
+    status, out = _compile(capsys, "--config", "configs/stage2.py", "--topology", "v5p-8",
+                           *TINY, "--config.llava.aspect=anyres",
+                           "--config.data.image_aspect=anyres", "--no-fixed")
+    assert status == 0, out
+    assert "-> fits" in out and "packing best_fit" in out
+
+
 @pytest.mark.parametrize("mu_dtype, moments", [("float32", 8), ("bfloat16", 6)])
 def test_the_fixed_part_is_the_state_and_the_gradient_buffers(capsys, mu_dtype, moments):
     """`mmjax.aot` reports the fixed part per trainable parameter: the train state measured

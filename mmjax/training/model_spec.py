@@ -211,7 +211,7 @@ def _from_preset(preset: LlavaConfig, tc) -> ModelSpec:
             f"the tokenizer {where} ({len(tokenizer)} tokens, {IMAGE} id {have}) does not fit "
             f"preset {tc.model!r} (vocabulary {preset.llm.vocab_size}, {IMAGE} id "
             f"{preset.image_token_id})")
-    return ModelSpec(preset, tokenizer, "", added)
+    return ModelSpec(tc.llava.with_aspect(preset), tokenizer, "", added)
 
 
 def add_tokens(tokenizer, image_token: str = IMAGE, pad: bool = True) -> tuple[str, ...]:
