@@ -89,12 +89,10 @@ def feature_tokens(height: int, width: int, pinpoints: Pinpoints, tile: int, pat
     return n * n + int(cls) + h * w + (h if newline else 0)
 
 
-def feature_sources(height: int, width: int, pinpoints: Pinpoints, tile: int,
-                    patch: int) -> np.ndarray:
-    """int32 [tokens]: for each of an image's LLM tokens in the `spatial_unpad` layout, the
-    feature it takes from the image's views' features laid end to end, [(1 + R*C) * n * n]
-    (view-major, each view's n x n row-major), where the index (1 + R*C) * n * n is the
-    learned newline. The model gathers with it: its step never depends on the image's size."""
+def _unpadded_sources(height: int, width: int, pinpoints: Pinpoints, tile: int, patch: int
+                      ) -> tuple[np.ndarray, int]:
+    """int [h, w]: the unpadded feature grid as indices into the image's views' features
+    laid end to end (view-major, each view's n x n row-major), and the newline's index."""
     n = tile // patch
     ph, pw = best_resolution(height, width, pinpoints)
     rows, cols = ph // tile, pw // tile
@@ -103,9 +101,106 @@ def feature_sources(height: int, width: int, pinpoints: Pinpoints, tile: int,
     y = np.arange(top, top + h)[:, None]
     x = np.arange(left, left + w)[None, :]
     grid = (1 + (y // n) * cols + x // n) * n * n + (y % n) * n + x % n  # [h, w]
-    newline = np.full((h, 1), (1 + rows * cols) * n * n)
-    return np.concatenate([np.arange(n * n), np.concatenate([grid, newline], 1).ravel()]
-                          ).astype(np.int32)
+    return grid, (1 + rows * cols) * n * n
+
+
+def feature_sources(height: int, width: int, pinpoints: Pinpoints, tile: int,
+                    patch: int) -> np.ndarray:
+    """int32 [tokens]: for each of an image's LLM tokens in the `spatial_unpad` layout, the
+    feature it takes from the image's views' features laid end to end, [(1 + R*C) * n * n]
+    (view-major, each view's n x n row-major), where the index (1 + R*C) * n * n is the
+    learned newline. The model gathers with it: its step never depends on the image's size."""
+    n = tile // patch
+    grid, newline = _unpadded_sources(height, width, pinpoints, tile, patch)
+    lines = np.concatenate([grid, np.full((grid.shape[0], 1), newline)], 1)
+    return np.concatenate([np.arange(n * n), lines.ravel()]).astype(np.int32)
+
+
+# ------------------------------------------------------------------------ LLaVA-OneVision
+# OneVision pools what LLaVA-NeXT would gather: the unpadded grid of an image whose tiles hold
+# more than `anyres_max` tiles' worth of features (by more than 10%), and every video frame
+# 2 x 2. Pooling is bilinear interpolation (PyTorch's, align_corners=False), so each token is
+# a weighted sum of up to 4 features: `taps` give their indices [tokens, 4] and weights
+# [tokens, 4], still computed on the host from sizes alone.
+TAPS = 4
+
+
+def _bilinear(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's bilinear source indices (i0, i1) and weights of i1 for each output index
+    along one axis, as its CPU kernel computes them for float32 features
+    (align_corners=False): a float32 scale, the source index in double, rounded to float32."""
+    out = np.arange(n_out)
+    if n_in == n_out:
+        return out, out, np.zeros(n_out, np.float32)
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    real = np.maximum(scale * (out + 0.5) - 0.5, 0.0).astype(np.float32)
+    i0 = np.minimum(np.floor(real).astype(np.int64), n_in - 1)
+    lam = np.clip(real - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = i0 + (i0 < n_in - 1)
+    return i0, i1, lam
+
+
+def pooled(grid: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of `grid` (indices [h, w]) resized to [out_h, out_w]: int32 [out_h, out_w, 4]
+    and float32 [out_h, out_w, 4]."""
+    y0, y1, ly = _bilinear(grid.shape[0], out_h)
+    x0, x1, lx = _bilinear(grid.shape[1], out_w)
+    src = np.stack([grid[y0][:, x0], grid[y0][:, x1], grid[y1][:, x0], grid[y1][:, x1]], -1)
+    wy, wx = (1 - ly)[:, None], (1 - lx)[None, :]
+    weights = np.stack([wy * wx, wy * lx[None, :], ly[:, None] * wx,
+                        ly[:, None] * lx[None, :]], -1).astype(np.float32)
+    return src.astype(np.int32), weights
+
+
+def _single(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Taps that take one feature each: [k] -> [k, 4] indices and weights (1, 0, 0, 0)."""
+    index = np.asarray(index, np.int32)
+    weights = np.zeros(index.shape + (TAPS,), np.float32)
+    weights[..., 0] = 1
+    return np.repeat(index[..., None], TAPS, -1), weights
+
+
+def max_pooled_size(h: int, w: int, n: int, max_tiles: int) -> tuple[int, int]:
+    """The unpadded grid's size after OneVision's `anyres_max_{max_tiles}` (n features per
+    tile side): unchanged up to 1.1 x the budget, else scaled by the ratio (floored)."""
+    ratio = math.sqrt(h * w / (max_tiles * n ** 2))
+    return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w)
+
+
+def feature_taps(height: int, width: int, pinpoints: Pinpoints, tile: int, patch: int,
+                 max_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """OneVision's single-image layout (`anyres_max_{max_tiles}`): taps [tokens, 4] and
+    weights of the base view's n*n features, then the unpadded grid (pooled when it is over
+    the budget) with a newline after each row; indices as `feature_sources`'."""
+    n = tile // patch
+    grid, newline = _unpadded_sources(height, width, pinpoints, tile, patch)
+    out_h, out_w = max_pooled_size(*grid.shape, n, max_tiles)
+    if (out_h, out_w) == grid.shape:
+        src, wts = _single(grid)
+    else:
+        src, wts = pooled(grid, out_h, out_w)
+    line_src, line_wts = _single(np.full((out_h, 1), newline))
+    base_src, base_wts = _single(np.arange(n * n))
+    return (np.concatenate([base_src, np.concatenate([src, line_src], 1).reshape(-1, TAPS)]),
+            np.concatenate([base_wts, np.concatenate([wts, line_wts], 1).reshape(-1, TAPS)]))
+
+
+def square_taps(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """OneVision's layout of an image among several (one square view, no tiles): its n*n
+    features, then one newline (index n*n)."""
+    return _single(np.arange(n * n + 1))
+
+
+def video_taps(frames: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """OneVision's video layout: each frame's n x n features pooled to ceil(n/2) a side,
+    frame after frame, then one newline (index frames*n*n)."""
+    m = -(-n // 2)
+    src, wts = pooled(np.arange(n * n).reshape(n, n), m, m)
+    src = (src.reshape(1, -1, TAPS) + (np.arange(frames) * n * n)[:, None, None]
+           ).reshape(-1, TAPS)
+    wts = np.broadcast_to(wts.reshape(1, -1, TAPS), (frames, m * m, TAPS)).reshape(-1, TAPS)
+    line_src, line_wts = _single(np.asarray([frames * n * n]))
+    return np.concatenate([src, line_src]), np.concatenate([wts, line_wts])
 
 
 def row_sources(sources: np.ndarray, views: int, slot: int, slots: int, max_views: int,
