@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
 )
@@ -16,6 +19,9 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
     LlavaOnevisionProcessor,
 )
 
+from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
+from mmjax.hf import load
+from mmjax.hf.verify import verify
 from mmjax.models import anyres
 
 OV = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9's grids
@@ -91,3 +97,98 @@ def test_token_counts_are_the_processors():
     want = LlavaOnevisionProcessor._get_num_multimodal_tokens(
         me, video_sizes=[(8, 384, 384)]).num_video_tokens[0]
     assert len(anyres.video_taps(8, 27)[0]) == want
+
+
+# --------------------------------------------------------------------------- the model
+PINS = [[56 * r, 56 * c] for r in range(1, 4) for c in range(1, 4)]  # up to 3 x 3 tiles
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tmp_path_factory):
+    """A tiny random LlavaOnevisionForConditionalGeneration (SigLIP 56 px / 14 + Qwen2),
+    anyres_max_2 so that most images are pooled, saved by transformers."""
+    root = tmp_path_factory.mktemp("onevision")
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=vision_config("siglip"), text_config=llm_config("qwen2"),
+        image_grid_pinpoints=PINS, image_token_index=126, video_token_index=125,
+        vision_aspect_ratio="anyres_max_2")
+    model = make_model(tf.LlavaOnevisionForConditionalGeneration, cfg)
+    save(model, root)
+    return root, model
+
+
+def _ours(imported, ids, slots):
+    """Logits of mmjax's import for one row: `slots` is a list of (views float32 [V, S, S, 3]
+    normalised, taps (sources, weights) into those views), one per image slot in order."""
+    cfg = imported.config
+    s, p, m = cfg.max_views, cfg.view_tokens, len(slots)
+    pixels = np.zeros((1, m, s, 56, 56, 3), np.float32)
+    sources = np.zeros(ids.shape + (anyres.TAPS,), np.int32)
+    weights = np.zeros(ids.shape + (anyres.TAPS,), np.float32)
+    at = np.flatnonzero(np.isin(ids[0], [cfg.image_token_id, cfg.video_token_id]))
+    k = 0
+    for slot, (views, (src, wts)) in enumerate(slots):
+        pixels[0, slot, :len(views)] = views
+        sources[0, at[k:k + len(src)]] = anyres.row_sources(src, len(views), slot, m, s, p)
+        weights[0, at[k:k + len(src)]] = wts
+        k += len(src)
+    assert k == len(at)
+    return jax.jit(lambda prm, i, px, src, w: imported.model.apply(
+        {"params": prm}, i, px, image_sources=src, image_weights=w).logits)(
+        imported.params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(sources),
+        jnp.asarray(weights))
+
+
+def _channels_last(x):
+    return np.asarray(x.permute(0, 2, 3, 1), np.float32)
+
+
+def test_an_imported_onevision_gives_transformers_logits(ov_dir):
+    """One pooled image, two images (each one square view), and a 3-frame video, each in
+    its own prompt, with transformers' own processors' pixels: mmjax's logits (taps from
+    mmjax.models.anyres) equal transformers' within 1e-5."""
+    root, model = ov_dir
+    imported = load(root)
+    cfg = imported.config
+    assert (cfg.anyres_max, cfg.video_token_id, cfg.vision_feature_select) == (2, 125, "full")
+    assert cfg.max_views == 10 and cfg.view_tokens == 16
+    rng = np.random.default_rng(0)
+    images = tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 56, "width": 56}, image_grid_pinpoints=PINS,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+    # (a) one image on a 3 x 2 grid, pooled from 12 x 8 features (anyres_max_2)
+    photo = rng.integers(0, 256, (150, 100, 3), np.uint8)
+    inputs = images(photo, return_tensors="pt")
+    src, wts = anyres.feature_taps(150, 100, PINS, 56, 14, 2)
+    assert (wts[:, 1:] != 0).any()
+    ids = np.asarray([[5, 6] + [126] * len(src) + [7, 8]])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), **inputs).logits.numpy()
+    views = _channels_last(inputs["pixel_values"][0])[:int(np.prod(
+        [s // 56 for s in anyres.best_resolution(150, 100, PINS)])) + 1]
+    assert rel_err(_ours(imported, ids, [(views, (src, wts))]), want) < 1e-5
+
+    # (b) two images in one prompt: one padded square view each, one newline
+    pair = [rng.integers(0, 256, (40, 90, 3), np.uint8), rng.integers(0, 256, (70, 30, 3),
+                                                                      np.uint8)]
+    inputs = images([pair], return_tensors="pt")
+    taps = anyres.square_taps(4)
+    ids = np.asarray([[5] + [126] * 17 + [7] + [126] * 17 + [8]])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), **inputs).logits.numpy()
+    slots = [(_channels_last(inputs["pixel_values"][k][:1]), taps) for k in range(2)]
+    assert rel_err(_ours(imported, ids, slots), want) < 1e-5
+
+    # (c) a video of 3 frames: each pooled 2 x 2, one newline after them all
+    frames = torch.tensor(rng.standard_normal((1, 3, 3, 56, 56)), dtype=torch.float32)
+    src, wts = anyres.video_taps(3, 4)
+    ids = np.asarray([[5, 6] + [125] * len(src) + [9]])
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids), pixel_values_videos=frames).logits.numpy()
+    assert rel_err(_ours(imported, ids, [(_channels_last(frames[0]), (src, wts))]),
+                   want) < 1e-5
+    # `python -m mmjax.hf verify` checks such a directory the same way (a random image of
+    # another shape per row, a padded row)
+    err, tol = verify(str(root), "float32", None, 3, 16, 0)
+    assert err < 1e-5 and tol == 1e-4

@@ -7,6 +7,7 @@ way, for tests and for counting parameters of the named presets against transfor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ VISION_ARCHS = {"CLIPVisionModel": "clip", "CLIPModel": "clip",
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
              "Qwen2ForCausalLM": "qwen2"}
 LLAVA_ARCHS = {"LlavaForConditionalGeneration": "llava",
-               "LlavaNextForConditionalGeneration": "llava_next"}
+               "LlavaNextForConditionalGeneration": "llava_next",
+               "LlavaOnevisionForConditionalGeneration": "llava_onevision"}
 SUPPORTED = {**VISION_ARCHS, **LLM_ARCHS, **LLAVA_ARCHS}
 
 _DEFAULT_MEAN_STD = {
@@ -159,16 +161,26 @@ def llava_from_hf(c: dict, directory=None) -> LlavaConfig:
         tc["tie_word_embeddings"] = c["tie_word_embeddings"]
     if c.get("projector_hidden_act", "gelu") != "gelu":
         raise ConfigError(f"projector_hidden_act {c['projector_hidden_act']!r} (only 'gelu')")
-    layer = c.get("vision_feature_layer", -2)
+    archs = c.get("architectures") or []
+    onevision = "LlavaOnevisionForConditionalGeneration" in archs
+    anyres = onevision or "LlavaNextForConditionalGeneration" in archs
+    # transformers leaves a class's defaults out of config.json; OneVision's differ
+    default = (dict(layer=-1, select="full", image=151646, video=151647) if onevision else
+               dict(layer=-2, select="default", image=32000, video=-1))
+    layer = c.get("vision_feature_layer", default["layer"])
+    aspect = c.get("vision_aspect_ratio", "anyres_max_9") if onevision else ""
+    if onevision and not re.fullmatch(r"anyres_max_\d+", aspect):
+        raise ConfigError(f"vision_aspect_ratio {aspect!r}: only anyres_max_N is read")
     cfg = LlavaConfig(
         vision=vision_from_hf(vc, family, directory), llm=llm_from_hf(_text_defaults(tc), ttype),
         projector=ProjectorConfig("mlp2x_gelu", bias=c.get("multimodal_projector_bias", True)),
-        image_token_id=c.get("image_token_id", c.get("image_token_index", 32000)),
+        image_token_id=c.get("image_token_id", c.get("image_token_index", default["image"])),
         vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
-        vision_feature_select=c.get("vision_feature_select_strategy", "default"),
+        vision_feature_select=c.get("vision_feature_select_strategy", default["select"]),
         image_grid_pinpoints=tuple((int(h), int(w)) for h, w in
-                                   c.get("image_grid_pinpoints") or ())
-        if "LlavaNextForConditionalGeneration" in (c.get("architectures") or []) else ())
+                                   c.get("image_grid_pinpoints") or ()) if anyres else (),
+        anyres_max=int(aspect.removeprefix("anyres_max_")) if onevision else 0,
+        video_token_id=c.get("video_token_id", c.get("video_token_index", default["video"])))
     cfg.validate()
     return cfg
 

@@ -36,7 +36,8 @@ def relative_error(ours, ref, mask=None) -> float:
 def random_inputs(cfg, batch: int, seq: int, seed: int):
     """(ids [B,T], pixels [B,1,S,S,3] or None, segment ids [B,T]); row 1 padded on the right.
     An any-resolution model gets (ids, pixels [B,1,V,S,S,3], segment ids, sources [B,T],
-    image sizes [B,2]): a random image per row, each of another shape."""
+    image sizes [B,2], None): a random image per row, each of another shape; OneVision's
+    sources [B,T,4] and their weights [B,T,4] in place of the None."""
     rng = np.random.default_rng(seed)
     if isinstance(cfg, VisionConfig):
         s = cfg.image_size
@@ -61,9 +62,9 @@ def random_inputs(cfg, batch: int, seq: int, seed: int):
 
 
 def _anyres_inputs(cfg: LlavaConfig, batch: int, seq: int, rng):
-    if cfg.vision_feature_select == "full":
-        raise ConfigError("verify: LLaVA-NeXT with the 'full' feature strategy is not laid "
-                          "out yet")
+    if cfg.vision_feature_select == "full" and cfg.vision.has_cls:
+        raise ConfigError("verify: LLaVA-NeXT with the 'full' feature strategy on a tower "
+                          "with a CLS token is not laid out yet")
     v, pins = cfg.vision, [list(p) for p in cfg.image_grid_pinpoints]
     s, n_views, p = v.image_size, cfg.max_views, cfg.view_tokens
     sizes = [(int(rng.integers(s // 4, 3 * s)), int(rng.integers(s // 4, 3 * s)))
@@ -71,24 +72,30 @@ def _anyres_inputs(cfg: LlavaConfig, batch: int, seq: int, rng):
     counts = [anyres.feature_tokens(h, w, pins, s, v.patch_size) for h, w in sizes]
     t = seq + max(counts)
     ids = rng.integers(0, cfg.llm.vocab_size, (batch, t))
-    ids[ids == cfg.image_token_id] = 0
+    ids[np.isin(ids, [cfg.image_token_id, cfg.video_token_id])] = 0
     pixels = np.zeros((batch, 1, n_views, s, s, 3), np.float32)
-    sources = np.zeros((batch, t), np.int32)
+    taps = (cfg.taps,) if cfg.anyres_max else ()
+    sources = np.zeros((batch, t) + taps, np.int32)
+    weights = np.zeros((batch, t) + taps, np.float32) if taps else None
     seg = np.ones((batch, t), np.int32)
     for b, (h, w) in enumerate(sizes):
         views, _ = anyres.views(rng.integers(0, 256, (h, w, 3), np.uint8), pins, s)
         pixels[b, 0, :len(views)] = (views / 255 - np.asarray(v.image_mean)) / np.asarray(
             v.image_std)
-        src = anyres.row_sources(anyres.feature_sources(h, w, pins, s, v.patch_size),
-                                 len(views), 0, 1, n_views, p)
+        if taps:
+            src, wts = anyres.feature_taps(h, w, pins, s, v.patch_size, cfg.anyres_max)
+            weights[b, 1:1 + len(src)] = wts
+        else:
+            src = anyres.feature_sources(h, w, pins, s, v.patch_size)
+        src = anyres.row_sources(src, len(views), 0, 1, n_views, p)
         ids[b, 1:1 + len(src)] = cfg.image_token_id
         sources[b, 1:1 + len(src)] = src
         if b:  # later rows end in padding
             seg[b, t - max(1, seq // 4):] = 0
-    return ids, pixels, seg, sources, np.asarray(sizes)
+    return ids, pixels, seg, sources, np.asarray(sizes), weights
 
 
-def ours_forward(imported, ids, pixels, seg, sources=None):
+def ours_forward(imported, ids, pixels, seg, sources=None, weights=None):
     """mmjax's output on the inputs, one jitted forward (eager, every op compiles alone)."""
     cfg, model = imported.config, imported.model
     if isinstance(cfg, VisionConfig):
@@ -96,9 +103,10 @@ def ours_forward(imported, ids, pixels, seg, sources=None):
         return fn(imported.params, jnp.asarray(pixels))
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     if isinstance(cfg, LlavaConfig) and cfg.anyres:
-        fn = jax.jit(lambda p, i, x, q, g, src: model.apply(
-            {"params": p}, i, x, q, g, image_sources=src).logits)
-        return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg, sources)))
+        fn = jax.jit(lambda p, i, x, q, g, src, w: model.apply(
+            {"params": p}, i, x, q, g, image_sources=src, image_weights=w).logits)
+        return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg, sources)),
+                  None if weights is None else jnp.asarray(weights))
     if isinstance(cfg, LlavaConfig):
         fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a).logits)
         return fn(imported.params, *map(jnp.asarray, (ids, pixels, pos, seg)))
@@ -141,8 +149,8 @@ def verify(directory, dtype: str = "float32", tol: float | None = None, batch: i
     print(f"imported {imported.architecture} from {directory} in {time.time() - t0:.1f}s "
           f"({len(imported.unused)} checkpoint tensors unused)")
     ids, pixels, seg, *anyres_args = random_inputs(imported.config, batch, seq, seed)
-    sources, sizes = anyres_args or (None, None)
-    ours = np.asarray(ours_forward(imported, ids, pixels, seg, sources), np.float32)
+    sources, sizes, weights = anyres_args or (None, None, None)
+    ours = np.asarray(ours_forward(imported, ids, pixels, seg, sources, weights), np.float32)
     ref = reference_forward(directory, imported.architecture, ids, pixels, seg, sizes)
     mask = None if seg is None else seg.astype(bool)
     return relative_error(ours, ref, mask), tol

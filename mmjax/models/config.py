@@ -174,10 +174,21 @@ class LlavaConfig:
     # a base view and its grid's tiles, and its token count follows from its size. Empty:
     # one view per image (LLaVA-1.5)
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-OneVision's anyres_max_N: an image's tile grid is pooled down to about N tiles'
+    # worth of features (0: LLaVA-NeXT's, never pooled); an image among several takes one
+    # square view, and videos (frames pooled 2 x 2) stand at `video_token_id`
+    anyres_max: int = 0
+    video_token_id: int = -1  # the video placeholder's id (-1: the model takes no video)
 
     @property
     def anyres(self) -> bool:
         return bool(self.image_grid_pinpoints)
+
+    @property
+    def taps(self) -> int:
+        """Features each image token takes (a weighted sum): 4 for OneVision's pooling
+        (mmjax.models.anyres.TAPS), else 1."""
+        return 4 if self.anyres_max else 1
 
     @property
     def max_views(self) -> int:
@@ -224,6 +235,8 @@ class LlavaConfig:
             _check(-(n + 1) <= layer <= n,
                    f"vision_feature_layer {layer} out of range for {n} layers")
         _check(0 <= self.image_token_id, "image_token_id must be >= 0")
+        _check(self.anyres_max >= 0 and (self.anyres or not self.anyres_max),
+               "anyres_max needs image_grid_pinpoints")
         s = self.vision.image_size
         for h, w in self.image_grid_pinpoints:
             _check(h > 0 and w > 0 and h % s == 0 and w % s == 0,

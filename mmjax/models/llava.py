@@ -14,7 +14,9 @@ ones), and `image_sources` [B, T] names, for each image token, the feature it ta
 row's table [M*S*P + 1, D]: the views' projected features end to end, then the learned
 `image_newline`. The host computes the sources from each image's size
 (mmjax.models.anyres.feature_sources, row_sources), so nothing in the step depends on image
-sizes.
+sizes. LLaVA-OneVision pools (bilinear): its tokens take K = 4 features each,
+`image_sources` [B, T, K] with `image_weights` [B, T, K] (mmjax.models.anyres.feature_taps);
+a video slot's views are its frames, at `video_token_id` tokens.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ class Llava(nn.Module):
         last_only: bool = False,
         head: bool = True,
         image_sources: jax.Array | None = None,  # [B, T] any resolution: see the module doc
+        image_weights: jax.Array | None = None,  # [B, T, K] OneVision (sources [B, T, K])
     ) -> Output:
         """`Output`: final hidden states [B, T, D], logits [B, T, V] float32 (not with
         `head=False`: the training loss applies `head_weight` in chunks), and with a cache
@@ -98,6 +101,8 @@ class Llava(nn.Module):
         positions, segment_ids = default_positions(input_ids, positions, segment_ids)
         lm = self.language_model
         is_image = input_ids == self.cfg.image_token_id
+        if self.cfg.video_token_id >= 0:
+            is_image |= input_ids == self.cfg.video_token_id
         # The image token id may lie outside the text vocabulary: never look it up.
         embeds = lm.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is not None:
@@ -109,12 +114,26 @@ class Llava(nn.Module):
                 newline = jnp.broadcast_to(self.image_newline.astype(image.dtype),
                                            (image.shape[0], 1, image.shape[-1]))
                 table = jnp.concatenate([image, newline], axis=1)  # [B, M*S*P + 1, D]
-                picked = jnp.take_along_axis(table, image_sources[..., None], axis=1)
+                picked = self._gather(table, image_sources, image_weights)
                 embeds = jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
             else:
                 embeds = merge_embeddings(embeds, image, is_image)
         return lm.decode(embeds, positions, segment_ids, cache=cache, prefill=prefill,
                          last_only=last_only, head=head)
+
+    @staticmethod
+    def _gather(table, sources, weights):
+        """table [B, F, D], sources [B, T] -> [B, T, D]; or sources and weights [B, T, K]
+        -> the weighted sums of K features."""
+        if sources.ndim == 2:
+            return jnp.take_along_axis(table, sources[..., None], axis=1)
+        if weights is None:
+            raise ValueError("image_sources [B, T, K] need their image_weights")
+        out = 0  # in float32, as PyTorch's interpolation computes
+        for k in range(sources.shape[-1]):
+            out = out + weights[..., k, None].astype(jnp.float32) * jnp.take_along_axis(
+                table, sources[..., k, None], axis=1).astype(jnp.float32)
+        return out.astype(table.dtype)
 
     def head_weight(self) -> jax.Array:
         """The LLM's output projection [D, V] (parameter dtype)."""
