@@ -62,9 +62,9 @@ def warm_up(slots: SlotEngine, m) -> float:
     """Compiles the decode step and a prefill before the first client (seconds taken)."""
     t0 = time.time()
     v = m.cfg.vision
-    image = m.pixels(np.zeros((v.image_size, v.image_size, 3), np.uint8))
-    ids = m.raw_prompt_ids("<image>\nhello", m.image_tokens([image]))
-    job = slots.submit(Request(ids, [image]), Sampling(max_new_tokens=2))
+    images = m.model_images([m.pixels(np.zeros((v.image_size, v.image_size, 3), np.uint8))])
+    ids = m.raw_prompt_ids("<image>\nhello", m.image_tokens(images))
+    job = slots.submit(Request(ids, images), Sampling(max_new_tokens=2))
     job.wait()
     return time.time() - t0
 

@@ -276,7 +276,7 @@ def test_views_for_the_wrong_model_and_wrong_counts_are_refused(next_dir):
     root, *_ = next_dir
     m = from_hf(root, dtype="float32", template="raw")
     engine = m.engine()
-    views = m.pixels(np.zeros((30, 50, 3), np.uint8))
+    (views,) = m.model_images([m.pixels(np.zeros((30, 50, 3), np.uint8))])
     ids = np.asarray([1] + [m.cfg.image_token_id] * (views.tokens - 1) + [5], np.int32)
     with pytest.raises(ValueError, match="image tokens for image"):
         engine._batch([Request(ids, [views])], 4)

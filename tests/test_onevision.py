@@ -19,9 +19,13 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
     LlavaOnevisionProcessor,
 )
 
+from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
 from mmjax.hf import load
 from mmjax.hf.verify import verify
+from mmjax.inference import Engine, Sampling
+from mmjax.inference.load import from_hf
+from mmjax.inference.prompt import request
 from mmjax.models import anyres
 
 OV = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9's grids
@@ -192,3 +196,80 @@ def test_an_imported_onevision_gives_transformers_logits(ov_dir):
     # another shape per row, a padded row)
     err, tol = verify(str(root), "float32", None, 3, 16, 0)
     assert err < 1e-5 and tol == 1e-4
+
+
+# --------------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def ov_chat_dir(tmp_path_factory):
+    """A OneVision directory to generate with: the tiny model with a trained tokenizer
+    (with <image> and <video>) and transformers' image processor saved beside it."""
+    root = tmp_path_factory.mktemp("onevision-chat")
+    corpus = ["a photo of a cat on the table", "USER: what is in the image? ASSISTANT: a cat",
+              "compare the two pictures", "what happens in the video"] * 20
+    tok = bpe_tokenizer(root, corpus, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<video>"]},
+                           replace_extra_special_tokens=False)
+    tok.save_pretrained(str(root))
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=vision_config("siglip"),
+        text_config=llm_config("qwen2", vocab_size=len(tok), eos_token_id=tok.eos_token_id),
+        image_grid_pinpoints=PINS, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_aspect_ratio="anyres_max_2")
+    model = make_model(tf.LlavaOnevisionForConditionalGeneration, cfg)
+    save(model, root)
+    images = tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 56, "width": 56}, image_grid_pinpoints=PINS, image_mean=[0.5] * 3,
+        image_std=[0.5] * 3)
+    images.save_pretrained(str(root))
+    return root, model, tok, images
+
+
+def test_generation_on_onevision_is_transformers(ov_chat_dir):
+    """A large image alone (tiled and pooled), two images in one prompt (one square view
+    each) and a text-only prompt, in one batched engine call: each image's token count is
+    the processor's, and the greedy tokens are transformers' `generate` on its image
+    processor's pixels (batch_num_images telling it which prompt has several)."""
+    root, model, tok, images = ov_chat_dir
+    m = from_hf(root, dtype="float32", template="raw")
+    assert m.cfg.anyres_max == 2 and m.image_aspect == "anyres"
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 256, (150, 100, 3), np.uint8)
+    pair = [rng.integers(0, 256, (40, 90, 3), np.uint8),
+            rng.integers(0, 256, (70, 30, 3), np.uint8)]
+    asks = [("USER: <image>\nwhat is in the image? ASSISTANT:", [big]),
+            ("USER: <image> <image> compare the two pictures ASSISTANT:", pair),
+            ("USER: what is a cat? ASSISTANT:", [])]
+    reqs = [request(m, [(text, "")], [m.pixels(im) for im in ims]) for text, ims in asks]
+    counts = [int(np.sum(r.ids == m.cfg.image_token_id)) for r in reqs]
+    assert counts == [len(anyres.feature_taps(150, 100, PINS, 56, 14, 2)[0]), 2 * 17, 0]
+    got = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules,
+                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=10))
+    for r, (text, ims), out in zip(reqs, asks, got):
+        kw = {}
+        if ims:
+            kw = dict(images([ims] if len(ims) > 1 else ims, return_tensors="pt"))
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor(r.ids[None]).long(), **kw,
+                                 max_new_tokens=10, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, len(r.ids):].tolist()
+        want = ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
+        assert out.token_ids == want, text
+
+
+def test_the_views_of_several_images_are_the_processors(ov_chat_dir):
+    """An image among several: LlavaOnevisionImageProcessorPil's pad_to_square (mean colour)
+    and resize, pixel for pixel; an image alone: its tiles as LLaVA-NeXT's."""
+    root, _, _, images = ov_chat_dir
+    m = from_hf(root, dtype="float32", template="raw")
+    rng = np.random.default_rng(2)
+    pair = [rng.integers(0, 256, (40, 90, 3), np.uint8),
+            rng.integers(0, 256, (71, 30, 3), np.uint8)]
+    want = images([pair], return_tensors="np")["pixel_values"]  # [2, 1, 3, S, S]
+    for k, views in enumerate(m.model_images(pair)):
+        ours = (views.pixels / 255.0 - 0.5) / 0.5
+        np.testing.assert_allclose(ours, want[k].transpose(0, 2, 3, 1), atol=1e-6)
+    (alone,) = m.model_images([pair[1]])
+    want = images(pair[1], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose((alone.pixels / 255.0 - 0.5) / 0.5,
+                               want[:len(alone.pixels)].transpose(0, 2, 3, 1), atol=1e-6)

@@ -33,7 +33,6 @@ from mmjax.evaluation import benchmarks as bench_lib
 from mmjax.evaluation.runner import limit_items, run
 from mmjax.inference.load import Loaded
 from mmjax.models import Llava
-from mmjax.models.anyres import ImageViews
 from mmjax.models.runtime import for_inference
 from mmjax.training.config import EvalConfig
 from mmjax.training.run import RunContext
@@ -153,17 +152,11 @@ class Evaluator:
             if self.cfg.examples:
                 examples = [{"question": it.text, "answer": text,
                              "reference": bench.reference(it),
-                             "image": _preview(m.pixels(it.image, spec.blank_images))
+                             "image": m.pixels(it.image, spec.blank_images)
                              if it.image is not None else None}
                             for it, text in report["answers"][:self.cfg.examples]]
                 self.ctx.writer.examples(step, f"eval/{tag}", examples)
         return out
-
-
-def _preview(image) -> np.ndarray:
-    """uint8 [Y, X, C] to show of an image as the model took it (any resolution: the base
-    view, the whole image)."""
-    return image.pixels[0] if isinstance(image, ImageViews) else image
 
 
 def _all_processes(flag: bool) -> bool:

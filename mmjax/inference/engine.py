@@ -165,7 +165,7 @@ class Engine:
             with mesh_rules(self.mesh, self.rules):
                 placed = self._place(batch)
                 args = (self.params, placed["ids"], placed["segment_ids"], placed["pixels"],
-                        placed["sources"], key, knobs(sampling, rows),
+                        placed["sources"], placed["weights"], key, knobs(sampling, rows),
                         jnp.int32(sampling.max_new_tokens),
                         jnp.asarray(self.stop_ids or (-1,), jnp.int32), jnp.asarray(stop_seqs))
                 program = self._program(batch, on_token is not None, sampling.logprobs, args)
@@ -183,7 +183,8 @@ class Engine:
     def _batch(self, requests: Sequence[Request], max_new: int) -> dict:
         """The requests left-padded into bucketed arrays: ids and segment_ids [B, P],
         pixels [B, M, Y, X, C] ([B, M, S, Y, X, C] any resolution) or None, and for any
-        resolution each image token's feature `sources` [B, P]."""
+        resolution each image token's feature `sources` [B, P] (OneVision: [B, P, K] with
+        their `weights`)."""
         v, cfg = self.cfg.vision, self.cfg
         n = len(requests)
         rows = bucket(n, self.batch_buckets, self.row_multiple)
@@ -193,7 +194,9 @@ class Engine:
         slots = max(len(r.images) for r in requests)
         ids = np.full((rows, length), self.pad_id, np.int32)
         seg = np.zeros((rows, length), np.int32)
-        sources = np.zeros((rows, length), np.int32) if cfg.anyres else None
+        taps = (cfg.taps,) if cfg.taps > 1 else ()
+        sources = np.zeros((rows, length) + taps, np.int32) if cfg.anyres else None
+        weights = np.zeros((rows, length) + taps, np.float32) if taps else None
         pixels = None
         if slots:
             float_px = any(np.asarray(im).dtype != np.uint8 for r in requests
@@ -207,9 +210,9 @@ class Engine:
                 raise ValueError(f"request {i}: empty prompt")
             ids[i, length - len(p):] = p
             seg[i, length - len(p):] = 1
-            at = length - len(p) + np.flatnonzero(p == cfg.image_token_id)
+            at = length - len(p) + np.flatnonzero(np.isin(p, self._media_ids))
             if cfg.anyres:
-                self._place_views(i, r, at, pixels, sources, slots)
+                self._place_views(i, r, at, pixels, sources, weights, slots)
                 continue
             if len(at) != len(r.images) * cfg.image_tokens:
                 raise ValueError(f"request {i}: {len(at)} image tokens for {len(r.images)} "
@@ -226,9 +229,16 @@ class Engine:
                     im = normalize(im, v.image_mean, v.image_std)
                 pixels[i, m] = im
         return {"ids": ids, "segment_ids": seg, "pixels": pixels, "sources": sources,
-                "new": new}
+                "weights": weights, "new": new}
 
-    def _place_views(self, i: int, r: Request, at: np.ndarray, pixels, sources, slots: int):
+    @property
+    def _media_ids(self) -> list[int]:
+        """The placeholder ids image (and video) features go to."""
+        return [self.cfg.image_token_id] + (
+            [self.cfg.video_token_id] if self.cfg.video_token_id >= 0 else [])
+
+    def _place_views(self, i: int, r: Request, at: np.ndarray, pixels, sources, weights,
+                     slots: int):
         """An any-resolution request's views into its row's image slots, and the feature
         each of its image tokens (at positions `at`) takes (mmjax.models.anyres)."""
         cfg, v = self.cfg, self.cfg.vision
@@ -249,13 +259,18 @@ class Engine:
                                  f"{v.image_size}, 3)")
             pixels[i, m, :count] = im.pixels if pixels.dtype == np.uint8 else normalize(
                 im.pixels, v.image_mean, v.image_std)
+            if (weights is None) != (im.weights is None):
+                raise ValueError(f"request {i} image {m}: views laid out for another model "
+                                 "(mmjax.data.views.model_images)")
             sources[i, at[k:k + im.tokens]] = row_sources(
                 im.sources, count, m, slots, cfg.max_views, cfg.view_tokens)
+            if weights is not None:
+                weights[i, at[k:k + im.tokens]] = im.weights
             k += im.tokens
 
     def _place(self, batch: dict) -> dict:
         out = {}
-        for k in ("ids", "segment_ids", "pixels", "sources"):
+        for k in ("ids", "segment_ids", "pixels", "sources", "weights"):
             a = batch[k]
             out[k] = None if a is None else jax.device_put(
                 a, batch_sharding(self.mesh, a.ndim, self.rules))
@@ -310,8 +325,8 @@ class Engine:
         if self._stream["callback"] is not None:
             self._stream["callback"](np.asarray(tokens), np.asarray(live))
 
-    def _run(self, params, ids, segment_ids, pixels, sources, key, k, max_new, stop_ids,
-             stop_seqs, *, new: int, stream: bool, logprobs: bool):
+    def _run(self, params, ids, segment_ids, pixels, sources, weights, key, k, max_new,
+             stop_ids, stop_seqs, *, new: int, stream: bool, logprobs: bool):
         """ids/segment_ids [B, P] left-padded, pixels [B, M, Y, X, C] ([B, M, S, Y, X, C]
         with sources [B, P]: any resolution) or None ->
         tokens [B, N], lengths [B], stopped [B] (by a stop token or string), log-probs
@@ -328,7 +343,8 @@ class Engine:
         pv = None if pixels is None else device_pixels(pixels, cfg.vision)
         out = model.apply({"params": params}, ids, pv, positions, segment_ids, cache=cache,
                           prefill=True, last_only=True,
-                          image_sources=None if pv is None else sources)
+                          image_sources=None if pv is None else sources,
+                          image_weights=None if pv is None else weights)
         logits, cache = out.logits, out.cache
         last_position = positions[:, -1]
         real = segment_ids[:, -1] != 0  # padding rows are done from the start

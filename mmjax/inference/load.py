@@ -18,6 +18,7 @@ from PIL import Image
 from mmjax.data.image import ImageAspect, ImageError, blank_pixels, load_rgb, tower_pixels
 from mmjax.data.templates import IMAGE, get_template
 from mmjax.data.tokenize import ConversationEncoder
+from mmjax.data.views import model_images
 from mmjax.errors import ConfigError, UsageError
 from mmjax.hf import load as hf_load
 from mmjax.hf import load_tokenizer
@@ -26,7 +27,7 @@ from mmjax.hf.config import from_hf as config_from_hf
 from mmjax.hf.weight_files import Checkpoint
 from mmjax.inference.engine import Engine
 from mmjax.models import Llava
-from mmjax.models.anyres import ImageViews, prepare
+from mmjax.models.anyres import ImageViews
 from mmjax.models.config import LlavaConfig
 from mmjax.models.runtime import for_inference
 from mmjax.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -72,22 +73,28 @@ class Loaded:
 
     def pixels(self, image: str | Path | bytes | Image.Image | np.ndarray,
                blank: bool = False, max_pixels: int | None = None) -> np.ndarray | ImageViews:
-        """An image (a file, encoded bytes, a PIL image or an array) as the model takes it:
-        uint8 [S, S, 3] at the tower's size, brought to its square as the run did, or an
-        any-resolution model's views (`ImageViews`). `blank`: the tower's mean colour
-        instead (the blind baseline; one tower-sized square). Raises ImageError for an
-        unusable image (one of more than `max_pixels` among them)."""
+        """An image (a file, encoded bytes, a PIL image or an array) -> uint8 [S, S, 3] at
+        the tower's size, brought to its square as the run did; for an any-resolution model
+        the whole image, uint8 [H, W, 3] (`model_images` makes its views, which depend on
+        the conversation). `blank`: the tower's mean colour instead (the blind baseline; one
+        tower-sized square). Raises ImageError for an unusable image (one of more than
+        `max_pixels` among them)."""
         v, cfg = self.cfg.vision, self.cfg
         extra = {} if max_pixels is None else {"max_pixels": max_pixels}
         if not cfg.anyres:
             return tower_pixels(image, v.image_size, v.image_mean, self.image_aspect,
                                 blank=blank, **extra)
-        rgb = blank_pixels(v.image_size, v.image_mean) if blank else np.asarray(
-            load_rgb(image, **extra), np.uint8)
-        return prepare(rgb, cfg.image_grid_pinpoints, v.image_size, v.patch_size)
+        if blank:
+            return blank_pixels(v.image_size, v.image_mean)
+        return np.asarray(load_rgb(image, **extra), np.uint8)
+
+    def model_images(self, images) -> list:
+        """One conversation's images (as `pixels` gives them) as the engine takes them: as
+        they are, or an any-resolution model's views (mmjax.data.views)."""
+        return model_images(images, self.cfg) if self.cfg.anyres else list(images)
 
     def image_tokens(self, images) -> list[int]:
-        """How many LLM tokens each of `images` (as `pixels` gives them) takes."""
+        """How many LLM tokens each of `images` (as `model_images` gives them) takes."""
         return [im.tokens if isinstance(im, ImageViews) else self.cfg.image_tokens
                 for im in images]
 

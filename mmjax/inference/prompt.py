@@ -29,6 +29,7 @@ def request(m: Loaded, pairs: list[tuple[str, str]], images: list[np.ndarray],
             placed = len(images)
     if placed != len(images):
         raise UsageError(f"the prompt has {placed} {IMAGE} for {len(images)} image(s)")
+    images = m.model_images(images)
     counts = m.image_tokens(images)
     if m.template == RAW:
         ids = m.raw_prompt_ids(text, counts)

@@ -243,7 +243,7 @@ class SlotEngine:
         with mesh_rules(e.mesh, e.rules):
             placed = e._place(batch)
             args = (e.params, placed["ids"], placed["segment_ids"], placed["pixels"],
-                    placed["sources"], seeds, k)
+                    placed["sources"], placed["weights"], seeds, k)
             pixels = batch["pixels"]
             shape = (rows, length, None if pixels is None else (pixels.shape, pixels.dtype.str))
             first, prefix = self._program(("prefill", shape), self._prefill, args)(*args)
@@ -367,7 +367,7 @@ class SlotEngine:
             self._programs[key] = compile_lowered(jitted.lower(*args))
         return self._programs[key]
 
-    def _prefill(self, params, ids, segment_ids, pixels, sources, seeds, k):
+    def _prefill(self, params, ids, segment_ids, pixels, sources, weights, seeds, k):
         """ids/segment_ids [R, P] left-padded (pixels and any resolution's sources as the
         engine lays them out) -> first tokens [R] and the prompts' cache (each row draws
         with its request's seed, at index 0 of its stream)."""
@@ -378,7 +378,8 @@ class SlotEngine:
         pv = None if pixels is None else device_pixels(pixels, cfg.vision)
         out = e.model.apply({"params": params}, ids, pv, positions, segment_ids, cache=cache,
                             prefill=True, last_only=True,
-                            image_sources=None if pv is None else sources)
+                            image_sources=None if pv is None else sources,
+                            image_weights=None if pv is None else weights)
         keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seeds)
         return next_token_rows(out.logits[:, 0], keys, k), out.cache
 

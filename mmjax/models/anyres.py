@@ -217,8 +217,10 @@ class ImageViews:
     """One image as an any-resolution model takes it (`prepare`)."""
 
     pixels: np.ndarray  # uint8 [V, T, T, 3]: the base view, then the grid's tiles row by row
-    sources: np.ndarray  # int32 [tokens]: `feature_sources` of the image (its LLM tokens)
+    # (OneVision: one square view for an image among several; a video's frames)
+    sources: np.ndarray  # int32 [tokens]: `feature_sources` (OneVision: [tokens, 4] taps)
     size: tuple[int, int]  # (H, W) of the image in pixels
+    weights: np.ndarray | None = None  # float32 [tokens, 4]: OneVision's taps' weights
 
     @property
     def tokens(self) -> int:
