@@ -179,7 +179,7 @@ def compile_step(tc, cfg, devices, hbm, dump_hlo: str | None = None):
     batch = batch_format.abstract(tc.batch_size, dcfg.row_len, image_slots(dcfg, cfg),
                                   cfg.vision.image_size,
                                   "float32" if dcfg.normalize_on_host else "uint8",
-                                  cfg.batch_views)
+                                  cfg.batch_views, cfg.taps)
     batch = with_shardings(batch, setup.batch_sh)
     t = time.time()
     with mesh_rules(mesh, tc.logical_axis_rules):
@@ -254,7 +254,7 @@ def fixed_part(tc, cfg, devices, hbm, setup) -> FixedPart:
     dcfg = small.data_config(1)
     batch = batch_format.abstract(small.batch_size, dcfg.row_len, images, cfg.vision.image_size,
                                   "float32" if dcfg.normalize_on_host else "uint8",
-                                  cfg.batch_views)
+                                  cfg.batch_views, cfg.taps)
     batch_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in batch.values())
     return FixedPart(count(trainable), count(frozen),
                      report.arguments - batch_bytes // ways, report.temporaries, len(devices))

@@ -10,7 +10,9 @@ resolution), S image size.
     pixel_values  uint8 [B, M, S, S, 3] (float32 when normalised on the host); any resolution
                   (LLaVA-NeXT): [B, M, V, S, S, 3], each slot's base view, then its tiles
     image_sources int32 [B, T]   any resolution only: the feature each image token takes from
-                  the row's table (mmjax.models.llava; mmjax.models.anyres.row_sources)
+                  the row's table (mmjax.models.llava; mmjax.models.anyres.row_sources);
+                  OneVision: [B, T, K], K features weighted by
+    image_weights float32 [B, T, K]
     ids           host only: the sample ids of each row (logs, debugging)
     tally         host only: skip counts the batch carries from the workers (data.quality)
 
@@ -37,17 +39,23 @@ FIELDS = {
 }
 ANYRES_FIELDS = {**FIELDS, "pixel_values": ("BMVSSC", np.uint8),
                  "image_sources": ("BT", np.int32)}
+TAPS_FIELDS = {**ANYRES_FIELDS, "image_sources": ("BTK", np.int32),
+               "image_weights": ("BTK", np.float32)}
 
 
-def fields(views: int = 0) -> dict:
-    """The device arrays of a batch: `views` > 0 for an any-resolution model's."""
-    return ANYRES_FIELDS if views else FIELDS
+def fields(views: int = 0, taps: int = 1) -> dict:
+    """The device arrays of a batch: `views` > 0 for an any-resolution model's, `taps` > 1
+    for OneVision's."""
+    if not views:
+        return FIELDS
+    return TAPS_FIELDS if taps > 1 else ANYRES_FIELDS
 
 
 def empty(rows: int, length: int, slots: int, image_size: int, pad_id: int,
-          pixel_dtype=np.uint8, views: int = 0) -> dict[str, np.ndarray]:
+          pixel_dtype=np.uint8, views: int = 0, taps: int = 1) -> dict[str, np.ndarray]:
     """A host batch of padding: ids `pad_id`, no targets, no segments, blank image slots
-    (`views` per slot for an any-resolution model, with `image_sources`)."""
+    (`views` per slot for an any-resolution model, with `image_sources`, and with `taps`
+    > 1 their `image_weights`)."""
     out = {"input_ids": np.full((rows, length), pad_id, np.int32),
            "targets": np.full((rows, length), IGNORE, np.int32),
            "segment_ids": np.zeros((rows, length), np.int32),
@@ -55,27 +63,35 @@ def empty(rows: int, length: int, slots: int, image_size: int, pad_id: int,
            "pixel_values": np.zeros((rows, slots, *((views,) if views else ()), image_size,
                                      image_size, 3), pixel_dtype)}
     if views:
-        out["image_sources"] = np.zeros((rows, length), np.int32)
+        k = (taps,) if taps > 1 else ()
+        out["image_sources"] = np.zeros((rows, length) + k, np.int32)
+        if k:
+            out["image_weights"] = np.zeros((rows, length) + k, np.float32)
     return out
 
 
 def abstract(rows: int, length: int, slots: int, image_size: int,
-             pixel_dtype=np.uint8, views: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+             pixel_dtype=np.uint8, views: int = 0, taps: int = 1
+             ) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of a global batch (for `jax.eval_shape` and ahead-of-time lowering)."""
-    dims = {"B": rows, "T": length, "M": slots, "V": views, "S": image_size, "C": 3}
+    dims = {"B": rows, "T": length, "M": slots, "V": views, "S": image_size, "C": 3,
+            "K": taps}
     return {k: jax.ShapeDtypeStruct(tuple(dims[a] for a in axes),
                                     pixel_dtype if k == "pixel_values" else dtype)
-            for k, (axes, dtype) in fields(views).items()}
+            for k, (axes, dtype) in fields(views, taps).items()}
 
 
-def shardings(mesh, rules: Rules, views: int = 0) -> dict:
+def shardings(mesh, rules: Rules, views: int = 0, taps: int = 1) -> dict:
     """Each device array split over the mesh's batch axes (logical 'activation_batch')."""
-    return {k: batch_sharding(mesh, len(axes), rules) for k, (axes, _) in fields(views).items()}
+    return {k: batch_sharding(mesh, len(axes), rules)
+            for k, (axes, _) in fields(views, taps).items()}
 
 
 def global_batch(batch: dict, mesh, rules: Rules) -> dict:
     """This process's rows -> global jax.Arrays split over the mesh's batch axes."""
-    sh = shardings(mesh, rules, views=int("image_sources" in batch))
+    sources = batch.get("image_sources")
+    sh = shardings(mesh, rules, views=int(sources is not None),
+                   taps=sources.shape[-1] if sources is not None and sources.ndim == 3 else 1)
     return {k: jax.make_array_from_process_local_data(sh[k], np.asarray(batch[k]))
             for k in sh}
 

@@ -4,6 +4,7 @@ run as it is: `anyres_max_N` pooling of an image's tile grid (`pack_image_featur
 and the processor's token counts for all three."""
 from __future__ import annotations
 
+import json
 import types
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
 )
@@ -21,12 +23,17 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
-from mmjax.hf import load
+from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, make_encoder
+from mmjax.data.templates import normalize_turns
+from mmjax.data.views import model_images
+from mmjax.hf import load, load_tokenizer
 from mmjax.hf.verify import verify
 from mmjax.inference import Engine, Sampling
 from mmjax.inference.load import from_hf
 from mmjax.inference.prompt import request
 from mmjax.models import anyres
+from mmjax.training.optimizer import OptimConfig
+from mmjax.training.step import Trainer
 
 OV = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9's grids
 SMALL = [[28 * r, 28 * c] for r in range(1, 7) for c in range(1, 7)]  # the same at 28 px
@@ -273,3 +280,52 @@ def test_the_views_of_several_images_are_the_processors(ov_chat_dir):
     want = images(pair[1], return_tensors="np")["pixel_values"][0]
     np.testing.assert_allclose((alone.pixels / 255.0 - 0.5) / 0.5,
                                want[:len(alone.pixels)].transpose(0, 2, 3, 1), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- training
+def test_training_batches_give_transformers_loss(ov_chat_dir, tmp_path):
+    """OneVision's pipeline batches (taps and weights; a sample with one image, tiled and
+    pooled, and one with two, a square view each, packed into one row) give the step's loss
+    that LlavaOnevisionForConditionalGeneration computes on its image processor's pixels,
+    sample by sample."""
+    root, model, tok, images = ov_chat_dir
+    rng = np.random.default_rng(3)
+    photos = {"big.png": (150, 100), "a.png": (40, 90), "b.png": (70, 30)}
+    for name, (h, w) in photos.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / name)
+    records = [{"id": "one", "image": "big.png", "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is in the image?"},
+                    {"from": "gpt", "value": "a cat on the table"}]},
+               {"id": "two", "image": ["a.png", "b.png"], "conversations": [
+                    {"from": "human", "value": "<image> <image> compare the two pictures"},
+                    {"from": "gpt", "value": "a photo of a cat"}]}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    imported = load(root)
+    cfg = imported.config
+    data = DataConfig(sources=(SourceConfig("llava_json", str(tmp_path / "train.json"),
+                                            str(tmp_path)),),
+                      image_aspect="anyres", packing="best_fit", max_length=512, seq_len=1024,
+                      max_images_per_row=3, batch_size=1, shuffle=False, template="vicuna_v1")
+    batch = next(build_pipeline(data, load_tokenizer(root), cfg, process_index=0,
+                                process_count=1))
+    assert batch["ids"][0] == ["one", "two"]
+    assert batch["image_sources"].shape == (1, 1024, 4) == batch["image_weights"].shape
+    total, count = jax.jit(Trainer(imported.model, OptimConfig()).loss)(imported.params, {
+        k: jnp.asarray(v) for k, v in batch.items() if k not in ("ids", "tally")})
+    encoder = make_encoder(data, load_tokenizer(root), cfg)
+    want_total, want_count = 0.0, 0
+    for rec in records:
+        names = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+        pil = [np.asarray(Image.open(tmp_path / n).convert("RGB")) for n in names]
+        views = model_images(pil, cfg)
+        system, pairs = normalize_turns(rec["conversations"])
+        enc = encoder.encode(system, pairs, len(names), [v.tokens for v in views])
+        pix = images([pil] if len(pil) > 1 else pil, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(enc.input_ids[None]).long(),
+                        labels=torch.tensor(enc.labels[None]).long(), **pix)
+        n = int(np.sum(enc.labels[1:] != -100))
+        want_total += float(out.loss) * n
+        want_count += n
+    assert int(count) == want_count
+    assert abs(float(total) - want_total) / want_total < 1e-5

@@ -157,6 +157,7 @@ class BatchSpec:
     length_buckets: tuple[int, ...] = ()  # pad mode: row length = smallest bucket that fits
     views: int = 0  # any resolution: views per image slot (then image_sources too)
     view_tokens: int = 0  # any resolution: LLM tokens per view
+    taps: int = 1  # features each image token takes (OneVision: 4, with image_weights)
 
     def row_length(self, longest: int) -> int:
         fits = [b for b in sorted(self.length_buckets) if b >= longest]
@@ -266,7 +267,7 @@ class _BatchIterator(grain.DatasetIterator):
         if s.mode == "pad" and s.length_buckets and rows:
             t = s.row_length(max(len(samples[i]["input_ids"]) for row in rows for i in row))
         out = dict(batch_format.empty(b, t, s.max_images, s.image_size, s.pad_id, s.pixel_dtype,
-                                      s.views), ids=[])
+                                      s.views, s.taps), ids=[])
         for r, row in enumerate(rows):
             pos, slot, ids = 0, 0, []
             for seg, i in enumerate(row, start=1):
@@ -283,6 +284,8 @@ class _BatchIterator(grain.DatasetIterator):
                 if s.views:
                     out["image_sources"][r, pos:pos + n] = place_sources(
                         x["sources"], slot, s.max_images, s.views, s.view_tokens)
+                    if s.taps > 1:
+                        out["image_weights"][r, pos:pos + n] = x["weights"]
                 pos, slot = pos + n, slot + k
                 ids.append(x["id"])
             out["ids"].append(ids)

@@ -126,8 +126,7 @@ def image_spec(cfg: DataConfig, model: LlavaConfig) -> ImageSpec:
     v = model.vision
     return ImageSpec(v.image_size, v.image_mean, v.image_std, cfg.image_aspect,
                      cfg.max_image_pixels, cfg.normalize_on_host,
-                     model.image_grid_pinpoints, v.patch_size, model.max_views,
-                     model.view_tokens)
+                     model if model.anyres else None)
 
 
 def image_slots(cfg: DataConfig, model: LlavaConfig) -> int:
@@ -207,7 +206,7 @@ def build_pipeline(cfg: DataConfig, tokenizer, model: LlavaConfig,
     spec = BatchSpec(cfg.batch_size, cfg.row_len, slots, v.image_size, cfg.packing,
                      cfg.pack_window, cfg.group_by_length, pad_id, cfg.seed,
                      "float32" if cfg.normalize_on_host else "uint8", tuple(cfg.length_buckets),
-                     model.batch_views, model.view_tokens)
+                     model.batch_views, model.view_tokens, model.taps)
     it = BatchDataset(it, spec)
     if cfg.workers > 0:  # workers make whole batches: one transfer per batch, not per sample
         _absl_flags_ready()

@@ -21,7 +21,9 @@ from mmjax.data.image import (
 from mmjax.data.quality import Skipped
 from mmjax.data.templates import ConversationError, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
+from mmjax.data.views import model_images
 from mmjax.models import anyres
+from mmjax.models.config import LlavaConfig
 
 
 @dataclasses.dataclass
@@ -32,12 +34,7 @@ class ImageSpec:
     aspect: ImageAspect = "pad"
     max_pixels: int = DEFAULT_MAX_PIXELS
     host_normalize: bool = False  # ship float32 instead of uint8 (measured slower)
-    # aspect "anyres" (LLaVA-NeXT): the model's grids, the tower's patch side, views per
-    # image slot and LLM tokens per view (mmjax.models.anyres)
-    pinpoints: tuple[tuple[int, int], ...] = ()
-    patch: int = 0
-    max_views: int = 1
-    view_tokens: int = 0
+    model: LlavaConfig | None = None  # aspect "anyres": the model whose layout images take
 
     @property
     def dtype(self):
@@ -75,24 +72,33 @@ class SampleProcessor:
                                     f"{self.max_images}")
 
     def _anyres(self, sample_id, system, pairs, images, raw) -> dict:
-        """An any-resolution sample: every image's views first (its token count follows from
-        its size), then the text with each image expanded to its count; `sources` [L] names
-        the feature each image token takes (`anyres.sample_sources`)."""
-        spec = self.images
-        views = [anyres.prepare(np.asarray(self._rgb(im, raw.get("image_root", "")), np.uint8),
-                                spec.pinpoints, spec.size, spec.patch) for im in images]
+        """An any-resolution sample: every image's views first (their layout depends on the
+        conversation's images, their token counts on the images' sizes; images of turns that
+        truncation drops are read too), then the text with each image expanded to its
+        count; `sources` [L] ([L, 4] and `weights`, OneVision) names the feature each image
+        token takes (`anyres.sample_sources`)."""
+        spec, cfg = self.images, self.images.model
+        views = model_images([np.asarray(self._rgb(im, raw.get("image_root", "")), np.uint8)
+                              for im in images], cfg)
         encoded = self.encoder.encode(system, pairs, len(images), [v.tokens for v in views])
         self._check_count(encoded.num_images)
         views = views[:encoded.num_images]
-        pixels = np.zeros((len(views), spec.max_views, spec.size, spec.size, 3), spec.dtype)
+        pixels = np.zeros((len(views), cfg.max_views, spec.size, spec.size, 3), spec.dtype)
         for k, v in enumerate(views):
             pixels[k, :len(v.pixels)] = normalize(v.pixels, spec.mean, spec.std) \
                 if spec.host_normalize else v.pixels
-        sources = np.zeros(len(encoded.input_ids), np.int32)
-        sources[encoded.input_ids == self.encoder.image_token_id] = anyres.sample_sources(
-            views, spec.max_views, spec.view_tokens)
-        return {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                "images": pixels, "sources": sources, "dropped_turns": encoded.dropped_turns}
+        taps = (cfg.taps,) if cfg.taps > 1 else ()
+        at = encoded.input_ids == self.encoder.image_token_id
+        sources = np.zeros((len(encoded.input_ids),) + taps, np.int32)
+        out = {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+               "images": pixels, "sources": sources, "dropped_turns": encoded.dropped_turns}
+        if views:
+            sources[at] = anyres.sample_sources(views, cfg.max_views, cfg.view_tokens)
+        if taps:
+            out["weights"] = np.zeros(sources.shape, np.float32)
+            if views:
+                out["weights"][at] = np.concatenate([v.weights for v in views])
+        return out
 
     def _rgb(self, image, root):
         if isinstance(image, str):  # a path under the record's image root

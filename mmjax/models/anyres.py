@@ -238,10 +238,10 @@ def prepare(image: np.ndarray, pinpoints: Pinpoints, tile: int, patch: int) -> I
 
 def sample_sources(images: Sequence[ImageViews], max_views: int, view_tokens: int
                    ) -> np.ndarray:
-    """int32 [tokens of all images]: the sources of a sample's images, in order, as indices
-    into the sample's own table (image k's views at k * max_views * view_tokens), -1 for a
-    newline; `place_sources` moves them into a row."""
-    out = [np.zeros(0, np.int32)]
+    """int32 [tokens of all images] ([tokens, 4] taps): the sources of a sample's images, in
+    order, as indices into the sample's own table (image k's views at k * max_views *
+    view_tokens), -1 for a newline; `place_sources` moves them into a row."""
+    out = []
     for k, im in enumerate(images):
         newline = im.sources == len(im.pixels) * view_tokens
         out.append(np.where(newline, -1, k * max_views * view_tokens + im.sources))

@@ -70,7 +70,7 @@ class StepSetup:
         param_sh, abstract_params = logical_shardings(boxed, mesh, rules), plain(boxed)
         return cls(rt, model, optim, trainer, param_sh, abstract_params,
                    trainer.state_shardings(param_sh, abstract_params),
-                   batch_format.shardings(mesh, rules, cfg.batch_views))
+                   batch_format.shardings(mesh, rules, cfg.batch_views, cfg.taps))
 
     def jit_step(self):
         return self.trainer.jit_step(self.state_sh, self.batch_sh)

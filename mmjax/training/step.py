@@ -123,7 +123,8 @@ class Trainer:
         pixels = device_pixels(micro["pixel_values"], self.vision)
         hidden = self.model.apply({"params": params}, micro["input_ids"], pixels,
                                   micro["positions"], micro["segment_ids"], head=False,
-                                  rngs=rngs, image_sources=micro.get("image_sources")).hidden
+                                  rngs=rngs, image_sources=micro.get("image_sources"),
+                                  image_weights=micro.get("image_weights")).hidden
         weight = self.model.apply({"params": params}, method="head_weight")
         return chunked_token_loss(hidden, weight, micro["targets"], rt.dtype, rt.loss_chunk)
 
@@ -194,7 +195,13 @@ class Trainer:
             return jnp.sum(is_image) // cfg.image_tokens
         b, slots = batch["pixel_values"].shape[:2]
         views = slots * cfg.max_views
-        view = jnp.where(is_image, batch["image_sources"] // cfg.view_tokens, views)  # [B, T]
+        if cfg.video_token_id >= 0:
+            is_image |= batch["input_ids"] == cfg.video_token_id
+        sources = batch["image_sources"]
+        if sources.ndim == 3:  # OneVision's taps: [B, T, K] -> [B, T*K]
+            is_image = jnp.repeat(is_image, sources.shape[-1], axis=1)
+            sources = sources.reshape(b, -1)
+        view = jnp.where(is_image, sources // cfg.view_tokens, views)  # [B, T]
         used = jnp.zeros((b, views + 1), bool).at[jnp.arange(b)[:, None], view].set(True)
         return jnp.sum(used[:, :views])
 
