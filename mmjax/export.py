@@ -44,6 +44,7 @@ from mmjax.hf.writer import (
     CAUSAL_LM,
     LLAVA_PARTS,
     LLM_PARTS,
+    image_processor,
     llava_config,
     model_tensors,
     parse_size,
@@ -190,6 +191,8 @@ def write_processor(out: Path, cfg, spec, aspect: str) -> str | None:
     on `PROBES`; the first that gives training's ids stays. Returns it (None for `plain`,
     which has no chat format); ConfigError when none does."""
     tokenizer = spec.tokenizer
+    if cfg.anyres_max:
+        return _write_onevision_processor(out, cfg, spec)
     if chat_template(spec.template) is None:
         _save_processor(out, processor(cfg, tokenizer, None, aspect), tokenizer)
         return None
@@ -208,6 +211,33 @@ def write_processor(out: Path, cfg, spec, aspect: str) -> str | None:
     raise ConfigError(f"the exported processor and chat template cannot give the prompt ids "
                       f"this run trained on (template {spec.template}, "
                       f"{type(tokenizer).__name__}): " + "; ".join(tried))
+
+
+def _write_onevision_processor(out: Path, cfg, spec) -> None:
+    """OneVision: its image processor (the grids), the tokenizer and the chat template.
+    LlavaOnevisionProcessor also needs a video processor, which transformers builds only
+    with torchvision: it is written when torchvision is there, else said on the console."""
+    tokenizer = spec.tokenizer
+    images = image_processor(cfg, "anyres")
+    images.save_pretrained(str(out))
+    save_tokenizer(tokenizer, out)
+    template = chat_template(spec.template)
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+    try:
+        video = tf.LlavaOnevisionVideoProcessor(
+            size={"height": cfg.vision.image_size, "width": cfg.vision.image_size},
+            image_mean=list(cfg.vision.image_mean), image_std=list(cfg.vision.image_std))
+    except ImportError as e:
+        log.warning("OneVision export: no video processor written (%s); the image processor, "
+                    "tokenizer and chat template are", str(e).splitlines()[0])
+        return None
+    tf.LlavaOnevisionProcessor(
+        image_processor=images, tokenizer=tokenizer, video_processor=video,
+        num_image_tokens=cfg.view_tokens, vision_feature_select_strategy=cfg.vision_feature_select,
+        chat_template=template, vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}"
+    ).save_pretrained(str(out))
+    return None
 
 
 def _save_processor(out: Path, proc, tokenizer) -> None:

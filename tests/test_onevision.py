@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from safetensors.numpy import load_file
+from tiny_runs import make_run
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
 )
@@ -23,18 +26,22 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
+from mmjax import configlib
 from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, make_encoder
 from mmjax.data.templates import normalize_turns
 from mmjax.data.views import model_images
+from mmjax.export import export
 from mmjax.hf import load, load_tokenizer
 from mmjax.hf.verify import verify
 from mmjax.inference import Engine, Sampling
 from mmjax.inference.load import from_hf
 from mmjax.inference.prompt import request
 from mmjax.models import anyres
+from mmjax.training.config import from_config
 from mmjax.training.optimizer import OptimConfig
 from mmjax.training.step import Trainer
 
+ROOT = Path(__file__).resolve().parent.parent
 OV = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]  # anyres_max_9's grids
 SMALL = [[28 * r, 28 * c] for r in range(1, 7) for c in range(1, 7)]  # the same at 28 px
 SIZES = [(480, 640), (640, 480), (500, 500), (1, 1), (3, 700), (700, 3), (2000, 2000),
@@ -329,3 +336,38 @@ def test_training_batches_give_transformers_loss(ov_chat_dir, tmp_path):
         want_count += n
     assert int(count) == want_count
     assert abs(float(total) - want_total) / want_total < 1e-5
+
+
+def test_a_onevision_run_exports_to_onevision(ov_chat_dir, tmp_path):
+    """A stage-2 run from a OneVision directory exports back to
+    LlavaOnevisionForConditionalGeneration: the same tensors bit for bit, its config
+    (pinpoints, anyres_max, the video token) and image processor read back by transformers."""
+    root, model, tok, _ = ov_chat_dir
+    sources = [{"kind": "llava_json", "path": str(tmp_path / "none.json"),
+                "image_root": str(tmp_path), "weight": 1.0}]
+    (tmp_path / "none.json").write_text("[]")
+    tc = from_config(configlib.load(f"{ROOT}/configs/stage2.py", [
+        f"--config.data.sources={sources!r}", "--config.total_steps=1",
+        "--config.batch_size=8", "--config.runtime.dtype=float32",
+        f"--config.init.hf_llava={root}", "--config.data.image_aspect=anyres",
+        "--config.data.template=vicuna_v1"]))
+    run = make_run(tmp_path / "run", tc)
+    out = export(str(run), tmp_path / "hf", dtype="float32", say=lambda _: None)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    mine, theirs = _tensors(out), _tensors(root)
+    assert set(theirs) <= set(mine)
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(mine[k], v, k)
+    back = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(out)
+    assert back.config.vision_aspect_ratio == "anyres_max_2"
+    assert back.config.video_token_index == model.config.video_token_index
+    images = tf.LlavaOnevisionImageProcessorPil.from_pretrained(str(out))
+    assert images.image_grid_pinpoints == PINS
+
+
+def _tensors(directory) -> dict:
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -256,6 +256,11 @@ def hf_config_object(cfg):
         vision_feature_select_strategy=cfg.vision_feature_select,
         multimodal_projector_bias=cfg.projector.bias,
         tie_word_embeddings=cfg.llm.tie_word_embeddings)
+    if cfg.anyres_max:  # LLaVA-OneVision
+        return tf.LlavaOnevisionConfig(
+            image_token_index=cfg.image_token_id, video_token_index=cfg.video_token_id,
+            image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+            vision_aspect_ratio=f"anyres_max_{cfg.anyres_max}", **common)
     if cfg.anyres:  # LLaVA-NeXT
         return tf.LlavaNextConfig(
             image_token_index=cfg.image_token_id, image_seq_length=cfg.view_tokens,

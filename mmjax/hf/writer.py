@@ -166,10 +166,17 @@ def llava_config(cfg: LlavaConfig, tokenizer, dtype: str):
     for c in (conf, conf.text_config):
         c.bos_token_id, c.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         c.pad_token_id = tokenizer.pad_token_id
-    conf.architectures = ["LlavaNextForConditionalGeneration" if cfg.anyres else
-                          "LlavaForConditionalGeneration"]
+    conf.architectures = [architecture_of(cfg)]
     conf.dtype = dtype
     return conf
+
+
+def architecture_of(cfg: LlavaConfig) -> str:
+    """The transformers class a LLaVA model exports to."""
+    if cfg.anyres_max:
+        return "LlavaOnevisionForConditionalGeneration"
+    return "LlavaNextForConditionalGeneration" if cfg.anyres else \
+        "LlavaForConditionalGeneration"
 
 
 def image_processor(cfg: LlavaConfig, aspect: str):
@@ -183,6 +190,10 @@ def image_processor(cfg: LlavaConfig, aspect: str):
     v, s = cfg.vision, cfg.vision.image_size
     common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std))
     square = {"height": s, "width": s}
+    if aspect == "anyres" and cfg.anyres_max:
+        return tf.LlavaOnevisionImageProcessorPil(
+            size=square, image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+            **common)
     if aspect == "anyres":
         return tf.LlavaNextImageProcessorPil(
             size={"shortest_edge": s}, crop_size=square,
