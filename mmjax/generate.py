@@ -1,6 +1,7 @@
 """One reply from a trained or imported LLaVA.
 
     python -m mmjax.generate (--hf DIR | --checkpoint WORKDIR[:STEP]) [--image PATH ...]
+        [--video PATH ... [--frames N] [--video-fps F]]
         --prompt TEXT [--template NAME|raw] [--max-new-tokens N] [--temperature T]
         [--top-p P] [--top-k K] [--seed S] [--dtype float32|bfloat16] [--output text|json]
 """
@@ -19,6 +20,7 @@ def main(argv=None) -> dict:
     cli.add_model_args(parser)
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image (repeatable; in prompt order)")
+    cli.add_video_args(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--system", default=None, help="system prompt (default: the "
                         "template's)")
@@ -29,7 +31,8 @@ def main(argv=None) -> dict:
     sampling = cli.sampling(args, logprobs=args.logprobs)
     m = cli.load_model(args)
     images = [m.read_image(p) for p in args.image]
-    req = request(m, [(args.prompt, "")], images, args.system)
+    videos = [m.read_video(p, args.frames, args.video_fps) for p in args.video]
+    req = request(m, [(args.prompt, "")], images, args.system, videos)
     result = m.engine(cli.say_compiling).generate([req], sampling, seed=args.seed)[0]
     out = {"text": result.text.strip(), "token_ids": result.token_ids,
            "finish": result.finish}

@@ -27,8 +27,10 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
 from mmjax import configlib
+from mmjax.data.image import ImageError
 from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, make_encoder
 from mmjax.data.templates import normalize_turns
+from mmjax.data.video import frame_indices, read_frames
 from mmjax.data.views import model_images
 from mmjax.export import export
 from mmjax.hf import load, load_tokenizer
@@ -371,3 +373,62 @@ def _tensors(directory) -> dict:
     for f in sorted(Path(directory).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+# --------------------------------------------------------------------------- video
+def _write_video(path: Path, n: int, fps: int = 4, size=(48, 64)) -> None:
+    """An mp4 whose frame i is a flat grey of level 20 * i (PyAV, the video extra)."""
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full(size + (3,), 20 * i, np.uint8),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_frames_are_sampled_as_llava_next_samples_them(tmp_path):
+    """One frame per second of video, or `frames` spread evenly over it when that is more
+    (LLaVA-NeXT's process_video_with_decord with video_fps=1, frames_upbound); decoded with
+    PyAV; a file that is not a video is a counted reason, not a crash."""
+    assert frame_indices(10, 4.0, frames=32) == [0, 4, 8]  # every 4th frame at 4 fps
+    assert frame_indices(100, 1.0, frames=4) == [0, 33, 66, 99]  # linspace, truncated
+    assert frame_indices(10, 4.0, frames=4, force=True) == [0, 3, 6, 9]
+    _write_video(tmp_path / "grey.mp4", 12)
+    frames = read_frames(tmp_path / "grey.mp4", frames=32)
+    assert frames.shape == (3, 48, 64, 3)  # 12 frames at 4 fps: 3 seconds
+    assert np.allclose(frames.mean(axis=(1, 2, 3)), [0, 80, 160], atol=3)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(ImageError) as e:
+        read_frames(tmp_path / "bad.mp4")
+    assert e.value.reason == "corrupt_video"
+
+
+def test_generation_with_a_video_is_transformers(ov_chat_dir, tmp_path):
+    """`<video>` in a raw prompt with a video file: the frames sampled and laid out as
+    OneVision's video (pooled 2 x 2, one newline), greedy tokens as transformers' generate
+    on the same frames (pixel_values_videos; its video processor needs torchvision, which
+    is not installed here)."""
+    root, model, tok, _ = ov_chat_dir
+    m = from_hf(root, dtype="float32", template="raw")
+    _write_video(tmp_path / "clip.mp4", 12, size=(60, 80))
+    video = m.read_video(tmp_path / "clip.mp4", frames=4, fps=4.0)  # 12 frames -> 4
+    assert video.video and video.pixels.shape == (4, 56, 56, 3)
+    prompt = "USER: <video>\nwhat happens in the video? ASSISTANT:"
+    req = request(m, [(prompt, "")], [], videos=[video])
+    assert int(np.sum(req.ids == m.cfg.video_token_id)) == 4 * 2 * 2 + 1
+    got = m.engine().generate([req], Sampling(max_new_tokens=10))[0]
+    frames = torch.tensor((video.pixels / 255.0 - 0.5) / 0.5, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(req.ids[None]).long(),
+                             pixel_values_videos=frames.permute(0, 3, 1, 2)[None],
+                             max_new_tokens=10, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, len(req.ids):].tolist()
+    assert got.token_ids == (ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref
+                             else ref)

@@ -108,7 +108,8 @@ def make_encoder(cfg: DataConfig, tokenizer, model: LlavaConfig) -> Conversation
         cfg.template
     return ConversationEncoder(tokenizer, get_template(name, tokenizer),
                                0 if model.anyres else model.image_tokens,  # anyres: per image
-                               model.image_token_id, cfg.max_length, cfg.special_token_text)
+                               model.image_token_id, cfg.max_length, cfg.special_token_text,
+                               model.video_token_id)
 
 
 def check_aspect(cfg: DataConfig, model: LlavaConfig) -> None:

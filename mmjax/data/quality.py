@@ -19,6 +19,8 @@ REASONS = (
     "corrupt_image",  # unreadable, truncated or not an image
     "empty_image",  # zero width or height
     "image_too_large",  # more pixels than the decompression-bomb limit
+    "corrupt_video",  # a video that does not decode (or PyAV is not installed)
+    "empty_video",  # a video without frames
     "unsafe_image_path",  # '..', absolute, or a symlink out of the image root
     "malformed_record",  # a JSON line that does not parse, or a record of the wrong shape
     "unknown_role",  # a turn whose 'from' is not human/gpt (or user/assistant/system)

@@ -33,6 +33,7 @@ import dataclasses
 from typing import Literal
 
 IMAGE = "<image>"
+VIDEO = "<video>"  # LLaVA-OneVision's video placeholder
 # a template by name, or `auto` (the LLM family's: `default_template`)
 TemplateName = Literal["auto", "plain", "vicuna_v1", "mistral_instruct", "llama_3", "chatml",
                        "chat_template"]

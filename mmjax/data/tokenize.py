@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import AddedToken
 
 from mmjax.batch import IGNORE
-from mmjax.data.templates import IMAGE, ConversationError, Rendered, Segment, Template
+from mmjax.data.templates import IMAGE, VIDEO, ConversationError, Rendered, Segment, Template
 
 __all__ = ["ENCODING_VERSION", "ConversationEncoder", "Encoded", "add_image_token", "has_token"]
 # Bumped whenever the ids or labels produced for the same data change; anything derived
@@ -59,7 +59,7 @@ class ConversationEncoder:
     """Renders with a template, tokenizes, masks, expands images and truncates by turns."""
 
     def __init__(self, tokenizer, template: Template, image_tokens: int, image_token_id: int,
-                 max_length: int, special_token_text: str = "skip"):
+                 max_length: int, special_token_text: str = "skip", video_token_id: int = -1):
         if special_token_text not in SPECIAL_TOKEN_TEXT:
             raise ValueError(f"special_token_text {special_token_text!r}: one of "
                              f"{', '.join(SPECIAL_TOKEN_TEXT)}")
@@ -72,6 +72,11 @@ class ConversationEncoder:
         self.max_length = max_length
         self.keep_special_text = special_token_text == "keep"
         self.tok_image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        # OneVision: <video> placeholders expand to `video_token_id` (the tokenizer's own)
+        self.video_token_id = video_token_id
+        self.tok_video_id = tokenizer.convert_tokens_to_ids(VIDEO) if (
+            video_token_id >= 0 and has_token(tokenizer, VIDEO)) else -1
+        self.placeholders = (IMAGE, VIDEO) if self.tok_video_id >= 0 else (IMAGE,)
         eot = template.end_of_turn
         if eot and len(tokenizer.encode(eot, add_special_tokens=False)) != 1:
             raise ValueError(f"template {template.name!r} ends turns with {eot!r}, which this "
@@ -79,7 +84,7 @@ class ConversationEncoder:
                              "matches the model's tokenizer")
         special = ({i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
                    | set(tokenizer.all_special_ids))
-        special -= {tokenizer.unk_token_id, self.tok_image_id}
+        special -= {tokenizer.unk_token_id, self.tok_image_id, self.tok_video_id}
         self.special_ids = np.asarray(sorted(special), np.int64)
         # a control token can only come from text that holds its string: checked first
         self.special_strings = tuple(tokenizer.convert_ids_to_tokens(sorted(special)))
@@ -99,10 +104,11 @@ class ConversationEncoder:
         dropped = 0
         while True:
             rendered = self.template.render(system, pairs)
-            placeholders = rendered.text.count(IMAGE)
+            placeholders = sum(rendered.text.count(p) for p in self.placeholders)
             if dropped == 0 and placeholders != num_images:
-                raise ConversationError("image_count_mismatch",
-                                        f"{placeholders} <image> for {num_images} images")
+                raise ConversationError("image_count_mismatch", f"{placeholders} "
+                                        f"{' / '.join(self.placeholders)} for {num_images} "
+                                        "images")
             ids, labels = self._tokenize(rendered.segments)
             ids, labels = self._expand_images(ids, labels, image_tokens)
             if len(ids) <= self.max_length:
@@ -225,8 +231,9 @@ class ConversationEncoder:
 
     def _expand_images(self, ids, labels, counts: Sequence[int] | None = None):
         """Each placeholder -> its image's tokens (`counts[k]` for the k-th, else the
-        encoder's `image_tokens`)."""
-        where = np.flatnonzero(ids == self.tok_image_id)
+        encoder's `image_tokens`); a video's at `video_token_id`."""
+        media = np.isin(ids, [self.tok_image_id, self.tok_video_id])
+        where = np.flatnonzero(media)
         if not len(where):
             return ids, labels
         repeats = np.ones(len(ids), np.int64)
@@ -240,9 +247,11 @@ class ConversationEncoder:
                 raise ConversationError("image_count_mismatch", f"{len(where)} <image> for "
                                         f"{len(counts)} image token counts")
             repeats[where] = counts[:len(where)]
-        ids = np.repeat(np.where(ids == self.tok_image_id, self.image_token_id, ids), repeats)
+        model_ids = np.where(ids == self.tok_image_id, self.image_token_id, ids)
+        model_ids = np.where(ids == self.tok_video_id, self.video_token_id, model_ids)
+        ids = np.repeat(model_ids, repeats)
         labels = np.repeat(labels, repeats)
-        labels[ids == self.image_token_id] = IGNORE
+        labels[np.repeat(media, repeats)] = IGNORE
         return ids.astype(np.int32), labels.astype(np.int32)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from mmjax.data.image import resize_uint8
+from mmjax.data.image import ImageError, resize_uint8
 from mmjax.models import anyres
 from mmjax.models.config import LlavaConfig
 
@@ -36,3 +36,20 @@ def model_images(images: Sequence[np.ndarray], cfg: LlavaConfig) -> list[anyres.
         src, wts = anyres.square_taps(n)
         out.append(anyres.ImageViews(square[None], src, im.shape[:2], wts))
     return out
+
+
+def video_views(frames: np.ndarray, cfg: LlavaConfig) -> anyres.ImageViews:
+    """uint8 [F, H, W, 3] sampled frames (mmjax.data.video) -> OneVision's video layout: each
+    frame resized to the tower's square (bicubic, aspect not kept: its video processor's
+    `size`), its features pooled 2 x 2, one newline after the last frame."""
+    if cfg.video_token_id < 0:
+        raise ImageError("corrupt_video", "this model takes no video (LLaVA-OneVision does)")
+    if len(frames) > cfg.max_views:
+        raise ImageError("too_long", f"{len(frames)} frames; the model's image slots hold "
+                         f"{cfg.max_views} views (sample fewer frames)")
+    v = cfg.vision
+    pixels = np.stack([np.asarray(Image.fromarray(f).resize((v.image_size, v.image_size),
+                                                            Image.Resampling.BICUBIC))
+                       for f in frames])
+    src, wts = anyres.video_taps(len(frames), v.image_size // v.patch_size)
+    return anyres.ImageViews(pixels, src, tuple(frames.shape[1:3]), wts, video=True)

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from mmjax import compile_cache
+from mmjax.data.video import FRAMES
 from mmjax.errors import ConfigError, UsageError
 from mmjax.inference.load import Loaded, load
 from mmjax.inference.sampling import Sampling
@@ -33,6 +34,18 @@ def add_model_args(parser: argparse.ArgumentParser, step: bool = True,
     parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
                         help="the KV cache's element type (default: --dtype); bfloat16 "
                         "halves what each decode step reads of it")
+
+
+def add_video_args(parser: argparse.ArgumentParser) -> None:
+    """--video PATH (repeatable) and how its frames are sampled (mmjax.data.video)."""
+    parser.add_argument("--video", action="append", default=[], metavar="PATH",
+                        help="a video for a LLaVA-OneVision model (repeatable; in prompt "
+                        "order, <video> in a raw prompt); needs the video extra (PyAV)")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="at most this many frames "
+                        "per video, spread evenly when there are more (OneVision: 32; capped "
+                        "by the model's views per image slot)")
+    parser.add_argument("--video-fps", type=float, default=1.0,
+                        help="frames per second of video kept before the cap")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new: int = 512) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -16,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 from mmjax.data.image import ImageAspect, ImageError, blank_pixels, load_rgb, tower_pixels
-from mmjax.data.templates import IMAGE, get_template
+from mmjax.data.templates import IMAGE, VIDEO, get_template
 from mmjax.data.tokenize import ConversationEncoder
-from mmjax.data.views import model_images
+from mmjax.data.video import FRAMES, read_frames
+from mmjax.data.views import model_images, video_views
 from mmjax.errors import ConfigError, UsageError
 from mmjax.hf import load as hf_load
 from mmjax.hf import load_tokenizer
@@ -59,7 +61,8 @@ class Loaded:
             return None
         return ConversationEncoder(self.tokenizer, get_template(self.template, self.tokenizer),
                                    0 if self.cfg.anyres else self.cfg.image_tokens,
-                                   self.cfg.image_token_id, 1 << 30, special_token_text="keep")
+                                   self.cfg.image_token_id, 1 << 30, special_token_text="keep",
+                                   video_token_id=self.cfg.video_token_id)
 
     def stop_ids(self) -> list[int]:
         return stop_ids(self.tokenizer, self.template)
@@ -88,6 +91,20 @@ class Loaded:
             return blank_pixels(v.image_size, v.image_mean)
         return np.asarray(load_rgb(image, **extra), np.uint8)
 
+    def read_video(self, path: str | Path, frames: int = FRAMES, fps: float = 1.0):
+        """A video file named on a command line -> its views (frames sampled as
+        mmjax.data.video samples them); UsageError when unusable."""
+        if self.cfg.video_token_id < 0:
+            raise UsageError(f"{self.model_id} takes no video (LLaVA-OneVision models do)")
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"video {path} does not exist")
+        try:
+            return video_views(read_frames(path, min(frames, self.cfg.max_views), fps),
+                               self.cfg)
+        except ImageError as e:
+            raise UsageError(f"video {path}: {e}") from None
+
     def model_images(self, images) -> list:
         """One conversation's images (as `pixels` gives them) as the engine takes them: as
         they are, or an any-resolution model's views (mmjax.data.views)."""
@@ -109,14 +126,19 @@ class Loaded:
             raise UsageError(f"image {path}: {e}") from None
 
     def raw_prompt_ids(self, text: str, image_tokens=None) -> np.ndarray:
-        """The prompt text tokenized as given (with the tokenizer's BOS), each <image>
-        expanded to its image's tokens (`image_tokens[k]` for the k-th; default: one view's)."""
+        """The prompt text tokenized as given (with the tokenizer's BOS), each <image> (and
+        <video>) expanded to its tokens (`image_tokens[k]` for the k-th placeholder;
+        default: one view's)."""
         ids: list[int] = []
-        for k, piece in enumerate(text.split(IMAGE)):
+        pieces = re.split(f"({IMAGE}|{VIDEO})" if self.cfg.video_token_id >= 0 else
+                          f"({IMAGE})", text)
+        for k, piece in enumerate(pieces[::2]):
             if k:
                 n = self.cfg.image_tokens if image_tokens is None else (
                     image_tokens[k - 1] if k - 1 < len(image_tokens) else 0)
-                ids += [self.cfg.image_token_id] * n
+                media = self.cfg.video_token_id if pieces[2 * k - 1] == VIDEO else \
+                    self.cfg.image_token_id
+                ids += [media] * n
             ids += self.tokenizer.encode(piece, add_special_tokens=k == 0)
         return np.asarray(ids, np.int32)
 

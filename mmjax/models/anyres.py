@@ -221,6 +221,7 @@ class ImageViews:
     sources: np.ndarray  # int32 [tokens]: `feature_sources` (OneVision: [tokens, 4] taps)
     size: tuple[int, int]  # (H, W) of the image in pixels
     weights: np.ndarray | None = None  # float32 [tokens, 4]: OneVision's taps' weights
+    video: bool = False  # a video (its views are frames; its tokens stand at <video>)
 
     @property
     def tokens(self) -> int:
