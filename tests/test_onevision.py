@@ -28,7 +28,13 @@ from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
 from mmjax import configlib
 from mmjax.data.image import ImageError
-from mmjax.data.pipeline import DataConfig, SourceConfig, build_pipeline, make_encoder
+from mmjax.data.pipeline import (
+    DataConfig,
+    SourceConfig,
+    build_pipeline,
+    make_encoder,
+    skip_report,
+)
 from mmjax.data.templates import normalize_turns
 from mmjax.data.video import frame_indices, read_frames
 from mmjax.data.views import model_images
@@ -432,3 +438,44 @@ def test_generation_with_a_video_is_transformers(ov_chat_dir, tmp_path):
                              pad_token_id=tok.pad_token_id)[0, len(req.ids):].tolist()
     assert got.token_ids == (ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref
                              else ref)
+
+
+def test_video_records_train_with_transformers_loss(ov_chat_dir, tmp_path):
+    """A LLaVA-NeXT-style video record ("video" beside the conversation, <image> in its
+    text) through the pipeline: the step's loss equals LlavaOnevisionForConditionalGeneration
+    on the same frames; a broken video and a missing one are counted skips."""
+    root, model, tok, _ = ov_chat_dir
+    _write_video(tmp_path / "clip.mp4", 12, size=(60, 80))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    conv = [{"from": "human", "value": "<image>\nwhat happens in the video?"},
+            {"from": "gpt", "value": "a cat on the table"}]
+    records = [{"id": "clip", "video": "clip.mp4", "conversations": conv},
+               {"id": "bad", "video": "bad.mp4", "conversations": conv},
+               {"id": "gone", "video": "gone.mp4", "conversations": conv}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    imported = load(root)
+    cfg = imported.config
+    data = DataConfig(sources=(SourceConfig("llava_json", str(tmp_path / "train.json"),
+                                            str(tmp_path)),),
+                      image_aspect="anyres", max_length=512, batch_size=1, shuffle=False,
+                      template="vicuna_v1", video_frames=4, video_fps=4.0, max_bad_share=1.0)
+    it = build_pipeline(data, load_tokenizer(root), cfg, process_index=0, process_count=1)
+    batches = list(it)
+    batch = batches[0]
+    assert [b["ids"][0] for b in batches if b["ids"][0]] == [["clip"]]
+    assert skip_report(it).counts == {"corrupt_video": 1, "missing_image": 1}
+    total, count = jax.jit(Trainer(imported.model, OptimConfig()).loss)(imported.params, {
+        k: jnp.asarray(v) for k, v in batch.items() if k not in ("ids", "tally")})
+    frames = batch["pixel_values"][0, 0, :4]  # the sampled frames, at the tower's size
+    ids = batch["input_ids"][0][batch["segment_ids"][0] > 0]
+    labels = np.concatenate([[-100], batch["targets"][0][batch["segment_ids"][0] > 0][:-1]])
+    assert int(np.sum(ids == cfg.video_token_id)) == 4 * 4 + 1
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids[None]).long(),
+                    labels=torch.tensor(labels[None]).long(),
+                    pixel_values_videos=torch.tensor((frames / 255.0 - 0.5) / 0.5,
+                                                     dtype=torch.float32)
+                    .permute(0, 3, 1, 2)[None])
+    n = int(np.sum(labels[1:] != -100))
+    assert int(count) == n
+    assert abs(float(total) / n - float(out.loss)) < 1e-5

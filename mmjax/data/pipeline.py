@@ -65,6 +65,8 @@ class DataConfig:
     # anyres: LLaVA-NeXT's views on the model's image_grid_pinpoints (NeXT models only)
     image_aspect: ImageAspect = "pad"  # to the tower's square (pad: LLaVA-1.5's), or anyres
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
+    video_frames: int = 32  # OneVision videos: at most this many frames, spread evenly
+    video_fps: float = 1.0  # OneVision videos: frames per second kept before that cap
     normalize_on_host: bool = False  # ship float32 instead of uint8 (measured slower)
     shuffle: bool = True  # shuffle the mixture (seeded by `seed`)
     holdout_share: float = 0.0  # records (of the mixture) kept out of training: the held-out
@@ -127,7 +129,7 @@ def image_spec(cfg: DataConfig, model: LlavaConfig) -> ImageSpec:
     v = model.vision
     return ImageSpec(v.image_size, v.image_mean, v.image_std, cfg.image_aspect,
                      cfg.max_image_pixels, cfg.normalize_on_host,
-                     model if model.anyres else None)
+                     model if model.anyres else None, cfg.video_frames, cfg.video_fps)
 
 
 def image_slots(cfg: DataConfig, model: LlavaConfig) -> int:

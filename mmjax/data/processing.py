@@ -19,9 +19,10 @@ from mmjax.data.image import (
     tower_pixels,
 )
 from mmjax.data.quality import Skipped
-from mmjax.data.templates import ConversationError, normalize_turns
+from mmjax.data.templates import IMAGE, VIDEO, ConversationError, normalize_turns
 from mmjax.data.tokenize import ConversationEncoder
-from mmjax.data.views import model_images
+from mmjax.data.video import read_frames
+from mmjax.data.views import model_images, video_views
 from mmjax.models import anyres
 from mmjax.models.config import LlavaConfig
 
@@ -35,6 +36,8 @@ class ImageSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     host_normalize: bool = False  # ship float32 instead of uint8 (measured slower)
     model: LlavaConfig | None = None  # aspect "anyres": the model whose layout images take
+    video_frames: int = 32  # OneVision videos: at most this many frames (mmjax.data.video)
+    video_fps: float = 1.0  # frames per second of video kept before that cap
 
     @property
     def dtype(self):
@@ -56,6 +59,8 @@ class SampleProcessor:
             images = raw.get("images") or []
             if not isinstance(images, list):
                 raise ConversationError("malformed_record", "images is not a list")
+            if raw.get("video") is not None:
+                return self._video(sample_id, system, pairs, images, raw)
             if self.images.aspect == "anyres":
                 return self._anyres(sample_id, system, pairs, images, raw)
             encoded = self.encoder.encode(system, pairs, len(images))
@@ -77,10 +82,31 @@ class SampleProcessor:
         truncation drops are read too), then the text with each image expanded to its
         count; `sources` [L] ([L, 4] and `weights`, OneVision) names the feature each image
         token takes (`anyres.sample_sources`)."""
-        spec, cfg = self.images, self.images.model
+        cfg = self.images.model
         views = model_images([np.asarray(self._rgb(im, raw.get("image_root", "")), np.uint8)
                               for im in images], cfg)
-        encoded = self.encoder.encode(system, pairs, len(images), [v.tokens for v in views])
+        return self._laid_out(sample_id, system, pairs, views)
+
+    def _video(self, sample_id, system, pairs, images, raw) -> dict:
+        """A OneVision video record: its frames as one image slot's views; the <image> of
+        its text (LLaVA-NeXT's video data) stands for the video."""
+        spec, cfg = self.images, self.images.model
+        if cfg is None or cfg.video_token_id < 0:
+            raise ImageError("corrupt_video", "a video record for a model that takes none")
+        if images:
+            raise ConversationError("malformed_record", "a record with both images and a "
+                                    "video")
+        path = resolve_image_path(raw.get("image_root", ""), raw["video"])
+        if not path.is_file():
+            raise ImageError("missing_image", f"video {raw['video']}")
+        frames = read_frames(path, min(spec.video_frames, cfg.max_views), spec.video_fps,
+                             max_pixels=spec.max_pixels)
+        pairs = [(q if VIDEO in q else q.replace(IMAGE, VIDEO), a) for q, a in pairs]
+        return self._laid_out(sample_id, system, pairs, [video_views(frames, cfg)])
+
+    def _laid_out(self, sample_id, system, pairs, views) -> dict:
+        spec, cfg = self.images, self.images.model
+        encoded = self.encoder.encode(system, pairs, len(views), [v.tokens for v in views])
         self._check_count(encoded.num_images)
         views = views[:encoded.num_images]
         pixels = np.zeros((len(views), cfg.max_views, spec.size, spec.size, 3), spec.dtype)
@@ -88,7 +114,7 @@ class SampleProcessor:
             pixels[k, :len(v.pixels)] = normalize(v.pixels, spec.mean, spec.std) \
                 if spec.host_normalize else v.pixels
         taps = (cfg.taps,) if cfg.taps > 1 else ()
-        at = encoded.input_ids == self.encoder.image_token_id
+        at = np.isin(encoded.input_ids, [cfg.image_token_id, cfg.video_token_id])
         sources = np.zeros((len(encoded.input_ids),) + taps, np.int32)
         out = {"id": sample_id, "input_ids": encoded.input_ids, "labels": encoded.labels,
                "images": pixels, "sources": sources, "dropped_turns": encoded.dropped_turns}

@@ -2,6 +2,8 @@
 
     {"id": str, "images": [relative path | bytes | uint8 array, ...], "conversations": [...],
      "source": str}                      or a quality.Skipped marker for unreadable records
+    (a LLaVA-OneVision video record also "video": its relative path, the text's <image>
+     standing for it, as LLaVA-NeXT's video data writes it)
 
 - `LlavaJsonSource`: LLaVA-format JSON (an array) or JSONL with an image root. The file is
   indexed once per host (byte offsets, streamed with bounded memory, cached beside the file
@@ -151,9 +153,12 @@ class LlavaJsonSource:
             return Skipped("malformed_record", fallback_id, "record is not an object")
         image = rec.get("image")
         images = [] if image is None else (image if isinstance(image, list) else [image])
-        return {"id": str(rec.get("id", fallback_id)), "images": images,
-                "conversations": rec.get("conversations"), "source": self.name,
-                "image_root": self.image_root}
+        out = {"id": str(rec.get("id", fallback_id)), "images": images,
+               "conversations": rec.get("conversations"), "source": self.name,
+               "image_root": self.image_root}
+        if rec.get("video") is not None:
+            out["video"] = rec["video"]
+        return out
 
     def __repr__(self):
         return f"LlavaJsonSource({self.path}, {len(self)} records)"
