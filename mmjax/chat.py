@@ -1,9 +1,10 @@
 """An interactive chat with a trained or imported LLaVA, in the terminal.
 
-    python -m mmjax.chat (--hf DIR | --checkpoint WORKDIR) [--image PATH]
+    python -m mmjax.chat (--hf DIR | --checkpoint WORKDIR) [--image PATH | --video PATH]
 
 Type a message and the reply streams as it is generated. Commands:
     /image PATH   chat about another image (starts a new conversation)
+    /video PATH   chat about a video (LLaVA-OneVision; starts a new conversation)
     /reset        start a new conversation with the same image
     /exit         quit (also Ctrl-D)
 Works with piped input too: one message or command per line.
@@ -27,18 +28,23 @@ class Chat:
         self.m, self.engine, self.sampling, self.out = m, engine, sampling, out
         self.seed = seed
         self.images: list = []
+        self.videos: list = []
         self.pairs: list[tuple[str, str]] = []
         self.turn = 0
 
     def set_image(self, path: str) -> None:
-        self.images = [self.m.read_image(path)]
+        self.images, self.videos = [self.m.read_image(path)], []
+        self.pairs = []
+
+    def set_video(self, path: str, frames: int, fps: float) -> None:
+        self.images, self.videos = [], [self.m.read_video(path, frames, fps)]
         self.pairs = []
 
     def reset(self) -> None:
         self.pairs = []
 
     def say(self, message: str) -> str:
-        req = request(self.m, self.pairs + [(message, "")], self.images)
+        req = request(self.m, self.pairs + [(message, "")], self.images, videos=self.videos)
         ids: list[int] = []
         shown = [""]
 
@@ -69,6 +75,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser, step=True)
     parser.add_argument("--image", default=None, metavar="PATH")
+    cli.add_video_args(parser, repeat=False)
     cli.add_sampling_args(parser)
     args = parser.parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
@@ -76,6 +83,8 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
     chat = Chat(m, m.engine(cli.say_compiling), cli.sampling(args), out, seed=args.seed)
     if args.image:
         chat.set_image(args.image)
+    if args.video:
+        chat.set_video(args.video, args.frames, args.video_fps)
     interactive = stdin.isatty()
     replies = []
     while True:
@@ -94,17 +103,20 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
             chat.reset()
             out.write("(new conversation)\n")
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        if line.startswith(("/image", "/video")):
+            kind, path = line[1:6], line[6:].strip()
             try:
-                chat.set_image(path)
+                if kind == "image":
+                    chat.set_image(path)
+                else:
+                    chat.set_video(path, args.frames, args.video_fps)
             except UsageError as e:
                 out.write(f"error: {e}\n")
                 continue
-            out.write(f"(image {path}; new conversation)\n")
+            out.write(f"({kind} {path}; new conversation)\n")
             continue
         if line.startswith("/"):
-            out.write("commands: /image PATH, /reset, /exit\n")
+            out.write("commands: /image PATH, /video PATH, /reset, /exit\n")
             continue
         out.write("ASSISTANT: ")
         out.flush()

@@ -4,6 +4,7 @@ run as it is: `anyres_max_N` pooling of an image's tile grid (`pack_image_featur
 and the processor's token counts for all three."""
 from __future__ import annotations
 
+import io
 import json
 import types
 from pathlib import Path
@@ -26,7 +27,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
-from mmjax import configlib
+from mmjax import chat, configlib, generate
 from mmjax.data.image import ImageError
 from mmjax.data.pipeline import (
     DataConfig,
@@ -479,3 +480,24 @@ def test_video_records_train_with_transformers_loss(ov_chat_dir, tmp_path):
     n = int(np.sum(labels[1:] != -100))
     assert int(count) == n
     assert abs(float(total) / n - float(out.loss)) < 1e-5
+
+
+def test_chat_about_a_video_then_an_image(ov_chat_dir, tmp_path):
+    """`mmjax.chat` piped: /video, a question, /image, a question; each reply as
+    `mmjax.generate` gives it for the same media and prompt."""
+    root, *_ = ov_chat_dir
+    _write_video(tmp_path / "clip.mp4", 8)
+    Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(tmp_path / "grey.png")
+    lines = (f"/video {tmp_path / 'clip.mp4'}\nwhat happens in the video?\n"
+             f"/image {tmp_path / 'grey.png'}\nwhat is in the image?\n")
+    out = io.StringIO()
+    replies = chat.main(["--hf", str(root), "--max-new-tokens", "6", "--frames", "4",
+                         "--video-fps", "4"], stdin=io.StringIO(lines), out=out)
+    assert "(video" in out.getvalue() and "(image" in out.getvalue()
+    want = [generate.main(["--hf", str(root), "--max-new-tokens", "6", "--frames", "4",
+                           "--video-fps", "4", "--video", str(tmp_path / "clip.mp4"),
+                           "--prompt", "what happens in the video?"])["text"],
+            generate.main(["--hf", str(root), "--max-new-tokens", "6", "--image",
+                           str(tmp_path / "grey.png"), "--prompt",
+                           "what is in the image?"])["text"]]
+    assert replies == want

@@ -19,6 +19,8 @@ def _hf_params(cfg):
             model = tf.LlavaForConditionalGeneration(hc)
         elif isinstance(hc, tf.LlavaNextConfig):
             model = tf.LlavaNextForConditionalGeneration(hc)
+        elif isinstance(hc, tf.LlavaOnevisionConfig):
+            model = tf.LlavaOnevisionForConditionalGeneration(hc)
         elif isinstance(hc, tf.CLIPVisionConfig):
             model = tf.CLIPVisionModel(hc)
         elif isinstance(hc, tf.SiglipVisionConfig):

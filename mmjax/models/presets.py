@@ -77,6 +77,8 @@ def _llava(vision: str, llm: str, image_token_id: int, extra_vocab: int = 0, **k
 
 # LLaVA-NeXT's grids (llava-v1.6; `image_grid_pinpoints` of its checkpoints), in pixels
 NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# LLaVA-OneVision's: every grid of 1 x 1 to 6 x 6 tiles of 384 pixels ("(1x1),...,(6x6)")
+ONEVISION_PINPOINTS = tuple((384 * r, 384 * c) for r in range(1, 7) for c in range(1, 7))
 
 LLAVA = {
     "llava15_7b": _llava("clip_vit_l14_336", "vicuna_7b", 32000, extra_vocab=64),
@@ -85,6 +87,12 @@ LLAVA = {
                                    image_grid_pinpoints=NEXT_PINPOINTS),
     "llava_next_mistral_7b": _llava("clip_vit_l14_336", "mistral_7b", 32000, extra_vocab=64,
                                     image_grid_pinpoints=NEXT_PINPOINTS),
+    # LLaVA-OneVision-7B (llava-onevision-qwen2-7b): SigLIP so400m/384 read at its
+    # penultimate layer, all 729 patches, + Qwen2-7B; anyres_max_9, videos at 151647
+    "onevision_qwen2_7b": _llava("siglip_so400m_14_384", "qwen2_7b", 151646,
+                                 vision_feature_layer=-2, vision_feature_select="full",
+                                 image_grid_pinpoints=ONEVISION_PINPOINTS, anyres_max=9,
+                                 video_token_id=151647),
     "llava15_13b": _llava("clip_vit_l14_336", "vicuna_13b", 32000, extra_vocab=64),
     # SigLIP so400m + Qwen2-7B; the image token is appended after Qwen2's vocabulary.
     "siglip_qwen2_7b": _llava("siglip_so400m_14_384", "qwen2_7b", 151646,
