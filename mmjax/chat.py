@@ -75,7 +75,7 @@ def main(argv=None, stdin=None, out=None) -> list[str]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser, step=True)
     parser.add_argument("--image", default=None, metavar="PATH")
-    cli.add_video_args(parser, repeat=False)
+    cli.add_video_args(parser, paths="one")
     cli.add_sampling_args(parser)
     args = parser.parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout

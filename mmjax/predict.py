@@ -4,9 +4,10 @@
         --image-root DIR --out A.jsonl [--batch-size 16] [--max-new-tokens 128] ...
 
 Questions: one JSON object per line with `question_id`, `image` (relative to --image-root;
-absent for text-only questions), `text` (the question as the model is asked it, format
-prompt included) and optionally `category`. Answers: one line per question with
-`question_id`, `prompt`, `text`, `answer_id`, `model_id`, `metadata` (LLaVA's
+absent for text-only questions; a list for several, any-resolution models), or `video`
+(LLaVA-OneVision, frames as --frames / --video-fps sample them), `text` (the question as the
+model is asked it, format prompt included) and optionally `category`. Answers: one line
+per question with `question_id`, `prompt`, `text`, `answer_id`, `model_id`, `metadata` (LLaVA's
 model_vqa_loader layout). Resumable: questions already answered in --out are skipped, and
 answers are appended batch by batch, so a killed run loses at most one batch. With several
 processes (jax.distributed), each answers its share into A.jsonl.partK and process 0 merges.
@@ -93,6 +94,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model-id", default=None, help="default: the model's directory name")
+    cli.add_video_args(parser, paths="none")
     cli.add_sampling_args(parser, max_new=128)
     args = parser.parse_args(argv)
     sampling = cli.sampling(args)
@@ -112,9 +114,12 @@ def main(argv=None) -> dict:
             chunk = todo[start:start + args.batch_size]
             reqs = []
             for q in chunk:
-                images = [m.read_image(args.image_root / q["image"])] if q.get(
-                    "image") else []
-                reqs.append(request(m, [(q["text"], "")], images))
+                named = q.get("image") or []
+                images = [m.read_image(args.image_root / n)
+                          for n in (named if isinstance(named, list) else [named])]
+                videos = [m.read_video(args.image_root / q["video"], args.frames,
+                                       args.video_fps)] if q.get("video") else []
+                reqs.append(request(m, [(q["text"], "")], images, videos=videos))
             key = jax.random.fold_in(jax.random.key(args.seed), start)
             results = engine.generate(reqs, sampling, seed=key)
             for q, r in zip(chunk, results):

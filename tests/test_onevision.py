@@ -27,7 +27,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
-from mmjax import chat, configlib, generate
+from mmjax import chat, configlib, generate, predict
 from mmjax.data.image import ImageError
 from mmjax.data.pipeline import (
     DataConfig,
@@ -501,3 +501,28 @@ def test_chat_about_a_video_then_an_image(ov_chat_dir, tmp_path):
                            str(tmp_path / "grey.png"), "--prompt",
                            "what is in the image?"])["text"]]
     assert replies == want
+
+
+def test_predict_answers_video_and_several_image_questions(ov_chat_dir, tmp_path):
+    """`mmjax.predict` on a question file with a video question, a two-image question and a
+    text one: each answer as `mmjax.generate` gives it alone."""
+    root, *_ = ov_chat_dir
+    _write_video(tmp_path / "clip.mp4", 8)
+    for name, level in [("a.png", 40), ("b.png", 200)]:
+        Image.fromarray(np.full((50, 70, 3), level, np.uint8)).save(tmp_path / name)
+    questions = [{"question_id": 1, "video": "clip.mp4", "text": "what happens in the video?"},
+                 {"question_id": 2, "image": ["a.png", "b.png"],
+                  "text": "<image> <image> compare the two pictures"},
+                 {"question_id": 3, "text": "what is a cat?"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    common = ["--hf", str(root), "--max-new-tokens", "6", "--frames", "4", "--video-fps", "4"]
+    predict.main([*common, "--questions", str(tmp_path / "q.jsonl"), "--image-root",
+                  str(tmp_path), "--out", str(tmp_path / "a.jsonl")])
+    got = {a["question_id"]: a["text"] for a in map(json.loads, (tmp_path / "a.jsonl")
+                                                     .read_text().splitlines())}
+    want = {1: generate.main([*common, "--video", str(tmp_path / "clip.mp4"), "--prompt",
+                              questions[0]["text"]])["text"],
+            2: generate.main([*common, "--image", str(tmp_path / "a.png"), "--image",
+                              str(tmp_path / "b.png"), "--prompt", questions[1]["text"]])["text"],
+            3: generate.main([*common, "--prompt", questions[2]["text"]])["text"]}
+    assert got == want

@@ -36,12 +36,14 @@ def add_model_args(parser: argparse.ArgumentParser, step: bool = True,
                         "halves what each decode step reads of it")
 
 
-def add_video_args(parser: argparse.ArgumentParser, repeat: bool = True) -> None:
-    """--video PATH (repeatable, or one) and how its frames are sampled (mmjax.data.video)."""
-    parser.add_argument("--video", action="append" if repeat else "store",
-                        default=[] if repeat else None, metavar="PATH",
-                        help="a video for a LLaVA-OneVision model (in prompt order, <video> "
-                        "in a raw prompt); needs the video extra (PyAV)")
+def add_video_args(parser: argparse.ArgumentParser, paths: str = "many") -> None:
+    """--video PATH (`paths`: many, one or none: the videos come from elsewhere) and how
+    their frames are sampled (mmjax.data.video)."""
+    if paths != "none":
+        parser.add_argument("--video", action="append" if paths == "many" else "store",
+                            default=[] if paths == "many" else None, metavar="PATH",
+                            help="a video for a LLaVA-OneVision model (in prompt order, "
+                            "<video> in a raw prompt); needs the video extra (PyAV)")
     parser.add_argument("--frames", type=int, default=FRAMES, help="at most this many frames "
                         "per video, spread evenly when there are more (OneVision: 32; capped "
                         "by the model's views per image slot)")
