@@ -4,6 +4,8 @@ Everything here is built locally (random init, `save_pretrained`); nothing comes
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers as tf
@@ -50,6 +52,16 @@ def make_model(cls, config, seed: int = 0):
 def save(model, path) -> str:
     model.save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+def safetensors_of(directory) -> dict:
+    """Every tensor of a checkpoint directory's safetensors files, by key."""
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def rel_err(ours, ref, mask=None) -> float:

@@ -22,7 +22,6 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from safetensors.numpy import load_file
 from skimage import data
 from tiny_runs import make_run
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
@@ -34,7 +33,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from data_fixtures import bpe_tokenizer
-from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
+from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
 from mmjax import configlib
 from mmjax.data.pipeline import (
     DataConfig,
@@ -412,7 +411,7 @@ def test_a_next_run_exports_to_llava_next_and_generates_from_its_checkpoint(next
     out = export(str(run), tmp_path / "hf", dtype="float32", say=lambda _: None)
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "LlavaNextForConditionalGeneration"]
-    mine, theirs = _tensors(out), _tensors(root)
+    mine, theirs = safetensors_of(out), safetensors_of(root)
     assert set(theirs) <= set(mine)
     for k, v in theirs.items():
         np.testing.assert_array_equal(mine[k], v, k)
@@ -426,13 +425,6 @@ def test_a_next_run_exports_to_llava_next_and_generates_from_its_checkpoint(next
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         assert rel_err(back(**again).logits.numpy(), model(**inputs).logits.numpy()) < 1e-6
-
-
-def _tensors(directory) -> dict:
-    out = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_stage_two_adds_any_resolution_to_a_llava_15_model(next_dir, tmp_path):

@@ -16,7 +16,6 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
-from safetensors.numpy import load_file
 from tiny_runs import make_run
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
@@ -26,7 +25,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 )
 
 from data_fixtures import bpe_tokenizer
-from hf_fixtures import llm_config, make_model, rel_err, save, vision_config
+from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
 from mmjax import chat, configlib, generate, predict
 from mmjax.data.image import ImageError
 from mmjax.data.pipeline import (
@@ -364,7 +363,7 @@ def test_a_onevision_run_exports_to_onevision(ov_chat_dir, tmp_path):
     out = export(str(run), tmp_path / "hf", dtype="float32", say=lambda _: None)
     conf = json.loads((out / "config.json").read_text())
     assert conf["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
-    mine, theirs = _tensors(out), _tensors(root)
+    mine, theirs = safetensors_of(out), safetensors_of(root)
     assert set(theirs) <= set(mine)
     for k, v in theirs.items():
         np.testing.assert_array_equal(mine[k], v, k)
@@ -373,13 +372,6 @@ def test_a_onevision_run_exports_to_onevision(ov_chat_dir, tmp_path):
     assert back.config.video_token_index == model.config.video_token_index
     images = tf.LlavaOnevisionImageProcessorPil.from_pretrained(str(out))
     assert images.image_grid_pinpoints == PINS
-
-
-def _tensors(directory) -> dict:
-    out = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 # --------------------------------------------------------------------------- video

@@ -23,7 +23,7 @@ from runs import train as run_train
 from tiny_runs import make_run
 
 from data_fixtures import CHAT_SPECIALS, conv, llama_sp_tokenizer, write_photos
-from hf_fixtures import llm_config, make_model, save, vision_config
+from hf_fixtures import llm_config, make_model, safetensors_of, save, vision_config
 from mmjax import configlib
 from mmjax.errors import ConfigError
 from mmjax.export import export
@@ -255,23 +255,14 @@ def test_stage1_from_towers_then_stage2_from_its_work_dir(towers, tmp_path, caps
     _same_in_transformers(hf2, m)
 
 
-def _tensors(directory) -> dict:
-    from safetensors.numpy import load_file
-
-    out = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _towers_round_trip(exported, vision_dir, llm_dir, base_vocab):
     """Every tensor of the HF towers is in the export bitwise (the LLM's first base_vocab
     rows), under transformers' LLaVA names."""
-    mine = _tensors(exported)
-    for k, v in _tensors(vision_dir).items():
+    mine = safetensors_of(exported)
+    for k, v in safetensors_of(vision_dir).items():
         np.testing.assert_array_equal(mine["vision_tower." + k.removeprefix("vision_model.")],
                                       v, k)
-    for k, v in _tensors(llm_dir).items():
+    for k, v in safetensors_of(llm_dir).items():
         ours = mine["language_model." + k]
         np.testing.assert_array_equal(ours[:base_vocab] if ours.shape != v.shape else ours, v, k)
 
@@ -401,7 +392,7 @@ def test_a_hf_llava_round_trips_bitwise(towers, tmp_path):
     save(original, src)
     make_run(tmp_path / "run", _stage_config(data, 2, 1, [f"--config.init.hf_llava={src}"]))
     out = export(str(tmp_path / "run"), tmp_path / "hf", dtype="float32", say=lambda _: None)
-    mine, theirs = _tensors(out), _tensors(src)
+    mine, theirs = safetensors_of(out), safetensors_of(src)
     assert set(theirs) <= set(mine)
     for k, v in theirs.items():
         np.testing.assert_array_equal(mine[k], v, k)
