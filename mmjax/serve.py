@@ -53,6 +53,7 @@ def parse_args(argv=None):
                         help="require 'Authorization: Bearer KEY' (default: $MMJAX_API_KEY)")
     parser.add_argument("--allow-local-images", metavar="DIR", default=None,
                         help="let image_url name files under DIR (off by default)")
+    cli.add_video_args(parser, paths="none")  # video_url parts (LLaVA-OneVision)
     parser.add_argument("--model-name", default=None,
                         help="the model id clients send (default: the model's directory name)")
     return parser.parse_args(argv)
@@ -93,7 +94,8 @@ def main(argv=None) -> None:
     print(f"ready in {warm_up(slots, m):.1f}s", file=sys.stderr, flush=True)
     model_id = args.model_name or m.model_id
     limits = Limits(max_images=args.max_images, max_new_tokens=args.max_new_tokens,
-                    local_images=args.allow_local_images)
+                    local_images=args.allow_local_images, video_frames=args.frames,
+                    video_fps=args.video_fps)
     app = build_app(m, slots, model_id, limits, api_key=args.api_key)
     print(f"serving {model_id} on http://{args.host}:{args.port}/ (API: "
           f"http://{args.host}:{args.port}/v1)", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ run as it is: `anyres_max_N` pooling of an image's tile grid (`pack_image_featur
 and the processor's token counts for all three."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import types
@@ -12,10 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import openai
 import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from serve_fixtures import Server
 from tiny_runs import make_run
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
@@ -45,6 +48,7 @@ from mmjax.inference import Engine, Sampling
 from mmjax.inference.load import from_hf
 from mmjax.inference.prompt import request
 from mmjax.models import anyres
+from mmjax.serving.chat_api import Limits
 from mmjax.training.config import from_config
 from mmjax.training.optimizer import OptimConfig
 from mmjax.training.step import Trainer
@@ -518,3 +522,41 @@ def test_predict_answers_video_and_several_image_questions(ov_chat_dir, tmp_path
                               str(tmp_path / "b.png"), "--prompt", questions[1]["text"]])["text"],
             3: generate.main([*common, "--prompt", questions[2]["text"]])["text"]}
     assert got == want
+
+
+def test_the_server_takes_video_and_several_image_parts(ov_chat_dir, tmp_path):
+    """`mmjax.serve`'s API with the `openai` client: a video_url part (a data URL, vLLM's
+    part) and a message with two image_url parts answer as `mmjax.generate` does for the
+    same media."""
+    root, *_ = ov_chat_dir
+    _write_video(tmp_path / "clip.mp4", 8)
+    for name, level in [("a.png", 40), ("b.png", 200)]:
+        Image.fromarray(np.full((50, 70, 3), level, np.uint8)).save(tmp_path / name)
+    m = from_hf(root, dtype="float32")
+    server = Server(m, limits=Limits(max_new_tokens=8, video_frames=4, video_fps=4.0),
+                    max_prompt=400)
+
+    def url(path, kind):
+        return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        ask = lambda parts: client.chat.completions.create(  # noqa: E731
+            model="demo", messages=[{"role": "user", "content": parts}], max_tokens=6,
+            temperature=0).choices[0].message.content
+        video = ask([{"type": "video_url", "video_url": {"url": url(tmp_path / "clip.mp4",
+                                                                    "video/mp4")}},
+                     {"type": "text", "text": "what happens in the video?"}])
+        pair = ask([{"type": "image_url", "image_url": {"url": url(tmp_path / "a.png",
+                                                                   "image/png")}},
+                    {"type": "image_url", "image_url": {"url": url(tmp_path / "b.png",
+                                                                   "image/png")}},
+                    {"type": "text", "text": "compare the two pictures"}])
+    finally:
+        server.close()
+    common = ["--hf", str(root), "--max-new-tokens", "6", "--frames", "4", "--video-fps", "4"]
+    assert video == generate.main([*common, "--video", str(tmp_path / "clip.mp4"), "--prompt",
+                                   "<video>\nwhat happens in the video?"])["text"]
+    assert pair == generate.main([*common, "--image", str(tmp_path / "a.png"), "--image",
+                                  str(tmp_path / "b.png"), "--prompt",
+                                  "<image>\n<image>\ncompare the two pictures"])["text"]

@@ -91,17 +91,24 @@ class Loaded:
             return blank_pixels(v.image_size, v.image_mean)
         return np.asarray(load_rgb(image, **extra), np.uint8)
 
-    def read_video(self, path: str | Path, frames: int = FRAMES, fps: float = 1.0):
-        """A video file named on a command line -> its views (frames sampled as
-        mmjax.data.video samples them); UsageError when unusable."""
+    def video(self, source: str | Path | bytes, frames: int = FRAMES, fps: float = 1.0,
+              max_pixels: int | None = None):
+        """A video (a file or its bytes) -> its views, frames sampled as mmjax.data.video
+        samples them (at most the model's views per slot). ImageError when unusable."""
         if self.cfg.video_token_id < 0:
-            raise UsageError(f"{self.model_id} takes no video (LLaVA-OneVision models do)")
+            raise ImageError("corrupt_video", f"{self.model_id} takes no video (LLaVA-"
+                             "OneVision models do)")
+        extra = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return video_views(read_frames(source, min(frames, self.cfg.max_views), fps,
+                                       **extra), self.cfg)
+
+    def read_video(self, path: str | Path, frames: int = FRAMES, fps: float = 1.0):
+        """`video` of a file named on a command line (UsageError when unusable)."""
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"video {path} does not exist")
         try:
-            return video_views(read_frames(path, min(frames, self.cfg.max_views), fps),
-                               self.cfg)
+            return self.video(path, frames, fps)
         except ImageError as e:
             raise UsageError(f"video {path}: {e}") from None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mmjax.data.image import ImageError
-from mmjax.data.templates import IMAGE
+from mmjax.data.templates import IMAGE, VIDEO
 from mmjax.errors import UsageError
 from mmjax.inference.engine import Request
 from mmjax.inference.load import Loaded
@@ -50,6 +50,10 @@ class Limits:
 
     max_images: int = 4  # per conversation
     max_image_bytes: int = 20 << 20  # per image, encoded
+    max_videos: int = 1  # per conversation (LLaVA-OneVision models)
+    max_video_bytes: int = 100 << 20  # per video, encoded
+    video_frames: int = 32  # at most this many frames per video (mmjax.data.video)
+    video_fps: float = 1.0  # frames per second of video kept before that cap
     max_image_pixels: int = 50_000_000  # per image, decoded (width x height)
     max_new_tokens: int = 256  # the most max_tokens may ask
     local_images: str | None = None  # a directory local image paths may come from
@@ -87,9 +91,9 @@ def parse(body, m: Loaded, limits: Limits, model_id: str) -> ChatCall:
     seed = _typed(body, "seed", int, 0)
     if not 0 <= seed < 2 ** 32:
         raise APIError(400, "seed must be in [0, 2**32)", param="seed")
-    system, pairs, images = _conversation(body.get("messages"), m, limits)
+    system, pairs, images, videos = _conversation(body.get("messages"), m, limits)
     try:
-        req = build_request(m, pairs, images, system)
+        req = build_request(m, pairs, images, system, videos)
     except UsageError as e:
         raise APIError(400, str(e), param="messages") from None
     return ChatCall(req, sampling, seed, stream, bool(options.get("include_usage")), model_id)
@@ -132,18 +136,20 @@ def _sampling(body: dict, limits: Limits) -> Sampling:
 
 
 def _conversation(messages, m: Loaded, limits: Limits):
-    """(system, [(question, answer)], images) of the messages; the last answer empty."""
+    """(system, [(question, answer)], images, videos) of the messages; the last answer
+    empty."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     system = None
     turns: list[tuple[str, str]] = []
     images: list[np.ndarray] = []
+    videos: list = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict) or msg.get("role") not in ROLES:
             raise APIError(400, f"{where}: a message is an object with a role in "
                            f"{ROLES}", param=where)
-        text = _content(msg.get("content"), msg["role"], where, m, limits, images)
+        text = _content(msg.get("content"), msg["role"], where, m, limits, images, videos)
         role = msg["role"]
         if role == "system":
             if i != 0:
@@ -160,11 +166,11 @@ def _conversation(messages, m: Loaded, limits: Limits):
             turns[-1] = (turns[-1][0], text)
     if not turns or turns[-1][1] is not None:
         raise APIError(400, "the last message must be the user's", param="messages")
-    return system, [(q, a or "") for q, a in turns], images
+    return system, [(q, a or "") for q, a in turns], images, videos
 
 
 def _content(content, role: str, where: str, m: Loaded, limits: Limits,
-             images: list) -> str:
+             images: list, videos: list) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -186,52 +192,78 @@ def _content(content, role: str, where: str, m: Loaded, limits: Limits,
                                "conversation", param=at)
             images.append(_image(url, at, m, limits))
             out.append(f"{IMAGE}\n")
+        elif kind == "video_url" and role == "user":  # vLLM's part for videos
+            url = part.get("video_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise APIError(400, f"{at}: video_url.url must be a string", param=at)
+            if len(videos) >= limits.max_videos:
+                raise APIError(400, f"more than {limits.max_videos} video(s) in the "
+                               "conversation", param=at)
+            videos.append(_video(url, at, m, limits))
+            out.append(f"{VIDEO}\n")
         else:
             raise APIError(400, f"{at}: a part is {{'type': 'text', 'text': ...}} or, in a "
-                           "user message, {'type': 'image_url', 'image_url': {'url': ...}}",
-                           param=at)
+                           "user message, {'type': 'image_url', 'image_url': {'url': ...}} "
+                           "(or video_url, for a LLaVA-OneVision model)", param=at)
     return "".join(out)
 
 
 def _image(url: str, at: str, m: Loaded, limits: Limits) -> np.ndarray:
     """The tower's pixels of an image given as a data URL or (when allowed) a local path."""
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        if not head.endswith(";base64"):
-            raise APIError(400, f"{at}: a data URL must be base64 (data:image/...;base64,...)",
-                           param=at)
-        if len(data) * 3 // 4 > limits.max_image_bytes:
-            raise APIError(413, f"{at}: the image is over {limits.max_image_bytes} bytes",
-                           param=at, code="image_too_large")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{at}: the data URL is not valid base64", param=at) from None
-        source: object = raw
-    elif url.startswith(("http://", "https://")):
-        raise APIError(400, f"{at}: this server does not fetch image URLs; send the image "
-                       "as a data URL (data:image/png;base64,...)", param=at)
-    else:
-        path = Path(url.removeprefix("file://"))
-        root = limits.local_images
-        if root is None:
-            raise APIError(400, f"{at}: local image paths are off (the server's "
-                           "--allow-local-images DIR turns them on for DIR)", param=at)
-        resolved = path.resolve()
-        if not resolved.is_relative_to(Path(root).resolve()):
-            raise APIError(403, f"{at}: {url} is outside the allowed image directory",
-                           param=at, code="image_not_allowed")
-        if not resolved.is_file():
-            raise APIError(400, f"{at}: no image file {url}", param=at)
-        if resolved.stat().st_size > limits.max_image_bytes:
-            raise APIError(413, f"{at}: the image is over {limits.max_image_bytes} bytes",
-                           param=at, code="image_too_large")
-        source = resolved.read_bytes()
+    source = _bytes(url, at, limits, "image", limits.max_image_bytes)
     try:
         return m.pixels(source, max_pixels=limits.max_image_pixels)
     except ImageError as e:
         raise APIError(400, f"{at}: the image cannot be read ({e})", param=at,
                        code="invalid_image") from None
+
+
+def _video(url: str, at: str, m: Loaded, limits: Limits):
+    """A video's views (LLaVA-OneVision), given as a data URL or (when allowed) a path."""
+    if m.cfg.video_token_id < 0:
+        raise APIError(400, f"{at}: this model takes no video", param=at)
+    source = _bytes(url, at, limits, "video", limits.max_video_bytes)
+    try:
+        return m.video(source, limits.video_frames, limits.video_fps,
+                       max_pixels=limits.max_image_pixels)
+    except ImageError as e:
+        raise APIError(400, f"{at}: the video cannot be read ({e})", param=at,
+                       code="invalid_video") from None
+
+
+def _bytes(url: str, at: str, limits: Limits, what: str, max_bytes: int) -> bytes:
+    """The bytes of a media part: a base64 data URL or (when allowed) a local file."""
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if not head.endswith(";base64"):
+            raise APIError(400, f"{at}: a data URL must be base64 (data:{what}/...;base64,"
+                           "...)", param=at)
+        if len(data) * 3 // 4 > max_bytes:
+            raise APIError(413, f"{at}: the {what} is over {max_bytes} bytes",
+                           param=at, code=f"{what}_too_large")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{at}: the data URL is not valid base64", param=at) from None
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, f"{at}: this server does not fetch {what} URLs; send the {what} "
+                       f"as a data URL (data:{what}/...;base64,...)", param=at)
+    path = Path(url.removeprefix("file://"))
+    root = limits.local_images
+    if root is None:
+        raise APIError(400, f"{at}: local {what} paths are off (the server's "
+                       "--allow-local-images DIR turns them on for DIR)", param=at)
+    resolved = path.resolve()
+    if not resolved.is_relative_to(Path(root).resolve()):
+        raise APIError(403, f"{at}: {url} is outside the allowed image directory",
+                       param=at, code=f"{what}_not_allowed")
+    if not resolved.is_file():
+        raise APIError(400, f"{at}: no {what} file {url}", param=at)
+    if resolved.stat().st_size > max_bytes:
+        raise APIError(413, f"{at}: the {what} is over {max_bytes} bytes",
+                       param=at, code=f"{what}_too_large")
+    return resolved.read_bytes()
 
 
 # --------------------------------------------------------------------------- responses
