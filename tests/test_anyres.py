@@ -15,6 +15,7 @@ import sys
 import types
 from pathlib import Path
 
+import eval_fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 
 from data_fixtures import bpe_tokenizer
 from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
-from mmjax import configlib
+from mmjax import configlib, evaluate
 from mmjax.data.pipeline import (
     DataConfig,
     SourceConfig,
@@ -462,3 +463,16 @@ def test_data_and_model_must_agree_on_any_resolution(next_dir):
     with pytest.raises(ConfigError, match="needs a model with image_grid_pinpoints"):
         check_aspect(DataConfig(image_aspect="anyres"),
                      dataclasses.replace(cfg, image_grid_pinpoints=()))
+
+
+def test_evaluate_runs_a_next_model(next_dir, tmp_path):
+    """`mmjax.evaluate` with a LLaVA-NeXT directory: each image of the benchmark laid out on
+    its own grid, every good question answered once and scored."""
+    root, *_ = next_dir
+    data = eval_fixtures.pope(tmp_path / "data")
+    report = evaluate.main(["--hf", str(root), "--benchmark", "pope", "--data", str(data),
+                            "--out", str(tmp_path / "out"), "--max-new-tokens", "3",
+                            "--batch-size", "4"])
+    lines = (tmp_path / "out" / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == report["answer_lines"] > 0 and report["skipped"] == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
