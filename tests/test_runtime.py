@@ -111,7 +111,7 @@ def test_the_engine_prefills_with_splash_on_a_v5p():
     sampling = Sampling(max_new_tokens=new)
     args = (params, spec((rows, length), jnp.int32, rows_sh),
             spec((rows, length), jnp.int32, rows_sh),
-            spec((rows, 1, size, size, 3), jnp.uint8, rows_sh),
+            spec((rows, 1, size, size, 3), jnp.uint8, rows_sh), None, None,
             jax.eval_shape(lambda: jax.random.key(0)),
             jax.tree.map(small, knobs(sampling, rows)), small(jnp.int32(new)),
             small(jnp.asarray((2,), jnp.int32)), small(np.full((1, 8), -1, np.int32)))
