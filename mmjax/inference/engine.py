@@ -245,7 +245,7 @@ class Engine:
         for m, im in enumerate(r.images):
             if not isinstance(im, ImageViews):
                 raise ValueError(f"request {i} image {m}: an any-resolution model takes "
-                                 "views (mmjax.models.anyres.prepare), not one square")
+                                 "views (mmjax.data.views.model_images), not one square")
         want = sum(im.tokens for im in r.images)
         if len(at) != want:
             raise ValueError(f"request {i}: {len(at)} image tokens for image(s) of {want} "
