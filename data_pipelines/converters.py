@@ -56,12 +56,13 @@ def llava_json(path, source: str = "llava", start: int = 0,
         if conv is None:
             yield Skipped("malformed_record", rec["id"], "not a {id, conversations} object")
             continue
-        images = rec["images"]
-        if images and isinstance(conv, list) and conv and isinstance(conv[0], dict) \
+        images, video = rec["images"], rec.get("video")
+        if (images or video is not None) and isinstance(conv, list) and conv \
+                and isinstance(conv[0], dict) \
                 and "<image>" not in "".join(str(t.get("value", "")) for t in conv):
             # some releases omit the tag for single-image records: LLaVA puts it first
             conv = [dict(conv[0], value="<image>\n" + str(conv[0].get("value", "")))] + conv[1:]
-        yield Raw(rec["id"], conv, images, source)
+        yield Raw(rec["id"], conv, images, source, video)
 
 
 lcs558k = sharegpt4v = llava_instruct = llava_json

@@ -51,6 +51,7 @@ class Raw:
     conversations: list[dict]
     images: list = dataclasses.field(default_factory=list)  # str paths or bytes
     source: str = ""
+    video: str | bytes | None = None  # a LLaVA-OneVision video sample: its path or bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +147,13 @@ def check_conversation(raw: Raw) -> Skipped | None:
     except ConversationError as e:
         return Skipped(e.reason, raw.id, e.detail)
     n_tags = sum(t["value"].count("<image>") for t in raw.conversations)
-    if n_tags != len(raw.images):
+    if raw.video is not None and raw.images:
+        return Skipped("malformed_record", raw.id, "a record with both images and a video")
+    media = len(raw.images) + (raw.video is not None)  # a video's text has one <image>
+    if n_tags != media:
         return Skipped("image_count_mismatch", raw.id,
-                   f"{n_tags} <image> tags, {len(raw.images)} images")
+                       f"{n_tags} <image> tags, {len(raw.images)} images"
+                       + (" and a video" if raw.video is not None else ""))
     return None
 
 
@@ -257,7 +262,7 @@ class _Ids:
 
 def read_sample(sample: Raw | Skipped, cfg: BuildConfig):
     """The checks and image reads of one sample (the same for every runner): a `Skipped`, or
-    (image bytes, (width, height) per image)."""
+    (image bytes, (width, height) per image, the video's bytes or None)."""
     if isinstance(sample, Skipped):
         return sample
     bad = check_conversation(sample)
@@ -272,16 +277,45 @@ def read_sample(sample: Raw | Skipped, cfg: BuildConfig):
             return Skipped(reason, sample.id, e.detail)
         images.append(data)
         sizes.append(size)
-    return images, sizes
+    video = None
+    if sample.video is not None:
+        try:
+            video = read_video_bytes(sample.video, cfg.image_root)
+        except ImageError as e:
+            return Skipped(e.reason, sample.id, e.detail)
+    return images, sizes, video
 
 
-def encode_sample(out_id: str, sample: Raw, images: list[bytes], sizes, cfg: BuildConfig):
+def read_video_bytes(item, image_root) -> bytes:
+    """A video's file bytes, as it is (the training pipeline decodes it); ImageError."""
+    if isinstance(item, (bytes, bytearray)):
+        data = bytes(item)
+    elif storage.is_url(image_root):
+        try:
+            data = storage.read_bytes(storage.join(image_root, check_relative(item)))
+        except (OSError, IOError) as e:
+            raise ImageError("missing_image", f"video {item}: {e}") from None
+    else:
+        if image_root is None:
+            raise ImageError("missing_image", f"video {item}: no image root given")
+        try:
+            data = resolve_image_path(image_root, item).read_bytes()
+        except OSError as e:
+            raise ImageError("missing_image", f"video {item}: {e}") from None
+    if not data:
+        raise ImageError("empty_video", f"video {item}: 0 bytes")
+    return data
+
+
+def encode_sample(out_id: str, sample: Raw, images: list[bytes], sizes, video: bytes | None,
+                  cfg: BuildConfig):
     """The output record of a sample under its output id: `mmjax.data.records` bytes, or a
-    LLaVA JSON object (images that are not files under the root go to OUT/images)."""
+    LLaVA JSON object (images that are not files under the root go to OUT/images, videos
+    given as bytes to OUT/videos)."""
     extra = {"image_wh": sizes, "source_id": sample.id}
     if cfg.output == "arrayrecord":
         return records.encode(out_id, sample.conversations, images, sample.source or cfg.name,
-                              extra)
+                              extra, video)
     rec = {"id": out_id, "conversations": sample.conversations,
            "source": sample.source or cfg.name, **extra}
     paths = [p for p in sample.images if isinstance(p, str)]
@@ -295,6 +329,14 @@ def encode_sample(out_id: str, sample: Raw, images: list[bytes], sizes, cfg: Bui
             paths.append(name)
     if paths:
         rec["image"] = paths[0] if len(paths) == 1 else paths
+    if video is not None:
+        if isinstance(sample.video, str):
+            rec["video"] = sample.video
+        else:
+            name = f"videos/{hashlib.sha1(f'{out_id}/video'.encode()).hexdigest()}.mp4"
+            (cfg.out / "videos").mkdir(exist_ok=True)
+            (cfg.out / name).write_bytes(video)
+            rec["video"] = name
     return rec
 
 
@@ -303,7 +345,8 @@ def renamed(record: bytes, out_id: str) -> bytes:
     `encode_sample(out_id, ...)` gives."""
     h = records.decode(record)
     return records.encode(out_id, h["conversations"], h["images"], h["source"],
-                          {"image_wh": h["image_wh"], "source_id": h["source_id"]})
+                          {"image_wh": h["image_wh"], "source_id": h["source_id"]},
+                          h.get("video"))
 
 
 def images_sha256(images: list[bytes]) -> str | None:

@@ -28,6 +28,7 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 )
 
 from data_fixtures import bpe_tokenizer
+from data_pipelines.convert import main as convert_main
 from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
 from mmjax import chat, configlib, generate, predict
 from mmjax.data.image import ImageError
@@ -560,3 +561,35 @@ def test_the_server_takes_video_and_several_image_parts(ov_chat_dir, tmp_path):
     assert pair == generate.main([*common, "--image", str(tmp_path / "a.png"), "--image",
                                   str(tmp_path / "b.png"), "--prompt",
                                   "<image>\n<image>\ncompare the two pictures"])["text"]
+
+
+def test_video_records_built_into_arrayrecord_train_as_from_json(ov_chat_dir, tmp_path):
+    """`python -m data_pipelines.convert llava` carries a video record's file into the
+    ArrayRecord shards (beside image and text records); the training pipeline reads it back
+    into the same batch as from the LLaVA JSON; a record with both images and a video is a
+    counted skip."""
+    root, *_ = ov_chat_dir
+    _write_video(tmp_path / "clip.mp4", 12, size=(60, 80))
+    Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(tmp_path / "grey.png")
+    conv = [{"from": "human", "value": "<image>\nwhat happens in the video?"},
+            {"from": "gpt", "value": "a cat on the table"}]
+    records = [{"id": "clip", "video": "clip.mp4", "conversations": conv},
+               {"id": "both", "video": "clip.mp4", "image": "grey.png", "conversations": conv}]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    summary = convert_main(["llava_instruct", str(tmp_path / "train.json"), "--image-root",
+                            str(tmp_path), "--out", str(tmp_path / "shards"), "--no-progress"])
+    assert summary["samples"] == 1 and summary["skipped"] == {"malformed_record": 1}
+    cfg = load(root).config
+    tok = load_tokenizer(root)
+
+    def first_batch(source):
+        data = DataConfig(sources=(source,), image_aspect="anyres", max_length=512,
+                          batch_size=1, shuffle=False, template="vicuna_v1", video_frames=4,
+                          video_fps=4.0, max_bad_share=1.0)
+        return next(build_pipeline(data, tok, cfg, process_index=0, process_count=1))
+
+    shards = first_batch(SourceConfig("arrayrecord", str(tmp_path / "shards" / "*.arrayrecord")))
+    plain = first_batch(SourceConfig("llava_json", str(tmp_path / "train.json"), str(tmp_path)))
+    for k in ("input_ids", "targets", "pixel_values", "image_sources", "image_weights"):
+        np.testing.assert_array_equal(shards[k], plain[k], k)
+    assert int(np.sum(shards["input_ids"] == cfg.video_token_id)) == 4 * 4 + 1

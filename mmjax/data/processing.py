@@ -96,10 +96,12 @@ class SampleProcessor:
         if images:
             raise ConversationError("malformed_record", "a record with both images and a "
                                     "video")
-        path = resolve_image_path(raw.get("image_root", ""), raw["video"])
-        if not path.is_file():
-            raise ImageError("missing_image", f"video {raw['video']}")
-        frames = read_frames(path, min(spec.video_frames, cfg.max_views), spec.video_fps,
+        video = raw["video"]  # a path under the image root, or bytes (ArrayRecord)
+        if isinstance(video, str):
+            video = resolve_image_path(raw.get("image_root", ""), video)
+            if not video.is_file():
+                raise ImageError("missing_image", f"video {raw['video']}")
+        frames = read_frames(video, min(spec.video_frames, cfg.max_views), spec.video_fps,
                              max_pixels=spec.max_pixels)
         pairs = [(q if VIDEO in q else q.replace(IMAGE, VIDEO), a) for q, a in pairs]
         return self._laid_out(sample_id, system, pairs, [video_views(frames, cfg)])
