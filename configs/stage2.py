@@ -33,23 +33,21 @@ def get_config(arg=None):
         c = common.training(2)
         c.model = PRESET.get(variant, variant)
         c.init.stage1_parts = ["vision_tower", "projector", "language_model"]
-        if variant == "llava_next_7b":
+        if variant in ("llava_next_7b", "onevision_7b"):
+            # LLaVA-NeXT's and OneVision's stage 2: any resolution, the tower trained too
             c.data.image_aspect = "anyres"
-            c.data.max_length = 4096
             lr = 1e-5
             c.optim.groups = [["vision_tower/.*", 2e-6], ["projector/.*", lr],
                               ["language_model/.*", lr], ["image_newline", lr]]
+        if variant == "llava_next_7b":
+            c.data.max_length = 4096
             # fits a v5p-8 (python -m mmjax.aot: 73.0 of 95.7 GiB per chip) at 4 rows per
             # device per micro-batch; 8 rows need 96.9 GiB
             c.max_rows_per_device = 4
         if variant == "onevision_7b":
-            c.data.image_aspect = "anyres"
             c.data.max_length = 32768
             c.data.video_frames = 32
             c.batch_size = 256
-            lr = 1e-5
-            c.optim.groups = [["vision_tower/.*", 2e-6], ["projector/.*", lr],
-                              ["language_model/.*", lr], ["image_newline", lr]]
             c.max_rows_per_device = 1
         if variant == "llava15_13b":
             # fits a v5p-8 (python -m mmjax.aot: 89.6 of 95.7 GiB per chip): every layer

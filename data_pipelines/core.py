@@ -90,19 +90,8 @@ def read_image(item, image_root: Path | None, cfg: BuildConfig) -> tuple[bytes, 
         if not cfg.fetch_urls:
             raise ImageError("missing_image", f"{item}: a URL (--fetch-urls fetches them)")
         data = fetch(item, cfg.fetch_timeout, cfg.fetch_retries)
-    elif storage.is_url(image_root):  # a store has no symlinks: the path's own checks
-        try:
-            data = storage.read_bytes(storage.join(image_root, check_relative(item)))
-        except (OSError, IOError) as e:
-            raise ImageError("missing_image", f"{item}: {e}") from None
     else:
-        if image_root is None:
-            raise ImageError("missing_image", f"{item}: no image root given")
-        path = resolve_image_path(image_root, item)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError("missing_image", f"{item}: {e}") from None
+        data = file_bytes(item, image_root)
     image = decode_image(data)  # checks: empty, truncated, corrupt, decompression bomb
     size = image.size
     if cfg.reencode or (cfg.max_side and max(size) > cfg.max_side):
@@ -286,22 +275,27 @@ def read_sample(sample: Raw | Skipped, cfg: BuildConfig):
     return images, sizes, video
 
 
+def file_bytes(item: str, image_root, what: str = "") -> bytes:
+    """The bytes of a file named relative to the image root, on disk or in a store;
+    ImageError `missing_image` naming `what` it is."""
+    name = f"{what} {item}".strip()
+    if storage.is_url(image_root):  # a store has no symlinks: the path's own checks
+        try:
+            return storage.read_bytes(storage.join(image_root, check_relative(item)))
+        except (OSError, IOError) as e:
+            raise ImageError("missing_image", f"{name}: {e}") from None
+    if image_root is None:
+        raise ImageError("missing_image", f"{name}: no image root given")
+    try:
+        return resolve_image_path(image_root, item).read_bytes()
+    except OSError as e:
+        raise ImageError("missing_image", f"{name}: {e}") from None
+
+
 def read_video_bytes(item, image_root) -> bytes:
     """A video's file bytes, as it is (the training pipeline decodes it); ImageError."""
-    if isinstance(item, (bytes, bytearray)):
-        data = bytes(item)
-    elif storage.is_url(image_root):
-        try:
-            data = storage.read_bytes(storage.join(image_root, check_relative(item)))
-        except (OSError, IOError) as e:
-            raise ImageError("missing_image", f"video {item}: {e}") from None
-    else:
-        if image_root is None:
-            raise ImageError("missing_image", f"video {item}: no image root given")
-        try:
-            data = resolve_image_path(image_root, item).read_bytes()
-        except OSError as e:
-            raise ImageError("missing_image", f"video {item}: {e}") from None
+    data = bytes(item) if isinstance(item, (bytes, bytearray)) else file_bytes(
+        item, image_root, "video")
     if not data:
         raise ImageError("empty_video", f"video {item}: 0 bytes")
     return data

@@ -64,6 +64,16 @@ def safetensors_of(directory) -> dict:
     return out
 
 
+def hf_loss_sum(model, input_ids, labels, **inputs) -> tuple[float, int]:
+    """A transformers LLaVA's summed next-token loss over one sample's labels and the label
+    count (its mean loss times the count), for comparing with mmjax's summed loss."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(input_ids[None]).long(),
+                    labels=torch.tensor(labels[None]).long(), **inputs)
+    n = int(np.sum(labels[1:] != -100))
+    return float(out.loss) * n, n
+
+
 def rel_err(ours, ref, mask=None) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if mask is not None:

@@ -34,7 +34,15 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from data_fixtures import bpe_tokenizer
-from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
+from hf_fixtures import (
+    hf_loss_sum,
+    llm_config,
+    make_model,
+    rel_err,
+    safetensors_of,
+    save,
+    vision_config,
+)
 from mmjax import configlib, evaluate
 from mmjax.data.pipeline import (
     DataConfig,
@@ -363,12 +371,9 @@ def test_training_batches_give_transformers_loss(next_dir, packing):
         counts = [anyres.feature_tokens(im.height, im.width, cfg.image_grid_pinpoints, 56, 14)
                   for im in pil]
         enc = encoder.encode(system, pairs, len(names), counts)
-        pix = proc.image_processor(pil, return_tensors="pt")
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor(enc.input_ids[None]).long(),
-                        labels=torch.tensor(enc.labels[None]).long(), **pix)
-        n = int(np.sum(enc.labels[1:] != -100))
-        want_total += float(out.loss) * n
+        total_k, n = hf_loss_sum(model, enc.input_ids, enc.labels,
+                                 **proc.image_processor(pil, return_tensors="pt"))
+        want_total += total_k
         want_count += n
     assert int(count) == want_count
     assert abs(float(total) - want_total) / want_total < 1e-5

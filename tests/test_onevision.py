@@ -29,7 +29,15 @@ from transformers.models.llava_onevision.processing_llava_onevision import (
 
 from data_fixtures import bpe_tokenizer
 from data_pipelines.convert import main as convert_main
-from hf_fixtures import llm_config, make_model, rel_err, safetensors_of, save, vision_config
+from hf_fixtures import (
+    hf_loss_sum,
+    llm_config,
+    make_model,
+    rel_err,
+    safetensors_of,
+    save,
+    vision_config,
+)
 from mmjax import chat, configlib, generate, predict
 from mmjax.data.image import ImageError
 from mmjax.data.pipeline import (
@@ -340,12 +348,9 @@ def test_training_batches_give_transformers_loss(ov_chat_dir, tmp_path):
         views = model_images(pil, cfg)
         system, pairs = normalize_turns(rec["conversations"])
         enc = encoder.encode(system, pairs, len(names), [v.tokens for v in views])
-        pix = images([pil] if len(pil) > 1 else pil, return_tensors="pt")
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor(enc.input_ids[None]).long(),
-                        labels=torch.tensor(enc.labels[None]).long(), **pix)
-        n = int(np.sum(enc.labels[1:] != -100))
-        want_total += float(out.loss) * n
+        total_k, n = hf_loss_sum(model, enc.input_ids, enc.labels,
+                                 **images([pil] if len(pil) > 1 else pil, return_tensors="pt"))
+        want_total += total_k
         want_count += n
     assert int(count) == want_count
     assert abs(float(total) - want_total) / want_total < 1e-5

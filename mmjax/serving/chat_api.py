@@ -182,26 +182,18 @@ def _content(content, role: str, where: str, m: Loaded, limits: Limits,
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             out.append(part["text"])
-        elif kind == "image_url" and role == "user":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url") and role == "user":  # video_url: vLLM's
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise APIError(400, f"{at}: image_url.url must be a string", param=at)
-            if len(images) >= limits.max_images:
-                raise APIError(400, f"more than {limits.max_images} images in the "
-                               "conversation", param=at)
-            images.append(_image(url, at, m, limits))
-            out.append(f"{IMAGE}\n")
-        elif kind == "video_url" and role == "user":  # vLLM's part for videos
-            url = part.get("video_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise APIError(400, f"{at}: video_url.url must be a string", param=at)
-            if len(videos) >= limits.max_videos:
-                raise APIError(400, f"more than {limits.max_videos} video(s) in the "
-                               "conversation", param=at)
-            videos.append(_video(url, at, m, limits))
-            out.append(f"{VIDEO}\n")
+                raise APIError(400, f"{at}: {kind}.url must be a string", param=at)
+            image = kind == "image_url"
+            held, limit = (images, limits.max_images) if image else (videos, limits.max_videos)
+            if len(held) >= limit:
+                raise APIError(400, f"more than {limit} {'images' if image else 'video(s)'} "
+                               "in the conversation", param=at)
+            held.append((_image if image else _video)(url, at, m, limits))
+            out.append(f"{IMAGE if image else VIDEO}\n")
         else:
             raise APIError(400, f"{at}: a part is {{'type': 'text', 'text': ...}} or, in a "
                            "user message, {'type': 'image_url', 'image_url': {'url': ...}} "
