@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -23,6 +24,7 @@ import pytest
 import torch
 import transformers as tf
 from PIL import Image
+from runs import train
 from skimage import data
 from tiny_runs import make_run
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
@@ -269,13 +271,13 @@ def test_generation_on_llava_next_is_transformers(next_dir):
         inputs = proc(text=prompt, images=pil or None, return_tensors="pt")
         assert reqs[-1].ids.tolist() == inputs["input_ids"][0].tolist(), prompt
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False,
+            out = model.generate(**inputs, max_new_tokens=16, do_sample=False,
                                  pad_token_id=proc.tokenizer.pad_token_id)
         ref = out[0, inputs["input_ids"].shape[1]:].tolist()
         want.append(ref[:ref.index(proc.tokenizer.eos_token_id)]
                     if proc.tokenizer.eos_token_id in ref else ref)
     got = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules,
-                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=12))
+                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=16))
     assert [r.token_ids for r in got] == want
 
 
@@ -302,7 +304,7 @@ def test_generate_command_on_llava_next(next_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     r = subprocess.run([sys.executable, "-m", "mmjax.generate", "--hf", str(root), "--image",
                         str(photos["tall.png"]), "--image", str(photos["wide.png"]),
-                        "--prompt", prompt, "--template", "raw", "--max-new-tokens", "10",
+                        "--prompt", prompt, "--template", "raw", "--max-new-tokens", "16",
                         "--output", "json"], capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr
@@ -310,7 +312,7 @@ def test_generate_command_on_llava_next(next_dir):
     inputs = proc(text=prompt, images=[Image.open(photos[n]).convert("RGB")
                                        for n in ("tall.png", "wide.png")], return_tensors="pt")
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False,
+        ref = model.generate(**inputs, max_new_tokens=16, do_sample=False,
                              pad_token_id=proc.tokenizer.pad_token_id)[
             0, inputs["input_ids"].shape[1]:].tolist()
     eos = proc.tokenizer.eos_token_id
@@ -404,11 +406,11 @@ def test_a_next_run_exports_to_llava_next_and_generates_from_its_checkpoint(next
     names = ["tall.png", "square.png"]
     got = m.engine().generate([request(m, [(prompt, "")], [m.read_image(photos[n])
                                                           for n in names])],
-                              Sampling(max_new_tokens=10))[0]
+                              Sampling(max_new_tokens=16))[0]
     inputs = proc(text=prompt, images=[Image.open(photos[n]).convert("RGB") for n in names],
                   return_tensors="pt")
     with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=10, do_sample=False,
+        ref = model.generate(**inputs, max_new_tokens=16, do_sample=False,
                              pad_token_id=proc.tokenizer.pad_token_id)[
             0, inputs["input_ids"].shape[1]:].tolist()
     eos = proc.tokenizer.eos_token_id
@@ -481,3 +483,37 @@ def test_evaluate_runs_a_next_model(next_dir, tmp_path):
     lines = (tmp_path / "out" / "answers.jsonl").read_text().splitlines()
     assert len(lines) == report["answer_lines"] > 0 and report["skipped"] == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
+
+
+@pytest.mark.e2e
+def test_mmjax_train_on_next_starts_at_transformers_loss_and_resumes_bitwise(next_dir,
+                                                                              tmp_path):
+    """`mmjax.train` (stage 2 from a NeXT directory, anyres data, 8 CPU devices): the loss
+    of step 1 is transformers' forward on the same batch (its processor's pixels for each
+    row's images); a run resumed from its step-2 checkpoint replays steps 3 and 4 bitwise."""
+    root, model, proc, photos = next_dir
+    tc = _next_run_config(root, steps=4, extra=["--config.checkpoint.save_interval=2",
+                                                "--config.data.packing=pad",
+                                                "--config.data.template=vicuna_v1"])
+    work = tmp_path / "run"
+    reference = dict(train(tc, work)["loss"])
+    assert sorted(reference) == [1, 2, 3, 4]
+
+    # step 1's batch, as the run read it, through transformers row by row
+    data = tc.data_config(1)
+    batch = next(build_pipeline(data, load_tokenizer(root), load(root).config))
+    names = {"tall": ["tall.png"], "two": ["wide.png", "square.png"]}
+    total, count = 0.0, 0
+    for r, ids in enumerate(batch["ids"]):
+        (sample,) = ids
+        real = batch["segment_ids"][r] > 0
+        labels = np.concatenate([[-100], batch["targets"][r][real][:-1]])
+        pil = [Image.open(photos[n]).convert("RGB") for n in names[sample.split("#")[0]]]
+        row_total, n = hf_loss_sum(model, batch["input_ids"][r][real], labels,
+                                   **proc.image_processor(pil, return_tensors="pt"))
+        total, count = total + row_total, count + n
+    assert abs(reference[1] - total / count) < 1e-5 * abs(reference[1])
+
+    shutil.rmtree(work / "checkpoints" / "4")  # as if killed after step 3
+    again = dict(train(tc, work)["loss"])
+    assert {k: again[k] for k in (3, 4)} == {k: reference[k] for k in (3, 4)}  # bitwise

@@ -279,14 +279,14 @@ def test_generation_on_onevision_is_transformers(ov_chat_dir):
     counts = [int(np.sum(r.ids == m.cfg.image_token_id)) for r in reqs]
     assert counts == [len(anyres.feature_taps(150, 100, PINS, 56, 14, 2)[0]), 2 * 17, 0]
     got = Engine(m.model, m.params, m.tokenizer, mesh=m.mesh, rules=m.rules,
-                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=10))
+                 stop_ids=m.stop_ids()).generate(reqs, Sampling(max_new_tokens=16))
     for r, (text, ims), out in zip(reqs, asks, got):
         kw = {}
         if ims:
             kw = dict(images([ims] if len(ims) > 1 else ims, return_tensors="pt"))
         with torch.no_grad():
             ref = model.generate(input_ids=torch.tensor(r.ids[None]).long(), **kw,
-                                 max_new_tokens=10, do_sample=False,
+                                 max_new_tokens=16, do_sample=False,
                                  pad_token_id=tok.pad_token_id)[0, len(r.ids):].tolist()
         want = ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
         assert out.token_ids == want, text
@@ -432,12 +432,12 @@ def test_generation_with_a_video_is_transformers(ov_chat_dir, tmp_path):
     prompt = "USER: <video>\nwhat happens in the video? ASSISTANT:"
     req = request(m, [(prompt, "")], [], videos=[video])
     assert int(np.sum(req.ids == m.cfg.video_token_id)) == 4 * 2 * 2 + 1
-    got = m.engine().generate([req], Sampling(max_new_tokens=10))[0]
+    got = m.engine().generate([req], Sampling(max_new_tokens=16))[0]
     frames = torch.tensor((video.pixels / 255.0 - 0.5) / 0.5, dtype=torch.float32)
     with torch.no_grad():
         ref = model.generate(input_ids=torch.tensor(req.ids[None]).long(),
                              pixel_values_videos=frames.permute(0, 3, 1, 2)[None],
-                             max_new_tokens=10, do_sample=False,
+                             max_new_tokens=16, do_sample=False,
                              pad_token_id=tok.pad_token_id)[0, len(req.ids):].tolist()
     assert got.token_ids == (ref[:ref.index(tok.eos_token_id)] if tok.eos_token_id in ref
                              else ref)
